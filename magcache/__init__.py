@@ -1,0 +1,31 @@
+"""MagCache for diffusers pipelines: skip transformer steps whose block-stack residual can be predicted.
+
+    import magcache
+    handle = magcache.apply(pipe, preset="flux")          # reference defaults for FLUX.1-dev
+    image = pipe("a cat", num_inference_steps=28).images[0]
+    print(handle.last_run.summary())                      # computed / skipped steps per branch
+
+The decision rule lives in :mod:`magcache.policy` (pure Python); :func:`magcache.policy.simulate` predicts the
+schedule of a run without a model, with the same code the runtime uses.
+"""
+
+from .policy import Rules, Schedule, Settings, simulate, solve_thresh_for_speedup
+from .presets import Preset, get_preset, list_presets
+from .runtime import MagCacheHandle, RunStats, apply, get_handle, remove
+
+__all__ = [
+    "apply",
+    "remove",
+    "get_handle",
+    "MagCacheHandle",
+    "RunStats",
+    "Preset",
+    "get_preset",
+    "list_presets",
+    "Rules",
+    "Settings",
+    "Schedule",
+    "simulate",
+    "solve_thresh_for_speedup",
+]
+__version__ = "0.1.0"

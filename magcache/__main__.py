@@ -1,0 +1,94 @@
+"""Command line: ``python -m magcache schedule --preset flux --steps 28 [--thresh T] [--retention R] [--K K] [--json]``.
+
+``schedule`` prints the steps each branch computes (0-based) as the runtime would take them, without a model.
+``presets`` lists the shipped presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import policy as P
+from .presets import get_preset, list_presets
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    preset = get_preset(args.preset)
+    steps = args.steps or preset.calibrated_steps
+    settings = preset.settings(thresh=args.thresh, retention_ratio=args.retention, K=args.K,
+                               protect_last_steps=args.protect_last or None, sqrt_ratios=args.sqrt or None)
+    branches = 1 if args.no_cfg else len(preset.curves) if args.cfg is None else (2 if args.cfg else 1)
+    sched = P.simulate(preset.curves, steps, settings, preset.rules, branches)
+    if args.json:
+        out = {
+            "preset": preset.id,
+            "steps": steps,
+            "thresh": settings.thresh,
+            "retention_ratio": settings.retention_ratio,
+            "K": settings.K,
+            "computed": sched.computed,
+            "skipped": sched.skipped,
+            "computed_per_branch": {b: len(v) for b, v in sched.computed.items()},
+            "predicted_speedup": round(sched.predicted_speedup(), 4),
+        }
+        print(json.dumps(out))
+        return 0
+    print(f"{preset.id}: {preset.model}")
+    print(f"steps {steps}, thresh {settings.thresh}, retention {settings.retention_ratio}, K {settings.K} "
+          f"(rules: {preset.rules_source})")
+    for branch, decisions in sched.decisions.items():
+        line = "".join("#" if not d.skip else "." for d in decisions)
+        n = len(sched.computed[branch])
+        print(f"  {branch:>6} {line}  computed {n}/{steps}")
+    print(f"  (# computed, . skipped)  predicted block speed-up {sched.predicted_speedup():.2f}x")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    rows = [get_preset(p).summary() for p in list_presets()]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            d = r["defaults"]
+            adapter = r["family"] or "curve only"
+            print(f"{r['id']:<26} {r['calibrated_steps']:>3} steps  thresh {d['thresh']:<5} R {d['retention_ratio']:<4} "
+                  f"K {d['K']}  [{adapter}]  {r['model']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m magcache", description="MagCache schedules and presets")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("schedule", help="print which steps each branch computes")
+    s.add_argument("--preset", required=True, help="preset id (python -m magcache presets)")
+    s.add_argument("--steps", type=int, help="number of inference steps (default: the preset's calibrated steps)")
+    s.add_argument("--thresh", type=float)
+    s.add_argument("--retention", type=float, help="retention ratio")
+    s.add_argument("--K", type=int, help="max consecutive skipped steps")
+    s.add_argument("--protect-last", type=int, default=0, help="always compute the last N steps (our option)")
+    s.add_argument("--sqrt", action="store_true", help="sqrt-smoothed ratios as in the paper's evaluation")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--cfg", action="store_true", default=None, help="two branches (cond + uncond)")
+    g.add_argument("--no-cfg", action="store_true", help="one branch even for CFG presets")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=_schedule)
+    p = sub.add_parser("presets", help="list presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""The MagCache decision rule, ratio resampling and schedule simulation.
+
+Pure Python (no torch, no numpy): the runtime, the CLI, the app's live preview and the tests all call
+this one module, so a predicted schedule and the schedule a real run takes cannot drift apart.
+
+Vocabulary
+----------
+* **step** ``i``: 0-based denoising step of one run (one scheduler pass; one FramePack section).
+* **branch**: one transformer pass per step with its own cache (``"cond"``, and ``"uncond"`` with true CFG).
+* **ratio curve**: ``mag_ratios[i]`` = mean over tokens of ``||r_i|| / ||r_{i-1}||`` for a branch's block-stack
+  residual ``r``; entry 0 is padding (1.0).
+* **Rules**: the details in which the reference implementations differ (comparison, retention rounding,
+  guards). Each preset carries the rules of the implementation its curve comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping, Sequence
+
+BRANCH_NAMES = ("cond", "uncond")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ratio curves
+# --------------------------------------------------------------------------------------------------
+def nearest_interp(src: Sequence[float], n: int) -> list[float]:
+    """Resample ``src`` to ``n`` points by nearest index, exactly like the reference ``nearest_interp``.
+
+    ``idx = round(arange(n) * (len(src) - 1) / (n - 1))`` with round-half-to-even (numpy's ``np.round``;
+    Python's ``round`` rounds the same way), and ``[src[-1]]`` for ``n == 1``.
+    """
+    if n < 1:
+        raise ValueError(f"cannot resample a ratio curve to {n} steps")
+    if not src:
+        raise ValueError("empty ratio curve")
+    if n == 1:
+        return [float(src[-1])]
+    scale = (len(src) - 1) / (n - 1)
+    return [float(src[int(round(i * scale))]) for i in range(n)]
+
+
+def split_branches(ratios: Sequence[float], interleaved: bool) -> list[list[float]]:
+    """Split a published curve into per-branch curves: interleaved arrays hold cond at even and uncond at
+    odd indices; a plain array is the cond curve (and is reused for uncond, which nobody calibrated)."""
+    if interleaved:
+        if len(ratios) % 2:
+            raise ValueError(f"an interleaved ratio curve needs an even length, got {len(ratios)}")
+        return [list(map(float, ratios[0::2])), list(map(float, ratios[1::2]))]
+    return [list(map(float, ratios))]
+
+
+def branch_curve(curves: Sequence[Sequence[float]], branch_index: int) -> list[float]:
+    """The curve a branch uses: its own if calibrated, else the cond curve."""
+    return list(curves[branch_index] if branch_index < len(curves) else curves[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules and settings
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rules:
+    """How one reference implementation applies MagCache (``shared/reference/magcache.md`` §1.3–1.6).
+
+    compare:            ``"<="`` (MC FLUX/Kontext/HunyuanVideo/FramePack, CU Wan, diffusers) or ``"<"``
+                        (MC Wan, CU FLUX/HunyuanVideo/Chroma).
+    retention_rounding: ``"floor"`` -> ``int(R*N)``; ``"half_up"`` -> ``int(R*N + 0.5)`` (MC FLUX, diffusers).
+    retention_per_call: MC Wan counts transformer *calls* over interleaved cond/uncond: call ``c = i*B + b``
+                        is eligible once ``c >= floor(B*N*R)`` (B = number of branches).
+    first_step_computed: FramePack's ``cnt >= 1``: step 0 is never eligible.
+    max_ratio_jump:     FramePack's guard: skip only where ``|1 - ratio[i]| <= max_ratio_jump``.
+    guarded_steps:      calibrated step indices that are never skipped (FLUX/Kontext: 11), mapped from a run of
+                        N steps by ``round(i * (guard_reference_steps - 1) / (N - 1))``.
+    """
+
+    compare: str = "<="
+    retention_rounding: str = "floor"
+    retention_per_call: bool = False
+    first_step_computed: bool = False
+    max_ratio_jump: float | None = None
+    guarded_steps: tuple[int, ...] = ()
+    guard_reference_steps: int = 28
+
+    def __post_init__(self) -> None:
+        if self.compare not in ("<", "<="):
+            raise ValueError(f"compare must be '<' or '<=', got {self.compare!r}")
+        if self.retention_rounding not in ("floor", "half_up"):
+            raise ValueError(f"retention_rounding must be 'floor' or 'half_up', got {self.retention_rounding!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """User-facing knobs. ``thresh``/``retention_ratio``/``K`` are MagCache's; the rest are our options,
+    documented and off by default unless noted, so the reference schedule is never changed silently.
+
+    zero_thresh_disables: thresh 0 turns caching off (ComfyUI-MagCache's rule). On by default: with ``<=``
+                          and a ratio of exactly 1.0 a zero threshold would otherwise still skip.
+    protect_last_steps:   always compute the last n steps (no reference protects the final step).
+    sqrt_ratios:          use ``sqrt(ratio)``, as the paper's evaluation did (magcache.md §1.2).
+    start_step/end_step:  ComfyUI-style window of eligible steps; ``end_step`` < 0 counts from the end.
+    """
+
+    thresh: float
+    retention_ratio: float
+    K: int
+    zero_thresh_disables: bool = True
+    protect_last_steps: int = 0
+    sqrt_ratios: bool = False
+    start_step: int = 0
+    end_step: int = -1
+
+    def __post_init__(self) -> None:
+        validate_settings(self.thresh, self.retention_ratio, self.K)
+        if self.protect_last_steps < 0:
+            raise ValueError("protect_last_steps must be >= 0")
+        if self.start_step < 0:
+            raise ValueError("start_step must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return not (self.zero_thresh_disables and self.thresh == 0) and self.K > 0
+
+
+def validate_settings(thresh: float, retention_ratio: float, K: int) -> None:
+    """Raise ``ValueError`` with a message a user can act on."""
+    for name, value in (("thresh", thresh), ("retention_ratio", retention_ratio)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if thresh < 0:
+        raise ValueError(f"thresh must be >= 0, got {thresh}")
+    if not 0 <= retention_ratio <= 1:
+        raise ValueError(f"retention_ratio must be between 0 and 1, got {retention_ratio}")
+    if isinstance(K, bool) or not isinstance(K, int) or K < 0:
+        raise ValueError(f"K must be an integer >= 0, got {K!r}")
+
+
+def retention_boundary(num_steps: int, retention_ratio: float, rounding: str, units: int = 1) -> int:
+    """First eligible index, counted in steps (``units=1``) or in calls over ``units`` branches."""
+    # Same float64 product as the references (``int(R*N)``, ``int(R*N + 0.5)``, MC Wan ``int(2N*R)``); no
+    # epsilon, so a product like 0.29*100 = 28.999999999999996 rounds exactly as theirs does.
+    x = retention_ratio * (num_steps * units)
+    return int(x + 0.5) if rounding == "half_up" else int(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-branch decision rule
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Decision:
+    step: int
+    skip: bool
+    ratio: float
+    acc_err: float  # accumulated error used for this decision (0.0 where the step was not eligible)
+    reason: str  # why the step was computed or skipped (for stats and plots)
+
+
+@dataclass
+class BranchPolicy:
+    """State of one branch over one run. ``decide`` is the whole MagCache rule."""
+
+    ratios: list[float]  # already resampled to ``num_steps`` and (optionally) square-rooted
+    settings: Settings
+    rules: Rules
+    num_steps: int
+    branch_index: int = 0
+    num_branches: int = 1
+    acc_ratio: float = 1.0
+    acc_steps: int = 0
+    acc_err: float = 0.0
+    _retain_until: int = field(init=False, default=0)
+    _end: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != self.num_steps:
+            raise ValueError(f"ratio curve has {len(self.ratios)} entries for {self.num_steps} steps")
+        s = self.settings
+        self._end = s.end_step if s.end_step >= 0 else self.num_steps + s.end_step
+        self.set_num_branches(self.num_branches)
+
+    def set_num_branches(self, num_branches: int) -> None:
+        """A run learns how many branches it has only after its first step, when the second branch has shown up
+        or not. Step 0 is always computed (no residual exists yet) and leaves the accumulators reset either way,
+        so fixing the count then changes no decision."""
+        self.num_branches = num_branches
+        units = num_branches if self.rules.retention_per_call else 1
+        self._retain_until = retention_boundary(self.num_steps, self.settings.retention_ratio, self.rules.retention_rounding, units)
+
+    def _eligible(self, step: int) -> str | None:
+        """None if the step may be skipped, else the reason it must be computed (no accumulation)."""
+        s, r = self.settings, self.rules
+        if not s.enabled:
+            return "cache off"
+        position = step * self.num_branches + self.branch_index if r.retention_per_call else step
+        if position < self._retain_until:
+            return "retention"
+        if r.first_step_computed and step < 1:
+            return "first step"
+        if not s.start_step <= step <= self._end:
+            return "outside window"
+        if step >= self.num_steps - s.protect_last_steps:
+            return "last steps"
+        return None
+
+    def _guarded(self, step: int, ratio: float) -> str | None:
+        """Guards that force a compute *after* accumulating, as the references do."""
+        r = self.rules
+        if r.guarded_steps and self.num_steps > 1:
+            mapped = int(round(step * (r.guard_reference_steps - 1) / (self.num_steps - 1)))
+            if mapped in r.guarded_steps:
+                return "guarded step"
+        if r.max_ratio_jump is not None and abs(1.0 - ratio) > r.max_ratio_jump:
+            return "ratio jump"
+        return None
+
+    def decide(self, step: int, has_residual: bool) -> Decision:
+        """Decide whether ``step`` of this branch reuses the cached residual. Mutates the accumulators."""
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} outside a run of {self.num_steps} steps")
+        ratio = self.ratios[step]
+        reason = self._eligible(step)
+        if reason is not None:
+            return Decision(step, False, ratio, 0.0, reason)
+        self.acc_ratio *= ratio
+        self.acc_steps += 1
+        self.acc_err += abs(1.0 - self.acc_ratio)
+        err = self.acc_err
+        under = err < self.settings.thresh if self.rules.compare == "<" else err <= self.settings.thresh
+        if not under:
+            reason = "error over thresh"
+        elif self.acc_steps > self.settings.K:
+            reason = "K reached"
+        else:
+            reason = self._guarded(step, ratio) or (None if has_residual else "no residual yet")
+        if reason is None:
+            return Decision(step, True, ratio, err, "skipped")
+        self.acc_ratio, self.acc_steps, self.acc_err = 1.0, 0, 0.0
+        return Decision(step, False, ratio, err, reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building policies for a run, and simulating schedules without a model
+# --------------------------------------------------------------------------------------------------
+def prepare_curves(curves: Sequence[Sequence[float]], num_steps: int, sqrt: bool = False) -> list[list[float]]:
+    """Resample each branch curve to ``num_steps`` (and apply the optional sqrt smoothing)."""
+    out = []
+    for c in curves:
+        rc = nearest_interp(c, num_steps)
+        if sqrt:
+            if any(v < 0 for v in rc):
+                raise ValueError("sqrt smoothing needs non-negative ratios")
+            rc = [math.sqrt(v) for v in rc]
+        out.append(rc)
+    return out
+
+
+def make_branch_policies(
+    curves: Sequence[Sequence[float]], num_steps: int, num_branches: int, settings: Settings, rules: Rules
+) -> list[BranchPolicy]:
+    """One fresh ``BranchPolicy`` per branch for a run of ``num_steps`` steps."""
+    if num_branches < 1:
+        raise ValueError("num_branches must be >= 1")
+    prepared = prepare_curves(curves, num_steps, settings.sqrt_ratios)
+    return [
+        BranchPolicy(branch_curve(prepared, b), settings, rules, num_steps, b, num_branches)
+        for b in range(num_branches)
+    ]
+
+
+def branch_name(index: int) -> str:
+    return BRANCH_NAMES[index] if index < len(BRANCH_NAMES) else f"branch{index}"
+
+
+@dataclass
+class Schedule:
+    """What a run does per branch: the decisions in step order."""
+
+    num_steps: int
+    decisions: dict[str, list[Decision]]
+
+    @property
+    def computed(self) -> dict[str, list[int]]:
+        return {b: [d.step for d in ds if not d.skip] for b, ds in self.decisions.items()}
+
+    @property
+    def skipped(self) -> dict[str, list[int]]:
+        return {b: [d.step for d in ds if d.skip] for b, ds in self.decisions.items()}
+
+    def computed_count(self) -> int:
+        return sum(len(v) for v in self.computed.values())
+
+    def predicted_speedup(self, overhead_fraction: float = 0.0) -> float:
+        """Block-compute speed-up; ``overhead_fraction`` is the share of a full step spent outside the blocks
+        (embeddings, head, scheduler, which every step pays)."""
+        total = self.num_steps * len(self.decisions)
+        computed = self.computed_count()
+        f = overhead_fraction
+        return total / (f * total + (1 - f) * computed) if computed or f else float("inf")
+
+
+def simulate(
+    curves: Sequence[Sequence[float]], num_steps: int, settings: Settings, rules: Rules, num_branches: int = 1
+) -> Schedule:
+    """Predict the schedule of one run, calling the very ``decide`` the runtime calls."""
+    policies = make_branch_policies(curves, num_steps, num_branches, settings, rules)
+    decisions: dict[str, list[Decision]] = {branch_name(b): [] for b in range(num_branches)}
+    has_residual = [False] * num_branches
+    for step in range(num_steps):
+        for b, policy in enumerate(policies):
+            d = policy.decide(step, has_residual[b])
+            has_residual[b] = has_residual[b] or not d.skip
+            decisions[branch_name(b)].append(d)
+    return Schedule(num_steps, decisions)
+
+
+def solve_thresh_for_speedup(
+    curves: Sequence[Sequence[float]],
+    num_steps: int,
+    target: float,
+    settings: Settings,
+    rules: Rules,
+    num_branches: int = 1,
+    K_candidates: Iterable[int] | None = None,
+    overhead_fraction: float = 0.0,
+) -> tuple[Settings, Schedule]:
+    """Smallest threshold (and, if ``K_candidates`` is given, the smallest K) whose predicted speed-up reaches
+    ``target``; if no setting reaches it, the fastest one found. The threshold only matters at the finitely many
+    accumulated-error values the schedule can produce, so we bisect on computed-step counts, which fall
+    monotonically as the threshold grows for a fixed K."""
+    if target <= 0 or not math.isfinite(target):
+        raise ValueError(f"target speed-up must be a positive number, got {target!r}")
+    Ks = list(K_candidates) if K_candidates is not None else [settings.K]
+    best: tuple[Settings, Schedule] | None = None
+    for K in sorted(set(Ks)):
+        lo, hi = 0.0, 0.001
+        trial = replace(settings, K=K, thresh=hi)
+        sched = simulate(curves, num_steps, trial, rules, num_branches)
+        while sched.predicted_speedup(overhead_fraction) < target and hi < 64:
+            lo, hi = hi, hi * 2
+            sched = simulate(curves, num_steps, replace(settings, K=K, thresh=hi), rules, num_branches)
+        if sched.predicted_speedup(overhead_fraction) >= target:
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                if simulate(curves, num_steps, replace(settings, K=K, thresh=mid), rules, num_branches).predicted_speedup(
+                    overhead_fraction
+                ) >= target:
+                    hi = mid
+                else:
+                    lo = mid
+            chosen = replace(settings, K=K, thresh=round_up(hi, 4))
+            return chosen, simulate(curves, num_steps, chosen, rules, num_branches)
+        candidate = (replace(settings, K=K, thresh=hi), sched)
+        if best is None or sched.predicted_speedup(overhead_fraction) > best[1].predicted_speedup(overhead_fraction):
+            best = candidate
+    assert best is not None
+    return best
+
+
+def round_up(x: float, digits: int) -> float:
+    f = 10**digits
+    return math.ceil(x * f - 1e-9) / f
+
+
+def schedule_summary(schedule: Schedule) -> Mapping[str, object]:
+    """JSON-friendly summary used by the CLI and the app."""
+    return {
+        "num_steps": schedule.num_steps,
+        "computed": schedule.computed,
+        "skipped": schedule.skipped,
+        "computed_per_branch": {b: len(v) for b, v in schedule.computed.items()},
+        "predicted_speedup": round(schedule.predicted_speedup(), 4),
+        "acc_err": {b: [round(d.acc_err, 6) for d in ds] for b, ds in schedule.decisions.items()},
+    }

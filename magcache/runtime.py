@@ -1,0 +1,565 @@
+"""Apply MagCache to a diffusers pipeline or transformer.
+
+Per call of the transformer:
+
+1. ``_begin_call`` finds the step (from the pipeline's scheduler, or a call counter) and the branch (the
+   ``cache_context`` name if the pipeline sets one, else the call's position within the step: cond, then uncond),
+   and asks that branch's ``BranchPolicy`` (``magcache.policy``) whether to skip.
+2. The transformer's own ``forward`` runs. On a skipped step the adapter's block lists are swapped for empty
+   ``ModuleList``s for the duration of the call, so only embeddings, ``input + cached residual`` (added by a
+   pre-hook on the exit module) and the output head run. On a computed step the exit pre-hook stores
+   ``residual = stack output - stack input``.
+
+Nothing wraps or hooks the blocks themselves, so compiled blocks (``torch.compile`` / ``compile_repeated_blocks``)
+stay compiled and see no guard changes. All state lives on the handle (per instance), per run and per branch; a new
+run starts whenever the scheduler's timesteps are set again (every pipeline call, every FramePack section), and an
+exception inside the transformer drops the run, so the next call starts fresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from . import policy as P
+from .adapters import Adapter, adapter_by_family, adapter_for
+from .presets import Preset, get_preset
+
+logger = logging.getLogger("magcache")
+
+_EMPTY = torch.nn.ModuleList()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stats
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class BranchStats:
+    decisions: list[P.Decision] = field(default_factory=list)
+    # calibration (filled only in calibration mode): per step, index 0 is the 1.0 padding
+    mag_ratios: list[float] = field(default_factory=list)
+    mag_std: list[float] = field(default_factory=list)
+    cos_dis: list[float] = field(default_factory=list)
+
+    @property
+    def computed(self) -> list[int]:
+        return [d.step for d in self.decisions if not d.skip]
+
+    @property
+    def skipped(self) -> list[int]:
+        return [d.step for d in self.decisions if d.skip]
+
+    @property
+    def acc_err(self) -> list[float]:
+        return [d.acc_err for d in self.decisions]
+
+
+@dataclass
+class RunStats:
+    """What one run (one scheduler pass; one FramePack section) did."""
+
+    num_steps: int
+    settings: P.Settings
+    calibrating: bool
+    branches: dict[str, BranchStats] = field(default_factory=dict)
+    completed: bool = False
+
+    @property
+    def computed(self) -> dict[str, list[int]]:
+        return {b: s.computed for b, s in self.branches.items()}
+
+    @property
+    def skipped(self) -> dict[str, list[int]]:
+        return {b: s.skipped for b, s in self.branches.items()}
+
+    def summary(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "completed": self.completed,
+            "computed": self.computed,
+            "computed_per_branch": {b: len(v) for b, v in self.computed.items()},
+            "skipped_per_branch": {b: len(v) for b, v in self.skipped.items()},
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-run state
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Branch:
+    policy: P.BranchPolicy
+    stats: BranchStats
+    residual: torch.Tensor | None = None
+
+
+@dataclass
+class _Run:
+    token: Any  # identifies the run: the scheduler's timesteps tensor (a new object per set_timesteps)
+    num_steps: int
+    settings: P.Settings
+    curves: list[list[float]]
+    calibrating: bool
+    stats: RunStats
+    branches: dict[str, _Branch] = field(default_factory=dict)
+    num_branches: int = 1  # grows as branches appear; known for sure from step 1 on
+    last_step: int = -1
+    ordinal: int = 0
+    finished: set = field(default_factory=set)
+
+
+@dataclass
+class _Call:
+    branch: _Branch
+    step: int
+    skip: bool
+    keep_residual: bool  # False when caching is off for the run: no residual is ever reused
+    entry: torch.Tensor | None = None
+
+
+class _Clock:
+    """Where the transformer is: ``(run token, step, num_steps)``."""
+
+    def locate(self) -> tuple[Any, int, int]:
+        raise NotImplementedError
+
+
+class _SchedulerClock(_Clock):
+    """Reads the pipeline's scheduler: ``set_timesteps`` creates a new ``timesteps`` tensor every run (and every
+    FramePack section), ``step_index`` is the step about to be taken (``None`` before the first ``step()``), and
+    ``begin_index`` is where img2img-style pipelines start."""
+
+    def __init__(self, pipe: Any):
+        self._pipe = weakref.ref(pipe)
+
+    def locate(self) -> tuple[Any, int, int]:
+        pipe = self._pipe()
+        sched = getattr(pipe, "scheduler", None)
+        timesteps = getattr(sched, "timesteps", None)
+        if timesteps is None:
+            raise RuntimeError("MagCache: the pipeline's scheduler has no timesteps; was set_timesteps called?")
+        begin = getattr(sched, "begin_index", None) or 0
+        index = getattr(sched, "step_index", None)
+        step = (begin if index is None else index) - begin
+        return timesteps, step, len(timesteps) - begin
+
+
+class _CounterClock(_Clock):
+    """For a bare transformer in a loop of ``num_steps`` steps with ``num_branches`` calls per step."""
+
+    def __init__(self, num_steps: int, num_branches: int):
+        if num_steps < 1 or num_branches < 1:
+            raise ValueError("num_inference_steps and num_branches must be >= 1")
+        self.num_steps, self.num_branches = num_steps, num_branches
+        self.calls = 0
+        self.token = object()
+
+    def restart(self) -> None:
+        self.calls, self.token = 0, object()
+
+    def locate(self) -> tuple[Any, int, int]:
+        if self.calls >= self.num_steps * self.num_branches:
+            self.restart()
+        step = self.calls // self.num_branches
+        self.calls += 1
+        return self.token, step, self.num_steps
+
+
+# --------------------------------------------------------------------------------------------------
+# The handle
+# --------------------------------------------------------------------------------------------------
+class MagCacheHandle:
+    """Returned by :func:`apply`. Settings changed with :meth:`configure` take effect at the next run."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        adapter: Adapter,
+        preset: Preset,
+        settings: P.Settings,
+        curves: Sequence[Sequence[float]],
+        rules: P.Rules,
+        clock: _Clock,
+        calibrate: bool = False,
+        keep_runs: int = 64,
+    ):
+        self.transformer = transformer
+        self.adapter = adapter
+        self.preset = preset
+        self.settings = settings
+        self.curves = [list(map(float, c)) for c in curves]
+        self.rules = rules
+        self.calibrate = calibrate
+        self.enabled = True
+        self.keep_runs = keep_runs
+        self.runs: list[RunStats] = []
+        self._clock = clock
+        self._run: _Run | None = None
+        self._call: _Call | None = None
+        self._hooks: list[Any] = []
+        self._saved: dict[str, Any] = {}
+        self._context_name: str | None = None
+        self._attached = False
+
+    # ---- public API ------------------------------------------------------------------------------
+    def configure(
+        self,
+        thresh: float | None = None,
+        retention_ratio: float | None = None,
+        K: int | None = None,
+        curves: Sequence[Sequence[float]] | None = None,
+        calibrate: bool | None = None,
+        enabled: bool | None = None,
+        **options: Any,
+    ) -> "MagCacheHandle":
+        """Change settings for the next run. ``options`` are :class:`magcache.policy.Settings` fields."""
+        changes = {k: v for k, v in dict(thresh=thresh, retention_ratio=retention_ratio, K=K, **options).items() if v is not None}
+        if changes:
+            self.settings = replace(self.settings, **changes)
+        if curves is not None:
+            self.curves = _validated_curves(curves)
+        if calibrate is not None:
+            self.calibrate = calibrate
+        if enabled is not None:
+            self.enabled = enabled
+        self.reset()
+        return self
+
+    def predict(self, num_steps: int, num_branches: int = 1) -> P.Schedule:
+        """The schedule a run of ``num_steps`` will take with the current settings (no model is run)."""
+        return P.simulate(self.curves, num_steps, self.settings, self.rules, num_branches)
+
+    @property
+    def last_run(self) -> RunStats | None:
+        return self.runs[-1] if self.runs else None
+
+    def reset(self) -> None:
+        """Drop the current run's state (cached residuals included). Stats of finished runs are kept."""
+        self._run = None
+        self._call = None
+        if isinstance(self._clock, _CounterClock):
+            self._clock.restart()
+
+    def reset_stats(self) -> None:
+        self.runs.clear()
+
+    def calibration(self) -> dict:
+        """Per-branch calibration curves of the recorded calibration runs, averaged over runs of the same length
+        (FramePack records one run per section): ``{"num_steps", "runs", "branches": {name: {mag_ratios, mag_std,
+        cos_dis}}}``, each curve of length ``num_steps`` starting with the 1.0 padding."""
+        runs = [r for r in self.runs if r.calibrating and r.completed]
+        if not runs:
+            raise RuntimeError("no completed calibration run recorded; apply with calibrate=True and run the pipeline")
+        n = runs[-1].num_steps
+        runs = [r for r in runs if r.num_steps == n]
+        branches: dict[str, dict[str, list[float]]] = {}
+        for name in runs[-1].branches:
+            per = [r.branches[name] for r in runs if name in r.branches]
+            branches[name] = {
+                key: [round(sum(getattr(s, key)[i] for s in per) / len(per), 5) for i in range(n)]
+                for key in ("mag_ratios", "mag_std", "cos_dis")
+            }
+        return {"num_steps": n, "runs": len(runs), "branches": branches}
+
+    def remove(self) -> None:
+        """Detach from the transformer; it behaves exactly as before :func:`apply`."""
+        if not self._attached:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        t = self.transformer
+        for name, previous in self._saved.items():
+            if previous is _MISSING:
+                t.__dict__.pop(name, None)
+            else:
+                t.__dict__[name] = previous
+        self._saved.clear()
+        if t.__dict__.get("_magcache_handle") is self:
+            del t.__dict__["_magcache_handle"]
+        self.reset()
+        self._attached = False
+
+    def __enter__(self) -> "MagCacheHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ---- attaching -------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        t, a = self.transformer, self.adapter
+        for name in a.block_lists:
+            if not isinstance(getattr(t, name, None), torch.nn.ModuleList):
+                raise TypeError(f"{type(t).__name__} has no ModuleList {name!r}; adapter {a.family!r} does not fit it")
+        entry, exit_ = t.get_submodule(a.entry_module), t.get_submodule(a.exit_module)
+        self._hooks.append(entry.register_forward_hook(self._on_entry))
+        self._hooks.append(exit_.register_forward_pre_hook(self._on_exit))
+        original_forward = t.forward
+        handle = self
+
+        def forward(*args, **kwargs):
+            if not handle.enabled:
+                return original_forward(*args, **kwargs)
+            return handle._cached_forward(original_forward, args, kwargs)
+
+        self._patch("forward", forward)
+        original_context = getattr(t, "cache_context", None)
+        if original_context is not None:
+
+            @contextlib.contextmanager
+            def cache_context(name: str, **kwargs):
+                handle._context_name = name
+                try:
+                    with original_context(name, **kwargs):
+                        yield
+                finally:
+                    handle._context_name = None
+
+            self._patch("cache_context", cache_context)
+        original_reset = getattr(t, "_reset_stateful_cache", None)
+        if original_reset is not None:
+            # pipelines call this at the end of __call__ (also when interrupted): free the cached residuals
+            def _reset_stateful_cache(*args, **kwargs):
+                handle._free_tensors()
+                return original_reset(*args, **kwargs)
+
+            self._patch("_reset_stateful_cache", _reset_stateful_cache)
+        t.__dict__["_magcache_handle"] = self
+        self._attached = True
+
+    def _patch(self, name: str, value: Any) -> None:
+        t = self.transformer
+        self._saved[name] = t.__dict__.get(name, _MISSING)
+        t.__dict__[name] = value
+
+    # ---- per call --------------------------------------------------------------------------------
+    def _cached_forward(self, original_forward, args, kwargs):
+        call = self._begin_call()
+        try:
+            if call.skip:
+                with _blocks_left_out(self.transformer, self.adapter.block_lists):
+                    out = original_forward(*args, **kwargs)
+            else:
+                out = original_forward(*args, **kwargs)
+        except BaseException:
+            self.reset()  # an exception or cancellation mid-run: the next call starts a fresh run
+            raise
+        self._end_call(call)
+        return out
+
+    def _begin_call(self) -> _Call:
+        token, step, num_steps = self._clock.locate()
+        run = self._run
+        if run is None or run.token is not token or run.num_steps != num_steps or step < run.last_step:
+            run = self._start_run(token, num_steps)
+        if step == run.last_step:
+            run.ordinal += 1
+        else:
+            run.last_step, run.ordinal = step, 0
+            if step == 1:
+                run.num_branches = max(run.num_branches, len(run.branches))
+                for b in run.branches.values():
+                    b.policy.set_num_branches(run.num_branches)
+        name = self._context_name or P.branch_name(run.ordinal)
+        branch = run.branches.get(name)
+        if branch is None:
+            index = P.BRANCH_NAMES.index(name) if name in P.BRANCH_NAMES else run.ordinal
+            run.num_branches = max(run.num_branches, len(run.branches) + 1, index + 1)
+            branch = self._new_branch(run, index)
+            run.branches[name] = branch
+            run.stats.branches[name] = branch.stats
+        if run.calibrating:
+            decision = P.Decision(step, False, 1.0, 0.0, "calibration")
+        else:
+            decision = branch.policy.decide(step, branch.residual is not None)
+        branch.stats.decisions.append(decision)
+        call = _Call(branch, step, decision.skip, run.calibrating or run.settings.enabled)
+        self._call = call
+        return call
+
+    def _start_run(self, token: Any, num_steps: int) -> _Run:
+        if self._run is not None:
+            self._free_tensors()
+        stats = RunStats(num_steps, self.settings, self.calibrate)
+        self.runs.append(stats)
+        del self.runs[: -self.keep_runs]
+        self._run = _Run(token, num_steps, self.settings, self.curves, self.calibrate, stats)
+        return self._run
+
+    def _new_branch(self, run: _Run, index: int) -> _Branch:
+        prepared = P.prepare_curves(run.curves, run.num_steps, run.settings.sqrt_ratios)
+        pol = P.BranchPolicy(P.branch_curve(prepared, index), run.settings, self.rules, run.num_steps, index, run.num_branches)
+        return _Branch(pol, BranchStats())
+
+    def _end_call(self, call: _Call) -> None:
+        self._call = None
+        run = self._run
+        if run is None:
+            return
+        if call.step == run.num_steps - 1:
+            call.branch.residual = None  # the branch's last step: nothing will reuse it
+            run.finished.add(id(call.branch))
+            if len(run.finished) == len(run.branches):
+                run.stats.completed = True
+
+    def _free_tensors(self) -> None:
+        if self._run is not None:
+            for b in self._run.branches.values():
+                b.residual = None
+        self._call = None
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _on_entry(self, module, args, output):
+        call = self._call
+        if call is not None and call.entry is None:
+            call.entry = self.adapter.stack_input(output)
+
+    def _on_exit(self, module, args):
+        call = self._call
+        if call is None:
+            return None
+        if call.entry is None:
+            raise RuntimeError(
+                f"MagCache: {self.adapter.entry_module!r} did not run before {self.adapter.exit_module!r} in "
+                f"{type(self.transformer).__name__}.forward; the {self.adapter.family!r} adapter does not fit this model"
+            )
+        hidden = args[0]
+        entry, call.entry = call.entry, None
+        branch = call.branch
+        if call.skip:
+            return (torch.add(entry, branch.residual).to(hidden.dtype), *args[1:])
+        if not call.keep_residual:
+            return None
+        residual = hidden.to(entry.dtype) - entry
+        if self._run is not None and self._run.calibrating:
+            _record_calibration(branch, residual)
+        branch.residual = residual
+        return None
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _blocks_left_out(module: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
+    saved = {n: module._modules[n] for n in names}
+    try:
+        for n in names:
+            module._modules[n] = _EMPTY
+        yield
+    finally:
+        module._modules.update(saved)
+
+
+def _record_calibration(branch: _Branch, residual: torch.Tensor) -> None:
+    s = branch.stats
+    previous = branch.residual
+    if previous is None or previous.shape != residual.shape:
+        s.mag_ratios.append(1.0)
+        s.mag_std.append(0.0)
+        s.cos_dis.append(0.0)
+        return
+    cur, prev = residual.float(), previous.float()
+    ratio = cur.norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)
+    cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-8)
+    s.mag_ratios.append(round(ratio.mean().item(), 5))
+    s.mag_std.append(round(ratio.std().item(), 5) if ratio.numel() > 1 else 0.0)
+    s.cos_dis.append(round((1 - cos).mean().item(), 5))
+
+
+def _validated_curves(curves: Sequence[Sequence[float]]) -> list[list[float]]:
+    import math
+
+    if isinstance(curves, Mapping) or not curves or isinstance(curves[0], (int, float)):
+        raise ValueError("curves must be a list of per-branch ratio lists, e.g. [cond] or [cond, uncond]")
+    out = []
+    for c in curves:
+        values = [float(v) for v in c]
+        if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError("each ratio curve needs at least 2 finite, positive values")
+        out.append(values)
+    if len(out) > 2:
+        raise ValueError("at most two branch curves (cond, uncond) are supported")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# apply / remove
+# --------------------------------------------------------------------------------------------------
+def _split_target(target: Any) -> tuple[Any, torch.nn.Module]:
+    if isinstance(target, torch.nn.Module):
+        return None, target
+    transformer = getattr(target, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise TypeError(f"apply() needs a diffusers pipeline with a .transformer or a transformer module, got {type(target).__name__}")
+    return target, transformer
+
+
+def apply(
+    target: Any,
+    preset: str | None = None,
+    thresh: float | None = None,
+    retention_ratio: float | None = None,
+    K: int | None = None,
+    *,
+    curves: Sequence[Sequence[float]] | None = None,
+    calibrate: bool = False,
+    num_inference_steps: int | None = None,
+    num_branches: int = 1,
+    rules: P.Rules | None = None,
+    **options: Any,
+) -> MagCacheHandle:
+    """Enable MagCache on a diffusers pipeline (or a bare transformer) and return its handle.
+
+    ``preset`` picks the ratio curve, reference defaults and reference rules (default: by model). Omitted
+    ``thresh``/``retention_ratio``/``K`` take the preset's reference values. ``curves`` replaces the preset's curve
+    (e.g. a calibration). ``calibrate=True`` computes every step and records ratio/std/cosine curves
+    (:meth:`MagCacheHandle.calibration`). For a bare transformer, ``num_inference_steps`` (and ``num_branches``
+    transformer calls per step) define a run. ``options`` are extra :class:`magcache.policy.Settings` fields such
+    as ``protect_last_steps`` or ``sqrt_ratios``.
+    """
+    pipe, transformer = _split_target(target)
+    existing = transformer.__dict__.get("_magcache_handle")
+    if existing is not None:
+        existing.remove()
+    adapter = adapter_for(transformer)
+    p = get_preset(preset or adapter.preset_for(pipe, transformer))
+    if p.family is not None and adapter_by_family(p.family).transformer_classes != adapter.transformer_classes:
+        raise ValueError(f"preset {p.id!r} is for {p.family} models, not {type(transformer).__name__}")
+    settings = p.settings(thresh=thresh, retention_ratio=retention_ratio, K=K, **options)
+    if pipe is not None:
+        clock: _Clock = _SchedulerClock(pipe)
+    elif num_inference_steps is not None:
+        clock = _CounterClock(num_inference_steps, num_branches)
+    else:
+        raise ValueError("a bare transformer needs num_inference_steps (and num_branches for CFG); or pass the pipeline")
+    handle = MagCacheHandle(
+        transformer,
+        adapter,
+        p,
+        settings,
+        _validated_curves(curves) if curves is not None else [list(c) for c in p.curves],
+        rules or p.rules,
+        clock,
+        calibrate=calibrate,
+    )
+    handle._attach()
+    return handle
+
+
+def remove(target: Any) -> None:
+    """Remove MagCache from a pipeline or transformer (no-op if it is not applied)."""
+    _, transformer = _split_target(target)
+    handle = transformer.__dict__.get("_magcache_handle")
+    if handle is not None:
+        handle.remove()
+
+
+def get_handle(target: Any) -> MagCacheHandle | None:
+    _, transformer = _split_target(target)
+    return transformer.__dict__.get("_magcache_handle")
