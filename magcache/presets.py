@@ -22,6 +22,8 @@ MC_HUNYUAN = Rules(compare="<=", retention_rounding="floor")
 MC_WAN = Rules(compare="<", retention_rounding="floor", retention_per_call=True)
 MC_FRAMEPACK = Rules(compare="<=", retention_rounding="floor", first_step_computed=True, max_ratio_jump=0.06)
 COMFYUI = Rules(compare="<", retention_rounding="floor")
+# Our own calibrations: FLUX-style rules without the step-11 guard (that guard is specific to FLUX.1-dev's curve).
+CALIBRATED_FLUX = Rules(compare="<=", retention_rounding="half_up")
 
 # preset id -> (key in mag_ratios.json, adapter family, rules, rules' source). Families name the adapters in
 # magcache/adapters; None means we ship the curve but have no adapter for that architecture yet.
@@ -51,7 +53,7 @@ _CATALOG: dict[str, tuple[str, str | None, Rules, str]] = {
 }
 
 # Presets stored as their own files in magcache/data (calibrated by us), with their family and rules.
-_EXTRA_FILES: dict[str, tuple[str, Rules]] = {"demo": ("flux", MC_FLUX)}
+_EXTRA_FILES: dict[str, tuple[str, Rules]] = {"demo": ("flux", CALIBRATED_FLUX)}
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def _all_presets() -> dict[str, Preset]:
             entry = _read_json(f"{pid}.json")
         except FileNotFoundError:
             continue
-        out[pid] = _preset_from_entry(pid, entry, fam, rules, "MagCache Studio calibration (MC FLUX rules)")
+        out[pid] = _preset_from_entry(pid, entry, fam, rules, "MagCache Studio calibration (FLUX rules without the step-11 guard)")
     return out
 
 

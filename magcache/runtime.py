@@ -105,6 +105,7 @@ class _Run:
     curves: list[list[float]]
     calibrating: bool
     stats: RunStats
+    forced: Mapping[str, frozenset] | None = None
     branches: dict[str, _Branch] = field(default_factory=dict)
     num_branches: int = 1  # grows as branches appear; known for sure from step 1 on
     last_step: int = -1
@@ -194,6 +195,9 @@ class MagCacheHandle:
         self.curves = [list(map(float, c)) for c in curves]
         self.rules = rules
         self.calibrate = calibrate
+        # Optional fixed schedule {branch: steps to compute}, bypassing the policy: for naive baselines
+        # (uniform / random skipping at the same computed-step count) and benchmarks.
+        self.computed_steps: Mapping[str, Sequence[int]] | None = None
         self.enabled = True
         self.keep_runs = keep_runs
         self.runs: list[RunStats] = []
@@ -214,9 +218,14 @@ class MagCacheHandle:
         curves: Sequence[Sequence[float]] | None = None,
         calibrate: bool | None = None,
         enabled: bool | None = None,
+        computed_steps: Mapping[str, Sequence[int]] | None | bool = False,
         **options: Any,
     ) -> "MagCacheHandle":
-        """Change settings for the next run. ``options`` are :class:`magcache.policy.Settings` fields."""
+        """Change settings for the next run. ``options`` are :class:`magcache.policy.Settings` fields.
+        ``computed_steps={"cond": [...], "uncond": [...]}`` forces a fixed schedule (``None`` returns to the
+        policy); a branch missing from it uses the ``"cond"`` entry."""
+        if computed_steps is not False:
+            self.computed_steps = None if computed_steps is None else {b: sorted(set(v)) for b, v in computed_steps.items()}
         changes = {k: v for k, v in dict(thresh=thresh, retention_ratio=retention_ratio, K=K, **options).items() if v is not None}
         if changes:
             self.settings = replace(self.settings, **changes)
@@ -375,6 +384,10 @@ class MagCacheHandle:
             run.stats.branches[name] = branch.stats
         if run.calibrating:
             decision = P.Decision(step, False, 1.0, 0.0, "calibration")
+        elif run.forced is not None:
+            keep = run.forced.get(name, run.forced.get("cond", ()))
+            skip = step not in keep and branch.residual is not None
+            decision = P.Decision(step, skip, branch.policy.ratios[step], 0.0, "forced skip" if skip else "forced compute")
         else:
             decision = branch.policy.decide(step, branch.residual is not None)
         branch.stats.decisions.append(decision)
@@ -388,7 +401,10 @@ class MagCacheHandle:
         stats = RunStats(num_steps, self.settings, self.calibrate)
         self.runs.append(stats)
         del self.runs[: -self.keep_runs]
-        self._run = _Run(token, num_steps, self.settings, self.curves, self.calibrate, stats)
+        forced = None
+        if self.computed_steps is not None:
+            forced = {b: frozenset(v) for b, v in self.computed_steps.items()}
+        self._run = _Run(token, num_steps, self.settings, self.curves, self.calibrate, stats, forced)
         return self._run
 
     def _new_branch(self, run: _Run, index: int) -> _Branch:
