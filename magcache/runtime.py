@@ -282,12 +282,17 @@ class MagCacheHandle:
             h.remove()
         self._hooks.clear()
         t = self.transformer
-        for name, previous in self._saved.items():
+        for name, (previous, ours) in self._saved.items():
+            if t.__dict__.get(name) is not ours:
+                # Someone wrapped our wrapper later (e.g. accelerate's offload hooks replace ``forward``):
+                # restoring would drop their wrapper, so ours stays in the chain as a pass-through.
+                continue
             if previous is _MISSING:
                 t.__dict__.pop(name, None)
             else:
                 t.__dict__[name] = previous
         self._saved.clear()
+        self.enabled = False
         if t.__dict__.get("_magcache_handle") is self:
             del t.__dict__["_magcache_handle"]
         self.reset()
@@ -312,7 +317,7 @@ class MagCacheHandle:
         handle = self
 
         def forward(*args, **kwargs):
-            if not handle.enabled:
+            if not (handle.enabled and handle._attached):
                 return original_forward(*args, **kwargs)
             return handle._cached_forward(original_forward, args, kwargs)
 
@@ -322,7 +327,7 @@ class MagCacheHandle:
 
             @contextlib.contextmanager
             def cache_context(name: str, **kwargs):
-                handle._context_name = name
+                handle._context_name = name if handle._attached else None
                 try:
                     with original_context(name, **kwargs):
                         yield
@@ -334,7 +339,8 @@ class MagCacheHandle:
         if original_reset is not None:
             # pipelines call this at the end of __call__ (also when interrupted): free the cached residuals
             def _reset_stateful_cache(*args, **kwargs):
-                handle._free_tensors()
+                if handle._attached:
+                    handle._free_tensors()
                 return original_reset(*args, **kwargs)
 
             self._patch("_reset_stateful_cache", _reset_stateful_cache)
@@ -343,7 +349,7 @@ class MagCacheHandle:
 
     def _patch(self, name: str, value: Any) -> None:
         t = self.transformer
-        self._saved[name] = t.__dict__.get(name, _MISSING)
+        self._saved[name] = (t.__dict__.get(name, _MISSING), value)
         t.__dict__[name] = value
 
     # ---- per call --------------------------------------------------------------------------------
