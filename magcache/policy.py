@@ -41,6 +41,23 @@ def nearest_interp(src: Sequence[float], n: int) -> list[float]:
     return [float(src[int(round(i * scale))]) for i in range(n)]
 
 
+def resample(src: Sequence[float], n: int, mapping: str = "nearest") -> list[float]:
+    """Resample a curve to ``n`` steps: ``"nearest"`` is :func:`nearest_interp` (research code, diffusers);
+    ``"floor"`` is ComfyUI-MagCache's index map ``int(i * ((L - 1) / (n - 1)))`` (identity when ``n == L``)."""
+    if mapping == "nearest":
+        return nearest_interp(src, n)
+    if n < 1 or not src:
+        raise ValueError(f"cannot resample a ratio curve of {len(src)} values to {n} steps")
+    return [float(src[floor_index(i, n, len(src))]) for i in range(n)]
+
+
+def floor_index(step: int, num_steps: int, length: int) -> int:
+    """ComfyUI-MagCache's calibrated index of ``step`` in a run of ``num_steps`` steps."""
+    if num_steps == length or num_steps == 1:
+        return step
+    return int(step * ((length - 1) / (num_steps - 1)))
+
+
 def split_branches(ratios: Sequence[float], interleaved: bool) -> list[list[float]]:
     """Split a published curve into per-branch curves: interleaved arrays hold cond at even and uncond at
     odd indices; a plain array is the cond curve (and is reused for uncond, which nobody calibrated)."""
@@ -71,7 +88,12 @@ class Rules:
     first_step_computed: FramePack's ``cnt >= 1``: step 0 is never eligible.
     max_ratio_jump:     FramePack's guard: skip only where ``|1 - ratio[i]| <= max_ratio_jump``.
     guarded_steps:      calibrated step indices that are never skipped (FLUX/Kontext: 11), mapped from a run of
-                        N steps by ``round(i * (guard_reference_steps - 1) / (N - 1))``.
+                        N steps by ``round(i * ((guard_reference_steps - 1) / (N - 1)))`` (research code) or, with
+                        ``step_mapping="floor"``, by ComfyUI's floor map.
+    guard_accumulates:  True (research code): a guarded step's ratio is accumulated and, being computed, resets
+                        the accumulators. False (ComfyUI FLUX): the guarded step is computed without touching them.
+    step_mapping:       how a run of N steps indexes a curve of another length: ``"nearest"`` (``nearest_interp``,
+                        research code and diffusers) or ``"floor"`` (ComfyUI-MagCache's ``int(i*(L-1)/(N-1))``).
     """
 
     compare: str = "<="
@@ -81,12 +103,16 @@ class Rules:
     max_ratio_jump: float | None = None
     guarded_steps: tuple[int, ...] = ()
     guard_reference_steps: int = 28
+    guard_accumulates: bool = True
+    step_mapping: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.compare not in ("<", "<="):
             raise ValueError(f"compare must be '<' or '<=', got {self.compare!r}")
         if self.retention_rounding not in ("floor", "half_up"):
             raise ValueError(f"retention_rounding must be 'floor' or 'half_up', got {self.retention_rounding!r}")
+        if self.step_mapping not in ("nearest", "floor"):
+            raise ValueError(f"step_mapping must be 'nearest' or 'floor', got {self.step_mapping!r}")
 
 
 @dataclass(frozen=True)
@@ -202,13 +228,22 @@ class BranchPolicy:
             return "last steps"
         return None
 
-    def _guarded(self, step: int, ratio: float) -> str | None:
-        """Guards that force a compute *after* accumulating, as the references do."""
+    def _guarded_step(self, step: int) -> bool:
         r = self.rules
-        if r.guarded_steps and self.num_steps > 1:
-            mapped = int(round(step * (r.guard_reference_steps - 1) / (self.num_steps - 1)))
-            if mapped in r.guarded_steps:
-                return "guarded step"
+        if not r.guarded_steps:
+            return False
+        if r.step_mapping == "floor":
+            return floor_index(step, self.num_steps, r.guard_reference_steps) in r.guarded_steps
+        if self.num_steps < 2:
+            return False
+        # same float expression as the research code: np.round(cnt * ((28 - 1) / (num_steps - 1)))
+        return int(round(step * ((r.guard_reference_steps - 1) / (self.num_steps - 1)))) in r.guarded_steps
+
+    def _guarded(self, step: int, ratio: float) -> str | None:
+        """Guards that force a compute *after* accumulating, as the research code does."""
+        r = self.rules
+        if r.guard_accumulates and self._guarded_step(step):
+            return "guarded step"
         if r.max_ratio_jump is not None and abs(1.0 - ratio) > r.max_ratio_jump:
             return "ratio jump"
         return None
@@ -221,6 +256,8 @@ class BranchPolicy:
         reason = self._eligible(step)
         if reason is not None:
             return Decision(step, False, ratio, 0.0, reason)
+        if not self.rules.guard_accumulates and self._guarded_step(step):
+            return Decision(step, False, ratio, self.acc_err, "guarded step")  # accumulators carry over
         self.acc_ratio *= ratio
         self.acc_steps += 1
         self.acc_err += abs(1.0 - self.acc_ratio)
@@ -241,11 +278,13 @@ class BranchPolicy:
 # --------------------------------------------------------------------------------------------------
 # Building policies for a run, and simulating schedules without a model
 # --------------------------------------------------------------------------------------------------
-def prepare_curves(curves: Sequence[Sequence[float]], num_steps: int, sqrt: bool = False) -> list[list[float]]:
+def prepare_curves(
+    curves: Sequence[Sequence[float]], num_steps: int, sqrt: bool = False, mapping: str = "nearest"
+) -> list[list[float]]:
     """Resample each branch curve to ``num_steps`` (and apply the optional sqrt smoothing)."""
     out = []
     for c in curves:
-        rc = nearest_interp(c, num_steps)
+        rc = resample(c, num_steps, mapping)
         if sqrt:
             if any(v < 0 for v in rc):
                 raise ValueError("sqrt smoothing needs non-negative ratios")
@@ -260,7 +299,7 @@ def make_branch_policies(
     """One fresh ``BranchPolicy`` per branch for a run of ``num_steps`` steps."""
     if num_branches < 1:
         raise ValueError("num_branches must be >= 1")
-    prepared = prepare_curves(curves, num_steps, settings.sqrt_ratios)
+    prepared = prepare_curves(curves, num_steps, settings.sqrt_ratios, rules.step_mapping)
     return [
         BranchPolicy(branch_curve(prepared, b), settings, rules, num_steps, b, num_branches)
         for b in range(num_branches)

@@ -22,6 +22,10 @@ MC_HUNYUAN = Rules(compare="<=", retention_rounding="floor")
 MC_WAN = Rules(compare="<", retention_rounding="floor", retention_per_call=True)
 MC_FRAMEPACK = Rules(compare="<=", retention_rounding="floor", first_step_computed=True, max_ratio_jump=0.06)
 COMFYUI = Rules(compare="<", retention_rounding="floor")
+# ComfyUI's FLUX forward (also used for Kontext): calibrated step 11 is checked before accumulating, and the run's
+# steps index the curve by ComfyUI's floor map; 20 = length of the ComfyUI Kontext curve.
+COMFYUI_FLUX_KONTEXT = Rules(compare="<", retention_rounding="floor", guarded_steps=(11,), guard_reference_steps=20,
+                             guard_accumulates=False, step_mapping="floor")
 # Our own calibrations: FLUX-style rules without the step-11 guard (that guard is specific to FLUX.1-dev's curve).
 CALIBRATED_FLUX = Rules(compare="<=", retention_rounding="half_up")
 
@@ -30,7 +34,7 @@ CALIBRATED_FLUX = Rules(compare="<=", retention_rounding="half_up")
 _CATALOG: dict[str, tuple[str, str | None, Rules, str]] = {
     "flux": ("flux", "flux", MC_FLUX, "MagCache4FLUX (research code)"),
     "flux_kontext": ("flux_kontext_diffusers", "flux", MC_FLUX, "MagCache4FLUX_Kontext (research code)"),
-    "flux_kontext_comfyui": ("flux_kontext_comfyui", "flux", MC_FLUX, "ComfyUI-MagCache (flux forward)"),
+    "flux_kontext_comfyui": ("flux_kontext_comfyui", "flux", COMFYUI_FLUX_KONTEXT, "ComfyUI-MagCache (flux forward)"),
     "chroma": ("chroma", "chroma", COMFYUI, "ComfyUI-MagCache"),
     "hunyuan_video": ("hunyuan_video", "hunyuan_video", MC_HUNYUAN, "MagCache4HunyuanVideo (research code)"),
     "hunyuan_video_544p": ("hunyuan_video_544p", "hunyuan_video", MC_HUNYUAN, "MagCache4HunyuanVideo"),

@@ -205,7 +205,7 @@ class MagCacheHandle:
         self._run: _Run | None = None
         self._call: _Call | None = None
         self._hooks: list[Any] = []
-        self._saved: dict[str, Any] = {}
+        self._saved: dict[tuple[Any, str], tuple[Any, Any]] = {}  # (owner ref, attribute) -> (previous, ours)
         self._context_name: str | None = None
         self._attached = False
 
@@ -282,15 +282,16 @@ class MagCacheHandle:
             h.remove()
         self._hooks.clear()
         t = self.transformer
-        for name, (previous, ours) in self._saved.items():
-            if t.__dict__.get(name) is not ours:
+        for (owner_ref, name), (previous, ours) in self._saved.items():
+            owner = owner_ref()
+            if owner is None or owner.__dict__.get(name) is not ours:
                 # Someone wrapped our wrapper later (e.g. accelerate's offload hooks replace ``forward``):
                 # restoring would drop their wrapper, so ours stays in the chain as a pass-through.
                 continue
             if previous is _MISSING:
-                t.__dict__.pop(name, None)
+                owner.__dict__.pop(name, None)
             else:
-                t.__dict__[name] = previous
+                owner.__dict__[name] = previous
         self._saved.clear()
         self.enabled = False
         if t.__dict__.get("_magcache_handle") is self:
@@ -305,7 +306,7 @@ class MagCacheHandle:
         self.remove()
 
     # ---- attaching -------------------------------------------------------------------------------
-    def _attach(self) -> None:
+    def _attach(self, pipe: Any = None) -> None:
         t, a = self.transformer, self.adapter
         for name in a.block_lists:
             if not isinstance(getattr(t, name, None), torch.nn.ModuleList):
@@ -344,13 +345,22 @@ class MagCacheHandle:
                 return original_reset(*args, **kwargs)
 
             self._patch("_reset_stateful_cache", _reset_stateful_cache)
+        original_progress_bar = getattr(pipe, "progress_bar", None)
+        if callable(original_progress_bar):
+            # Every diffusers pipeline runs its denoising loop inside ``with self.progress_bar(...)``: leaving that
+            # block (end, interrupt, an exception from a step callback, cancellation) frees the run's residuals.
+            def progress_bar(*args, **kwargs):
+                bar = original_progress_bar(*args, **kwargs)
+                return _FreeOnExit(bar, handle) if handle._attached else bar
+
+            self._patch("progress_bar", progress_bar, owner=pipe)
         t.__dict__["_magcache_handle"] = self
         self._attached = True
 
-    def _patch(self, name: str, value: Any) -> None:
-        t = self.transformer
-        self._saved[name] = (t.__dict__.get(name, _MISSING), value)
-        t.__dict__[name] = value
+    def _patch(self, name: str, value: Any, owner: Any = None) -> None:
+        owner = self.transformer if owner is None else owner
+        self._saved[(weakref.ref(owner), name)] = (owner.__dict__.get(name, _MISSING), value)
+        owner.__dict__[name] = value
 
     # ---- per call --------------------------------------------------------------------------------
     def _cached_forward(self, original_forward, args, kwargs):
@@ -414,7 +424,7 @@ class MagCacheHandle:
         return self._run
 
     def _new_branch(self, run: _Run, index: int) -> _Branch:
-        prepared = P.prepare_curves(run.curves, run.num_steps, run.settings.sqrt_ratios)
+        prepared = P.prepare_curves(run.curves, run.num_steps, run.settings.sqrt_ratios, self.rules.step_mapping)
         pol = P.BranchPolicy(P.branch_curve(prepared, index), run.settings, self.rules, run.num_steps, index, run.num_branches)
         return _Branch(pol, BranchStats())
 
@@ -465,6 +475,26 @@ class MagCacheHandle:
 
 
 _MISSING = object()
+
+
+class _FreeOnExit:
+    """The pipeline's progress bar, unchanged, except that leaving its ``with`` block frees cached residuals."""
+
+    def __init__(self, bar: Any, handle: MagCacheHandle):
+        self._bar, self._handle = bar, handle
+
+    def __enter__(self) -> Any:
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._handle._free_tensors()
+        return self._bar.__exit__(*exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._bar)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
 
 
 @contextlib.contextmanager
@@ -570,7 +600,7 @@ def apply(
         clock,
         calibrate=calibrate,
     )
-    handle._attach()
+    handle._attach(pipe)
     return handle
 
 
