@@ -16,7 +16,9 @@ from .presets import get_preset, list_presets
 
 def _schedule(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
-    steps = args.steps or preset.calibrated_steps
+    steps = preset.calibrated_steps if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     settings = preset.settings(thresh=args.thresh, retention_ratio=args.retention, K=args.K,
                                protect_last_steps=args.protect_last or None, sqrt_ratios=args.sqrt or None)
     branches = 1 if args.no_cfg else len(preset.curves) if args.cfg is None else (2 if args.cfg else 1)

@@ -1,0 +1,450 @@
+"""One app request end to end: validate → get the pipeline → baseline run (no cache) → MagCache run → outputs,
+wall times, per-run MagCache stats, quality metrics and the predicted schedule next to the actual one.
+
+Both runs use the same seed on the same device, one after the other, and time only the pipeline call (with a
+CUDA sync on both ends). The MagCache handle lives for the cached run only, so the baseline is the plain
+pipeline. Progress comes from ``callback_on_step_end`` (all eight pipelines call it after every step) and a
+stop request sets ``pipe._interrupt`` from inside it, which every pipeline honours at its next step.
+
+No Gradio here: ``ui/`` turns a :class:`ComparisonResult` into images, videos, tables and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+import magcache
+from magcache import metrics
+from magcache import policy as P
+from magcache.presets import get_preset
+from magcache.runtime import RunStats
+
+from .catalog import Tab, Variant
+from .manager import Cancelled, LoadedModel, ModelManager
+from .media import read_video, to_pil
+
+TINY_STEPS = 12  # default steps with tiny pipelines: a few skips show at every preset's defaults
+# Call arguments the user controls; everything else tiny_call_kwargs returns is plumbing for the tiny models.
+_USER_KEYS = {"prompt", "negative_prompt", "image", "video", "height", "width", "num_frames", "num_inference_steps",
+              "generator", "guidance_scale"}
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, done, total): phases "queue", "load", "warm-up", "baseline", "magcache"
+
+
+class InvalidRequest(ValueError):
+    """Bad user input; the message says what to change."""
+
+
+@dataclass
+class GenerationRequest:
+    tab_id: str
+    variant: str | None = None  # id or label; None = the tab's first variant
+    prompt: str = ""
+    negative_prompt: str | None = None
+    image: Any = None  # PIL image / path / array (image edit, image-to-video, FramePack)
+    control_video: Any = None  # VACE: a video path or a list of frames
+    mask_video: Any = None  # VACE: white = generate, black = keep
+    reference_images: Sequence[Any] | None = None  # VACE
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    thresh: float | None = None
+    retention_ratio: float | None = None
+    K: int | None = None
+    compare: bool = True  # also run the baseline (no cache) for timings and quality numbers
+    compile: bool = False  # regional compile of the transformer blocks (warm-up shown separately)
+    weights: str | None = None  # override: hub id, local diffusers folder, or single-file checkpoint
+    base: str | None = None  # the rest of the pipeline for a single-file / transformer-only source
+    compile_backend: str | None = None  # torch.compile backend (None = inductor); tests use "eager"
+
+
+@dataclass
+class RunResult:
+    label: str
+    output: Any  # PIL image (image tasks) or (F, H, W, 3) float array in [0, 1] (video tasks)
+    seconds: float
+    transformer_calls: int
+    steps_done: int
+    stats: list[RunStats] = field(default_factory=list)  # MagCache run: one per scheduler pass (FramePack section)
+
+    def branch_counts(self) -> dict[str, tuple[int, int]]:
+        """Per branch: (computed steps, total steps), summed over the run's sections."""
+        out: dict[str, tuple[int, int]] = {}
+        for run in self.stats:
+            for name, b in run.branches.items():
+                c, t = out.get(name, (0, 0))
+                out[name] = (c + len(b.computed), t + len(b.decisions))
+        return out
+
+
+@dataclass
+class ComparisonResult:
+    tab: Tab
+    variant: Variant
+    preset: str
+    settings: P.Settings
+    model: str  # what was loaded, in words
+    placement: str
+    num_steps: int
+    num_branches: int
+    sections: int
+    magcache: RunResult
+    predicted: P.Schedule  # one section's schedule, from magcache.policy.simulate
+    baseline: RunResult | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    heatmap: np.ndarray | None = None
+    load_seconds: float | None = None  # when this request loaded the model
+    warmup_seconds: float | None = None
+    compiled: bool = False
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        """Wall-clock speed-up: baseline seconds / MagCache seconds."""
+        if self.baseline is None or self.magcache.seconds <= 0:
+            return None
+        return self.baseline.seconds / self.magcache.seconds
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.predicted.predicted_speedup()
+
+    def actual_matches_prediction(self) -> bool:
+        """Every section computed exactly the steps the policy simulation predicted, per branch."""
+        predicted = self.predicted.computed
+        return all(run.computed == {b: predicted.get(b) for b in run.computed} for run in self.magcache.stats)
+
+    @property
+    def branches(self) -> list[str]:
+        return list(self.magcache.branch_counts())
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults shown in the UI
+# --------------------------------------------------------------------------------------------------
+def tab_defaults(manager: ModelManager, tab_id: str, variant: str | None = None) -> dict[str, Any]:
+    """Generation settings and MagCache sliders for a tab/variant as the UI shows them: the reference settings
+    for real models, small sizes for tiny pipelines, the demo model's own settings for the Demo tab."""
+    tab = manager.catalog.tab(tab_id)
+    v = tab.variant(variant)
+    out = dict(v.defaults)
+    try:
+        plan = manager.plan(tab.id, v.id)
+    except Exception:  # a bad path in the environment: the error shows when the user runs the tab
+        plan = None
+    preset_id = plan.preset if plan is not None else v.magcache.preset
+    if plan is not None and plan.kind == "tiny":
+        from .tiny import tiny_call_kwargs
+
+        tiny = tiny_call_kwargs(tab.tiny, TINY_STEPS)
+        out.update({k: tiny[k] for k in ("height", "width", "num_frames") if k in tiny}, num_inference_steps=TINY_STEPS)
+    elif plan is not None and v.local_only and plan.pipeline_source:
+        out.update(demo_settings(plan.pipeline_source))
+    p = get_preset(preset_id)
+    mc = v.magcache
+    use_catalog = preset_id == mc.preset and mc.thresh is not None
+    out.update(
+        preset=preset_id,
+        thresh=mc.thresh if use_catalog else p.thresh,
+        retention_ratio=mc.retention_ratio if use_catalog else p.retention_ratio,
+        K=mc.K if use_catalog else p.K,
+        calibrated_steps=p.calibrated_steps,
+    )
+    return out
+
+
+def demo_settings(folder: str) -> dict[str, Any]:
+    """Generation settings stored next to the demo model (``demo_settings.json``), when there are any."""
+    from pathlib import Path
+
+    path = Path(folder) / "demo_settings.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    aliases = {"steps": "num_inference_steps", "guidance": "guidance_scale", "resolution": "height"}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = aliases.get(key, key)
+        if key in ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed"):
+            out[key] = value
+    if "height" in out and "width" not in out:
+        out["width"] = out["height"]
+    for key in ("prompts", "examples"):
+        if isinstance(raw.get(key), list) and raw[key]:
+            out["examples"] = [str(p) for p in raw[key]]
+            out.setdefault("prompt", out["examples"][0])
+    return out
+
+
+def framepack_sections(num_frames: int, latent_window_size: int = 9, temporal_factor: int = 4) -> int:
+    """How many sections (full denoising runs) FramePack makes for ``num_frames`` (its pipeline's formula)."""
+    window = (latent_window_size - 1) * temporal_factor + 1
+    return max(1, (num_frames + window - 1) // window)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and call arguments
+# --------------------------------------------------------------------------------------------------
+def validate(tab: Tab, req: GenerationRequest, defaults: dict[str, Any]) -> GenerationRequest:
+    """Fill unset fields from ``defaults`` and reject inputs a pipeline would fail on, with a clear message."""
+    from dataclasses import replace
+
+    fill = {k: defaults.get(k) for k in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+                                        "thresh", "retention_ratio", "K") if getattr(req, k) is None}
+    if req.negative_prompt is None and "negative_prompt" in tab.inputs:
+        fill["negative_prompt"] = defaults.get("negative_prompt")
+    req = replace(req, **{k: v for k, v in fill.items() if v is not None})
+    if not (req.prompt or "").strip():
+        raise InvalidRequest("Write a prompt first.")
+    if "image" in tab.inputs and req.image is None:
+        raise InvalidRequest(f"{tab.label} needs an input image: upload one first.")
+    steps = req.num_inference_steps
+    if not isinstance(steps, (int, np.integer)) or not 2 <= steps <= 200:
+        raise InvalidRequest(f"Steps must be a whole number from 2 to 200, got {steps!r}.")
+    if "size" in tab.inputs:
+        for name in ("height", "width"):
+            value = getattr(req, name)
+            if not isinstance(value, (int, np.integer)) or value < 16 or value % 16:
+                raise InvalidRequest(f"{name.capitalize()} must be a positive multiple of 16, got {value!r}.")
+    if "frames" in tab.inputs:
+        n = req.num_frames
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise InvalidRequest(f"Frames must be a positive whole number, got {n!r}.")
+        if tab.task != "framepack" and (n - 1) % 4:
+            raise InvalidRequest(f"{tab.label} needs 4k+1 frames (e.g. {4 * ((n - 1) // 4) + 1} or "
+                                 f"{4 * ((n - 1) // 4 + 1) + 1}), got {n}.")
+    if req.guidance_scale is None or not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
+        raise InvalidRequest(f"Guidance must be a number >= 0, got {req.guidance_scale!r}.")
+    try:
+        P.validate_settings(req.thresh, req.retention_ratio, req.K)
+    except ValueError as e:
+        raise InvalidRequest(f"MagCache settings: {e}") from None
+    return req
+
+
+def build_call_kwargs(tab: Tab, variant: Variant, loaded: LoadedModel, req: GenerationRequest) -> dict[str, Any]:
+    """The pipeline's keyword arguments (without generator and callback)."""
+    kw: dict[str, Any] = dict(variant.call)
+    if loaded.plan.kind == "tiny":
+        from .tiny import tiny_call_kwargs
+
+        kw.update({k: v for k, v in tiny_call_kwargs(tab.tiny).items() if k not in _USER_KEYS})
+    kw["prompt"] = req.prompt
+    if "negative_prompt" in tab.inputs and req.negative_prompt:
+        kw["negative_prompt"] = req.negative_prompt
+    if req.image is not None and "image" in tab.inputs:
+        kw["image"] = to_pil(req.image)
+    if req.height is not None and req.width is not None and ("size" in tab.inputs or loaded.plan.kind == "tiny"):
+        kw["height"], kw["width"] = int(req.height), int(req.width)
+    if "frames" in tab.inputs:
+        kw["num_frames"] = int(req.num_frames)
+    kw["num_inference_steps"] = int(req.num_inference_steps)
+    kw["guidance_scale"] = float(req.guidance_scale)
+    if tab.task == "vace":
+        size = (int(req.width), int(req.height))
+        if req.control_video is not None:
+            kw["video"] = _frames(req.control_video, kw["num_frames"], size, "RGB")
+        if req.mask_video is not None:
+            kw["mask"] = _frames(req.mask_video, kw["num_frames"], size, "L")
+        if req.reference_images:
+            kw["reference_images"] = [to_pil(im) for im in req.reference_images]
+    kw["output_type"] = "np" if tab.is_video else "pil"
+    return kw
+
+
+def _frames(video: Any, num_frames: int, size: tuple[int, int], mode: str) -> list:
+    from PIL import Image
+
+    from .media import fit_frames
+
+    if isinstance(video, (list, tuple)):
+        return fit_frames([to_pil(f).convert(mode).resize(size, Image.BICUBIC) for f in video], num_frames)
+    return read_video(video, num_frames, size[0], size[1], mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+def run_comparison(
+    manager: ModelManager,
+    req: GenerationRequest,
+    on_progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> ComparisonResult:
+    """Run ``req``: the baseline (when ``req.compare``) and the MagCache run, same seed, one after the other."""
+    progress = on_progress or (lambda phase, done, total: None)
+    tab = manager.catalog.tab(req.tab_id)
+    variant = tab.variant(req.variant)
+    defaults = tab_defaults(manager, tab.id, variant.id)
+    req = validate(tab, req, defaults)
+
+    with manager.device_slot(cancel, on_wait=lambda ahead: progress("queue", ahead, ahead)):
+        already = {m.key for m in manager.loaded()}
+        loaded = manager.get(tab.id, variant.id, req.weights, req.base, on_status=lambda msg: progress("load", 0, 1))
+        pipe = loaded.pipe
+        call = build_call_kwargs(tab, variant, loaded, req)
+        steps = call["num_inference_steps"]
+        sections = framepack_sections(call["num_frames"], call.get("latent_window_size", 9)) if tab.task == "framepack" else 1
+        result_notes = list(loaded.plan.notes)
+        warnings: list[str] = []
+        magcache.remove(pipe)  # never time a baseline with a leftover handle
+
+        warmup_s = None
+        if req.compile and not loaded.compiled:
+            msg = _compile_blocks(pipe, req.compile_backend)
+            if msg:
+                warnings.append(msg)
+            else:
+                loaded.compiled = True
+        shape = (call.get("height"), call.get("width"), call.get("num_frames"), tab.num_branches(req.guidance_scale))
+        use_compiled = req.compile and loaded.compiled
+        stance = contextlib.nullcontext() if use_compiled or not loaded.compiled else torch.compiler.set_stance("force_eager")
+        with stance:
+            warm_key = (shape, use_compiled)
+            if warm_key not in loaded.warm:
+                progress("warm-up", 0, 1)
+                warmup_s = _warm_up(pipe, call, req.seed, manager.device)
+                loaded.warm.add(warm_key)
+            total = steps * sections
+            baseline = None
+            if req.compare:
+                baseline = _timed_run(pipe, call, "baseline", req.seed, total, progress, cancel, manager.device, tab.is_video)
+            handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh, retention_ratio=req.retention_ratio, K=req.K)
+            try:
+                cached = _timed_run(pipe, call, "magcache", req.seed, total, progress, cancel, manager.device, tab.is_video)
+                cached.stats = list(handle.runs)
+                num_branches = max((len(r.branches) for r in cached.stats), default=1)
+                predicted = handle.predict(steps, num_branches)
+                settings = handle.settings
+            finally:
+                handle.remove()
+
+    result = ComparisonResult(
+        tab=tab, variant=variant, preset=loaded.preset, settings=settings, model=loaded.plan.describe(),
+        placement=loaded.placement.reason if loaded.placement else "", num_steps=steps, num_branches=num_branches,
+        sections=sections, magcache=cached, predicted=predicted, baseline=baseline,
+        load_seconds=loaded.load_seconds if loaded.key not in already else None, warmup_seconds=warmup_s,
+        compiled=use_compiled, notes=result_notes, warnings=warnings,
+    )
+    if baseline is not None:
+        result.psnr, result.ssim = quality(baseline.output, cached.output)
+        result.heatmap = metrics.difference_heatmap(_as_array(baseline.output), _as_array(cached.output))
+    result.warnings += _warnings(result)
+    return result
+
+
+def _timed_run(pipe: Any, call: dict[str, Any], label: str, seed: int, total: int, progress: ProgressFn,
+               cancel: threading.Event | None, device: str, video: bool) -> RunResult:
+    done = 0
+    calls = 0
+
+    def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+        nonlocal done
+        done += 1
+        progress(label, min(done, total), total)
+        if cancel is not None and cancel.is_set():
+            p._interrupt = True  # the pipeline skips its remaining steps
+        return {}
+
+    def count_call(module: Any, args: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"stopped before the {label} run")
+    progress(label, 0, total)
+    hook = pipe.transformer.register_forward_pre_hook(count_call)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = pipe(**call, generator=generator, callback_on_step_end=on_step_end)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"stopped during the {label} run after step {done} of {total}")
+    output = out.frames[0] if video else out.images[0]
+    return RunResult(label, output, seconds, calls, done)
+
+
+def _warm_up(pipe: Any, call: dict[str, Any], seed: int, device: str) -> float:
+    """Two steps at the real shapes before the first timed run of a shape: lazy initialisation, kernel selection
+    and (with compile) the block compilation happen here instead of inflating the baseline's time."""
+    args = dict(call, num_inference_steps=2, output_type="latent")
+    _sync(device)
+    t0 = time.perf_counter()
+    pipe(**args, generator=torch.Generator("cpu").manual_seed(int(seed)))
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _compile_blocks(pipe: Any, backend: str | None) -> str | None:
+    """Regional compile of the transformer blocks (the blocks only: MagCache's decisions stay outside compiled
+    code). Returns a warning when the model cannot be compiled this way."""
+    transformer = pipe.transformer
+    compile_blocks = getattr(magcache, "compile_blocks", None)
+    if compile_blocks is not None:
+        compile_blocks(transformer)
+        return None
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(**({"backend": backend} if backend else {}))
+        return None
+    return f"{type(transformer).__name__} declares no repeated blocks to compile: ran without compile."
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _as_array(output: Any) -> np.ndarray:
+    if hasattr(output, "convert"):
+        return np.asarray(output.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(output, dtype=np.float32)
+
+
+def quality(reference: Any, test: Any, chunk: int = 8) -> tuple[float, float]:
+    """PSNR and SSIM of ``test`` against ``reference`` (images or videos), frame chunks at a time so long videos
+    stay within memory; both are means over frames."""
+    a, b = _as_array(reference), _as_array(test)
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    psnrs, ssims, weights = [], [], []
+    for i in range(0, len(a), chunk):
+        psnrs.append(metrics.psnr(a[i:i + chunk], b[i:i + chunk]))
+        ssims.append(metrics.ssim(a[i:i + chunk], b[i:i + chunk]))
+        weights.append(len(a[i:i + chunk]))
+    return float(np.average(psnrs, weights=weights)), float(np.average(ssims, weights=weights))
+
+
+def _warnings(result: ComparisonResult) -> list[str]:
+    out = []
+    skipped = sum(t - c for c, t in result.magcache.branch_counts().values())
+    if skipped == 0:
+        out.append("MagCache skipped no step: raise thresh or K, or lower the retention ratio, for a speed-up.")
+    preset = get_preset(result.preset)
+    if result.num_steps != preset.calibrated_steps:
+        out.append(f"The {result.preset!r} ratios were calibrated for {preset.calibrated_steps} steps and are resampled "
+                   f"to {result.num_steps}: schedules at other step counts are approximate.")
+    if result.speedup is not None and result.speedup < 1:
+        out.append("The MagCache run was slower than the baseline: at this size the work outside the transformer "
+                   "blocks (text encoders, VAE, Python overhead) dominates, or the machine was busy.")
+    if not result.actual_matches_prediction():
+        out.append("The steps computed differ from the policy's prediction (see the schedule plot).")
+    return out

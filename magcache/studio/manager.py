@@ -1,0 +1,589 @@
+"""The model manager: which pipeline a tab runs, loaded lazily, kept within a memory budget, one run per device.
+
+* :meth:`ModelManager.plan` decides *what* to load (pure, no I/O beyond looking at paths): a tiny pipeline built in
+  code (``MAGCACHE_TINY=1``, or the Demo tab before its model exists), a diffusers folder or hub id, a
+  transformer folder/hub id on top of a base pipeline (FramePack), or a single-file transformer checkpoint
+  (``<Transformer>.from_single_file(path, config=<base>, subfolder="transformer")``) on top of a base pipeline.
+* :meth:`ModelManager.get` loads on first use, keeps models in LRU order and unloads the least recently used ones
+  when the budget (``MAGCACHE_MEMORY_BUDGET_GB``, default: the device's memory) would be exceeded.
+  :func:`plan_placement` picks float32 on CPU, bf16 on GPU, and model / sequential CPU offload plus VAE tiling
+  when the GPU is short of memory.
+* :meth:`ModelManager.device_slot` lets one generation at a time use the device, first come first served, and
+  :meth:`ModelManager.cancel` stops a waiting or running generation of a session.
+* Missing weights raise :class:`WeightsNotFound` with what to download and which variable or field to set.
+
+No Gradio here: the UI, scripts and tests use the same object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urlparse
+
+import torch
+
+from .catalog import ROOT, Catalog, Tab, Variant, load_catalog, tiny_mode
+
+logger = logging.getLogger("magcache.studio")
+
+GB = 1024**3
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class WeightsNotFound(RuntimeError):
+    """The weights a tab needs are not on this machine (or the path is wrong); the message says what to do."""
+
+
+class Cancelled(RuntimeError):
+    """A generation was stopped by the user."""
+
+
+# --------------------------------------------------------------------------------------------------
+# What to load
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadPlan:
+    key: str
+    tab_id: str
+    variant_id: str
+    kind: str  # "tiny" | "pretrained" | "transformer+base" | "single_file"
+    pipeline_cls: str
+    transformer_cls: str
+    preset: str  # the MagCache preset this model runs with
+    pipeline_source: str | None = None  # hub id or local diffusers folder
+    transformer_source: str | None = None  # transformer folder / hub id, or a single-file checkpoint
+    components: Mapping[str, Any] = field(default_factory=dict)
+    tiny_kind: str | None = None
+    estimate_bytes: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def hub_ids(self) -> tuple[str, ...]:
+        sources = [self.pipeline_source, self.transformer_source] + [c.source for c in self.components.values()]
+        return tuple(dict.fromkeys(s for s in sources if s and not _is_local(s)))
+
+    def describe(self) -> str:
+        if self.kind == "tiny":
+            return f"tiny random {self.tiny_kind} pipeline (built in code)"
+        if self.kind == "single_file":
+            return f"{self.transformer_source} (single file) + {self.pipeline_source}"
+        if self.kind == "transformer+base":
+            return f"{self.transformer_source} + {self.pipeline_source}"
+        return str(self.pipeline_source)
+
+
+def _is_local(source: str) -> bool:
+    return Path(os.path.expanduser(source)).exists()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or "\\" in source or not _HUB_ID.match(source)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+
+
+def preset_or_fallback(preset: str, fallback: str | None) -> tuple[str, str | None]:
+    """The preset to run with, and a note when the fallback had to be used."""
+    from magcache.presets import list_presets
+
+    if preset in list_presets() or fallback is None:
+        return preset, None
+    return fallback, f"MagCache preset {preset!r} is not shipped yet; using {fallback!r} instead."
+
+
+# --------------------------------------------------------------------------------------------------
+# Where to put it
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype: torch.dtype
+    offload: str | None  # None | "model" | "sequential"
+    vae_tiling: bool
+    reason: str
+
+
+def default_device() -> str:
+    return os.environ.get("MAGCACHE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: str) -> torch.dtype:
+    name = os.environ.get("MAGCACHE_DTYPE")
+    if name:
+        return getattr(torch, name)
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def plan_placement(device: str, dtype: torch.dtype, component_bytes: Mapping[str, int], free_bytes: int | None,
+                   video: bool = False) -> Placement:
+    """Fit a loaded pipeline (sizes measured per component) onto ``device`` with ``free_bytes`` available.
+
+    Everything on the device when it fills at most 80% of the free memory (the rest is for activations); else
+    model CPU offload (one component on the GPU at a time) when the largest component fits; else sequential
+    offload (layer by layer, slow but fits anything). VAE tiling whenever memory is short, and for videos."""
+    if not device.startswith("cuda") or free_bytes is None:
+        return Placement(device, dtype, None, False, f"{device}: everything in memory")
+    total = sum(component_bytes.values())
+    largest = max(component_bytes.values(), default=0)
+    if total <= 0.8 * free_bytes:
+        tiling = video and total > 0.5 * free_bytes
+        return Placement(device, dtype, None, tiling, f"fits: {total / GB:.1f} of {free_bytes / GB:.1f} GiB free")
+    if largest <= 0.8 * free_bytes:
+        return Placement(device, dtype, "model", True,
+                         f"{total / GB:.1f} GiB > {free_bytes / GB:.1f} GiB free: model CPU offload, VAE tiling")
+    return Placement(device, dtype, "sequential", True,
+                     f"largest component {largest / GB:.1f} GiB > free memory: sequential CPU offload, VAE tiling")
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def pipeline_component_bytes(pipe: Any) -> dict[str, int]:
+    comps = getattr(pipe, "components", {}) or {}
+    return {name: module_bytes(c) for name, c in comps.items() if isinstance(c, torch.nn.Module)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The device queue and cancellation
+# --------------------------------------------------------------------------------------------------
+class FairDeviceLock:
+    """One holder at a time, served strictly in arrival order; waiting can be cancelled."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[object] = []
+        self._busy = False
+
+    @contextlib.contextmanager
+    def hold(self, cancel: threading.Event | None = None,
+             on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._busy or self._queue[0] is not me:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("stopped while waiting for the device")
+                    if on_wait is not None:
+                        on_wait(self._queue.index(me) + int(self._busy))
+                    self._cond.wait(0.2)
+                self._queue.pop(0)
+                self._busy = True
+            except BaseException:
+                if me in self._queue:
+                    self._queue.remove(me)
+                self._cond.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaded models
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    plan: LoadPlan
+    pipe: Any
+    bytes: int
+    placement: Placement | None
+    load_seconds: float
+    compiled: bool = False
+    warm: set = field(default_factory=set)  # call shapes already run once (warm-up done)
+
+    @property
+    def key(self) -> str:
+        return self.plan.key
+
+    @property
+    def preset(self) -> str:
+        return self.plan.preset
+
+
+Loader = Callable[[LoadPlan], LoadedModel]
+
+
+class ModelManager:
+    def __init__(
+        self,
+        catalog: Catalog | None = None,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        budget_gb: float | None = None,
+        tiny: bool | None = None,
+        demo_dir: str | os.PathLike | None = None,
+        loader: Loader | None = None,
+    ):
+        self.catalog = catalog or load_catalog()
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        env_budget = os.environ.get("MAGCACHE_MEMORY_BUDGET_GB")
+        budget = budget_gb if budget_gb is not None else (float(env_budget) if env_budget else None)
+        self.budget_bytes = int(budget * GB) if budget is not None else _device_memory(self.device)
+        self.tiny = tiny_mode() if tiny is None else tiny
+        self.demo_dir = Path(demo_dir) if demo_dir is not None else None
+        self._loader = loader or self._load
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
+        self._device_lock = FairDeviceLock()
+        self._tokens: dict[str, threading.Event] = {}
+        self.events: list[str] = []  # load / unload log, newest last (shown in the app, checked by tests)
+
+    # ---- planning ------------------------------------------------------------------------------
+    def plan(self, tab_id: str, variant: str | None = None, weights: str | None = None,
+             base: str | None = None) -> LoadPlan:
+        """Decide what ``tab_id``/``variant`` loads. ``weights``/``base`` override the catalog (UI fields);
+        ``MAGCACHE_WEIGHTS_<VARIANT>`` / ``MAGCACHE_BASE_<VARIANT>`` override it from the environment."""
+        tab = self.catalog.tab(tab_id)
+        v = tab.variant(variant)
+        preset, note = preset_or_fallback(v.magcache.preset, v.magcache.fallback_preset)
+        notes = [note] if note else []
+        common = dict(tab_id=tab.id, variant_id=v.id, pipeline_cls=tab.pipeline, transformer_cls=tab.transformer)
+        weights = (weights or "").strip() or v.weights_from_env() or v.weights
+        base = (base or "").strip() or v.base_from_env() or v.base
+
+        if v.local_only:  # the Demo tab: its own model folder, or a tiny stand-in
+            folder = self.demo_dir if self.demo_dir is not None and weights == v.weights else _resolve(weights)
+            if (folder / "model_index.json").is_file():
+                return LoadPlan(key=f"{v.id}|{folder}", kind="pretrained", preset=preset, pipeline_source=str(folder),
+                                estimate_bytes=_folder_bytes(folder), notes=tuple(notes), **common)
+            preset, _ = preset_or_fallback(v.magcache.fallback_preset or preset, None)
+            notes = [f"The demo model is not at {_display_path(folder)} yet (it is being trained): running a tiny "
+                     f"random FLUX pipeline built in code instead, with the {preset!r} MagCache preset. Its images "
+                     "are noise; the timings, schedules and metrics are real."]
+            return LoadPlan(key=f"{v.id}|tiny", kind="tiny", preset=preset, tiny_kind=tab.tiny,
+                            estimate_bytes=GB // 1024, notes=tuple(notes), **common)
+
+        if self.tiny:
+            notes.append("MAGCACHE_TINY=1: tiny random-weight pipeline built in code (offline). Outputs are noise; "
+                         "timings, schedules and metrics are real.")
+            return LoadPlan(key=f"{v.id}|tiny", kind="tiny", preset=preset, tiny_kind=tab.tiny,
+                            estimate_bytes=GB // 1024, notes=tuple(notes), **common)
+
+        factor = 2 if self.dtype == torch.float32 else 1  # the catalog's sizes are bf16
+        approx = int((v.approx_size_gb or 0) * GB * factor)
+        default_base = v.base if v.weights_role == "transformer" else v.weights
+        path = Path(os.path.expanduser(weights))
+        if path.is_file():
+            if path.suffix not in WEIGHT_SUFFIXES:
+                raise WeightsNotFound(f"{path} is not a checkpoint file (expected one of {', '.join(WEIGHT_SUFFIXES)}).")
+            _check_single_file_loadable(tab, v)
+            base = base or default_base
+            rest = approx - int((v.transformer_gb or 0) * GB * factor)
+            return LoadPlan(key=f"{v.id}|{path}|{base}", kind="single_file", preset=preset, pipeline_source=base,
+                            transformer_source=str(path), components=v.components,
+                            estimate_bytes=path.stat().st_size * factor + max(rest, 0), notes=tuple(notes), **common)
+        if path.is_dir():
+            if v.weights_role == "pipeline" and (path / "model_index.json").is_file():
+                return LoadPlan(key=f"{v.id}|{path}", kind="pretrained", preset=preset, pipeline_source=str(path),
+                                components=v.components, estimate_bytes=_folder_bytes(path) * factor,
+                                notes=tuple(notes), **common)
+            if (path / "config.json").is_file():  # a transformer folder: the rest comes from the base pipeline
+                base = base or default_base
+                return LoadPlan(key=f"{v.id}|{path}|{base}", kind="transformer+base", preset=preset,
+                                pipeline_source=base, transformer_source=str(path), components=v.components,
+                                estimate_bytes=max(approx, _folder_bytes(path) * factor), notes=tuple(notes), **common)
+            raise WeightsNotFound(
+                f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a transformer folder "
+                f"(no config.json). Point {v.env_weights} / the Weights field at the folder that "
+                f"`hf download {v.weights} --local-dir <folder>` creates.")
+        if _looks_like_path(weights):
+            raise WeightsNotFound(
+                f"{tab.label} ({v.label}): the weights path {weights!r} does not exist. Set {v.env_weights} / the "
+                f"Weights field to a local diffusers folder, a single-file checkpoint, or a hub id such as {v.weights!r}.")
+        if v.weights_role == "transformer":
+            return LoadPlan(key=f"{v.id}|{weights}|{base}", kind="transformer+base", preset=preset, pipeline_source=base,
+                            transformer_source=weights, components=v.components, estimate_bytes=approx,
+                            notes=tuple(notes), **common)
+        return LoadPlan(key=f"{v.id}|{weights}", kind="pretrained", preset=preset, pipeline_source=weights,
+                        components=v.components, estimate_bytes=approx, notes=tuple(notes), **common)
+
+    # ---- loading / unloading -------------------------------------------------------------------
+    def get(self, tab_id: str, variant: str | None = None, weights: str | None = None, base: str | None = None,
+            on_status: Callable[[str], None] | None = None) -> LoadedModel:
+        """The loaded model for this tab/variant/source: loaded now if needed, marked most recently used."""
+        plan = self.plan(tab_id, variant, weights, base)
+        with self._lock:
+            if plan.key in self._models:
+                self._models.move_to_end(plan.key)
+                return self._models[plan.key]
+            self._make_room(plan.estimate_bytes)
+            if on_status:
+                on_status(f"Loading {plan.describe()}…")
+            loaded = self._loader(plan)
+            self._models[plan.key] = loaded
+            self.events.append(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, {loaded.load_seconds:.1f} s)")
+            self._make_room(0, keep=plan.key)
+            return loaded
+
+    def _make_room(self, needed: int, keep: str | None = None) -> None:
+        """Unload least recently used models until ``needed`` more bytes fit the budget (never ``keep``)."""
+        while self._models and self.used_bytes() + needed > self.budget_bytes:
+            victim = next((k for k in self._models if k != keep), None)
+            if victim is None:
+                return  # only the model just loaded is left: it stays, offloaded if need be
+            self.unload(victim)
+
+    def unload(self, key: str) -> None:
+        with self._lock:
+            loaded = self._models.pop(key, None)
+            if loaded is None:
+                return
+            self.events.append(f"unloaded {key}")
+            _release(loaded)
+            del loaded
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def unload_all(self) -> None:
+        for key in list(self._models):
+            self.unload(key)
+
+    def used_bytes(self) -> int:
+        return sum(m.bytes for m in self._models.values())
+
+    def loaded(self) -> list[LoadedModel]:
+        """Loaded models, least recently used first."""
+        with self._lock:
+            return list(self._models.values())
+
+    def _free_device_bytes(self) -> int | None:
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            return int(free)
+        return None
+
+    def _load(self, plan: LoadPlan) -> LoadedModel:
+        t0 = time.perf_counter()
+        tab = self.catalog.tab(plan.tab_id)
+        if plan.kind == "tiny":
+            from .tiny import build_tiny_pipeline
+
+            pipe = build_tiny_pipeline(plan.tiny_kind)
+            placement = Placement(self.device, torch.float32, None, False, "tiny pipeline: float32")
+            pipe.to(self.device)
+        else:
+            _check_available(tab, tab.variant(plan.variant_id), plan)
+            pipe = self._from_pretrained(plan)
+            placement = plan_placement(self.device, self.dtype, pipeline_component_bytes(pipe),
+                                       self._free_device_bytes(), tab.is_video)
+            _place(pipe, placement)
+        pipe.set_progress_bar_config(disable=True)
+        size = sum(pipeline_component_bytes(pipe).values())
+        return LoadedModel(plan, pipe, size, placement, time.perf_counter() - t0)
+
+    def _from_pretrained(self, plan: LoadPlan) -> Any:
+        import diffusers
+
+        dtype = self.dtype
+        local = plan.pipeline_source is not None and _is_local(plan.pipeline_source)
+        extra: dict[str, Any] = {}
+        if plan.transformer_source:
+            tcls = getattr(diffusers, plan.transformer_cls)
+            if plan.kind == "single_file":
+                extra["transformer"] = tcls.from_single_file(
+                    plan.transformer_source, config=plan.pipeline_source, subfolder="transformer",
+                    dtype=dtype, local_files_only=local)
+            else:
+                extra["transformer"] = tcls.from_pretrained(
+                    plan.transformer_source, dtype=dtype, local_files_only=_is_local(plan.transformer_source))
+        for name, comp in plan.components.items():
+            cls = _import_class(comp.cls)
+            kwargs: dict[str, Any] = {"subfolder": comp.subfolder} if comp.subfolder else {}
+            if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+                kwargs["dtype"] = dtype
+            extra[name] = cls.from_pretrained(comp.source, local_files_only=_is_local(comp.source), **kwargs)
+        pipe_cls = getattr(diffusers, plan.pipeline_cls)
+        return pipe_cls.from_pretrained(plan.pipeline_source, dtype=dtype, local_files_only=local, **extra)
+
+    # ---- one generation per device; cancellation -----------------------------------------------
+    def device_slot(self, cancel: threading.Event | None = None, on_wait: Callable[[int], None] | None = None):
+        """Context manager: hold the device for one generation (FIFO across all tabs and sessions)."""
+        return self._device_lock.hold(cancel, on_wait)
+
+    def cancel_token(self, session: str) -> threading.Event:
+        """A fresh stop flag for ``session``'s next generation (replacing any earlier one)."""
+        token = threading.Event()
+        with self._lock:
+            self._tokens[session] = token
+        return token
+
+    def cancel(self, session: str) -> bool:
+        """Stop ``session``'s waiting or running generation; False when it has none."""
+        with self._lock:
+            token = self._tokens.get(session)
+        if token is None or token.is_set():
+            return False
+        token.set()
+        return True
+
+    def release_token(self, session: str, token: threading.Event) -> None:
+        with self._lock:
+            if self._tokens.get(session) is token:
+                del self._tokens[session]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def _resolve(path: str) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else ROOT / p
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _device_memory(device: str) -> int:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory * 0.95)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * GB
+    return int(ram * 0.7)
+
+
+def _import_class(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module or "diffusers"), name)
+
+
+def _place(pipe: Any, placement: Placement) -> None:
+    if placement.offload == "model":
+        pipe.enable_model_cpu_offload(device=placement.device)
+    elif placement.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=placement.device)
+    else:
+        pipe.to(placement.device)
+    vae = getattr(pipe, "vae", None)
+    if placement.vae_tiling and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+
+
+def _release(loaded: LoadedModel) -> None:
+    pipe = loaded.pipe
+    with contextlib.suppress(Exception):
+        import magcache
+
+        magcache.remove(pipe)
+    with contextlib.suppress(Exception):
+        pipe.remove_all_hooks()
+    loaded.pipe = None
+
+
+def _single_file_loadable(transformer_cls: str) -> bool:
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    return transformer_cls in SINGLE_FILE_LOADABLE_CLASSES
+
+
+def _check_single_file_loadable(tab: Tab, v: Variant) -> None:
+    if not _single_file_loadable(tab.transformer):
+        raise WeightsNotFound(
+            f"{tab.label}: {tab.transformer} checkpoints cannot be loaded from a single file with diffusers "
+            f"(no from_single_file support). Download the diffusers-format transformer instead "
+            f"(`hf download {v.weights} --local-dir <folder>`) and set {v.env_weights} / the Weights field to that folder.")
+
+
+_hub_reachable: tuple[float, bool] | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can this machine reach the Hugging Face Hub? (False when HF_HUB_OFFLINE is set; cached for a minute.)"""
+    global _hub_reachable
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    now = time.monotonic()
+    if _hub_reachable is not None and now - _hub_reachable[0] < 60:
+        return _hub_reachable[1]
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            ok = True
+    except OSError:
+        ok = False
+    _hub_reachable = (now, ok)
+    return ok
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return True
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return False
+
+
+def _check_available(tab: Tab, v: Variant, plan: LoadPlan) -> None:
+    """Fail fast, with instructions, when hub weights are neither cached nor downloadable."""
+    for source in (plan.pipeline_source, plan.transformer_source):
+        if source and _looks_like_path(source) and not _is_local(source):
+            raise WeightsNotFound(f"{tab.label} ({v.label}): {source!r} does not exist. Set {v.env_base} / the "
+                                  f"Base pipeline field to a local diffusers folder or a hub id.")
+    missing = [r for r in plan.hub_ids if not _cached(r)]
+    if not missing or hub_reachable():
+        return
+    raise WeightsNotFound(missing_weights_message(tab, v, missing))
+
+
+def missing_weights_message(tab: Tab, v: Variant, missing: list[str]) -> str:
+    from huggingface_hub import constants
+
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
+    lines = [f"{tab.label} ({v.label}) needs weights that are not on this machine: "
+             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in the Hugging Face cache "
+             f"({constants.HF_HUB_CACHE}) and {offline}.",
+             "Fix it in one of these ways:",
+             "• On a machine with Hub access run "
+             + " and ".join(f"`hf download {r}`" for r in missing)
+             + (" (gated model: accept its license on the model page and run `hf auth login` first)" if v.gated else "")
+             + ", then copy the Hugging Face cache here (or point HF_HOME at it)."]
+    for repo in missing:
+        folder = f"/models/{repo.split('/')[-1]}"
+        if repo in (v.weights, v.base):
+            env, fld = (v.env_weights, "Weights") if repo == v.weights else (v.env_base, "Base pipeline")
+            lines.append(f"• Or `hf download {repo} --local-dir {folder}` and set {env}={folder} (or the {fld} "
+                         "field in the tab's Model source section).")
+    if _single_file_loadable(tab.transformer):
+        lines.append(f"   A single-file transformer checkpoint (.safetensors) also works in the Weights field "
+                     f"({v.env_weights}), with the Base pipeline field ({v.env_base}) naming a local diffusers "
+                     "folder for the other components.")
+    lines.append("• Or try every tab offline with tiny random pipelines: MAGCACHE_TINY=1 python app.py")
+    return "\n".join(lines)
