@@ -9,12 +9,15 @@ The decision rule lives in :mod:`magcache.policy` (pure Python); :func:`magcache
 schedule of a run without a model, with the same code the runtime uses.
 """
 
+from .compile import compile_blocks, uncompile_blocks
 from .policy import Rules, Schedule, Settings, simulate, solve_thresh_for_speedup
 from .presets import Preset, get_preset, list_presets
 from .runtime import MagCacheHandle, RunStats, apply, get_handle, remove
 
 __all__ = [
     "apply",
+    "compile_blocks",
+    "uncompile_blocks",
     "remove",
     "get_handle",
     "MagCacheHandle",
