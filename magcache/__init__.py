@@ -9,10 +9,28 @@ The decision rule lives in :mod:`magcache.policy` (pure Python); :func:`magcache
 schedule of a run without a model, with the same code the runtime uses.
 """
 
-from .compile import compile_blocks, uncompile_blocks
 from .policy import Rules, Schedule, Settings, simulate, solve_thresh_for_speedup
 from .presets import Preset, get_preset, list_presets
-from .runtime import MagCacheHandle, RunStats, apply, get_handle, remove
+
+# These need torch; the policy, the presets and the CLI's schedule command do not, so they load on first use.
+_LAZY = {
+    "MagCacheHandle": "runtime",
+    "RunStats": "runtime",
+    "apply": "runtime",
+    "get_handle": "runtime",
+    "remove": "runtime",
+    "compile_blocks": "compile",
+    "uncompile_blocks": "compile",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'magcache' has no attribute {name!r}")
+
 
 __all__ = [
     "apply",
