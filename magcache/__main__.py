@@ -2,6 +2,8 @@
 
 ``schedule`` prints the steps each branch computes (0-based) as the runtime would take them, without a model.
 ``presets`` lists the shipped presets.
+``calibrate --tiny KIND | --model-path DIR --steps N [--height H --width W] [--out FILE] [--save]`` measures a
+model's ratio curves (see ``docs/tuning.md``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibration import run_calibrate_command
+
+    return run_calibrate_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m magcache", description="MagCache schedules and presets")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list presets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_presets)
+    from .calibration import add_calibrate_arguments
+
+    c = sub.add_parser("calibrate", help="run one uncached calibration and print / save its ratio curves")
+    add_calibrate_arguments(c)
+    c.set_defaults(func=_calibrate)
     return parser
 
 
