@@ -1,0 +1,539 @@
+"""Tuning helpers for the studio: solve for a speed-up target, and sweep thresh x K (x retention) on a model.
+
+No Gradio here: the app's handlers call these functions and draw what they return.
+
+* :func:`solve_for_speedup` picks the threshold (and suggests K) that reaches a target speed-up with the current
+  ratio curve and retention, by simulating schedules with the policy code the runtime uses.
+* :func:`run_sweep` runs a bounded grid for one prompt/seed through any ``generate(point)`` callable (the app
+  plugs in its runner; :class:`PipelineSweep` is the default for a diffusers pipeline): a baseline once, then
+  per point the measured and predicted speed-up, PSNR/SSIM to the baseline and the computed steps, with a
+  progress callback and cancellation between points. :func:`pareto_front`, :func:`pareto_figure` and
+  :meth:`SweepResult.table` turn the result into a plot and dataframe rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .. import policy as P
+
+DEFAULT_MAX_POINTS = 36
+DEFAULT_K_RANGE = range(1, 7)  # ComfyUI-MagCache's K widget allows 0-6; K=0 never skips
+DEFAULT_MAX_THRESH = 1.0  # the references use 0.02-0.24; an accumulated error of 1 is far past useful
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed-up target
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TargetSolution:
+    """What :func:`solve_for_speedup` chose, and why."""
+
+    target: float
+    reached: bool
+    settings: P.Settings  # thresh and K chosen; the other fields as given
+    schedule: P.Schedule
+    predicted_speedup: float
+    explanation: str
+    tried: list[tuple[int, float | None, float]] = field(default_factory=list)  # (K, thresh or None, best speed-up)
+
+    @property
+    def computed(self) -> int:
+        return self.schedule.computed_count()
+
+    @property
+    def total(self) -> int:
+        return self.schedule.num_steps * len(self.schedule.decisions)
+
+
+def _next_breakpoint(schedule: P.Schedule, compare: str) -> float | None:
+    """The smallest threshold above the current one at which some decision of ``schedule`` flips. Only decisions
+    computed because their error was over the threshold can flip when it grows, so the schedule is constant
+    between consecutive breakpoints."""
+    over = [d.acc_err for ds in schedule.decisions.values() for d in ds if d.reason == "error over thresh"]
+    if not over:
+        return None
+    err = min(over)
+    return err if compare == "<=" else math.nextafter(err, math.inf)
+
+
+def _display_thresh(exact: float, schedule: P.Schedule, simulate_at: Callable[[float], P.Schedule]) -> float:
+    """A short decimal (4 digits if possible) at or above ``exact`` that gives the very same schedule."""
+    for digits in range(4, 9):
+        f = 10**digits
+        candidate = math.ceil(exact * f) / f
+        if candidate >= exact and simulate_at(candidate).computed == schedule.computed:
+            return candidate
+    return exact
+
+
+def _scan(
+    curves: Sequence[Sequence[float]],
+    num_steps: int,
+    target: float,
+    settings: P.Settings,
+    rules: P.Rules,
+    num_branches: int,
+    max_thresh: float,
+    overhead_fraction: float,
+) -> tuple[bool, float, P.Schedule]:
+    """Visit every distinct schedule in order of growing threshold (for ``settings.K``) until one reaches
+    ``target``. Returns ``(reached, thresh, schedule)``: the smallest reaching threshold, else the threshold of
+    the fastest schedule seen up to ``max_thresh``. Exact where bisection is not: the computed-step count is not
+    monotonic in the threshold (an earlier skip moves every later reset)."""
+
+    def simulate_at(thresh: float) -> P.Schedule:
+        # zero_thresh_disables off: here 0 is just the smallest threshold, not the "cache off" switch
+        return P.simulate(curves, num_steps, replace(settings, thresh=thresh, zero_thresh_disables=False), rules,
+                          num_branches)
+
+    thresh = 0.0
+    fastest: tuple[float, float, P.Schedule] | None = None  # (speed-up, thresh, schedule)
+    for _ in range(100_000):  # a bound far above the breakpoints of any real curve
+        schedule = simulate_at(thresh)
+        speedup = schedule.predicted_speedup(overhead_fraction)
+        if speedup >= target:
+            return True, _display_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
+        if fastest is None or speedup > fastest[0]:
+            fastest = (speedup, thresh, schedule)
+        nxt = _next_breakpoint(schedule, rules.compare)
+        if nxt is None or nxt > max_thresh:
+            break
+        thresh = nxt
+    assert fastest is not None
+    _, thresh, schedule = fastest
+    return False, _display_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
+
+
+def min_thresh_for_speedup(
+    curves: Sequence[Sequence[float]],
+    num_steps: int,
+    target: float,
+    settings: P.Settings,
+    rules: P.Rules,
+    num_branches: int = 1,
+    max_thresh: float = DEFAULT_MAX_THRESH,
+    overhead_fraction: float = 0.0,
+) -> tuple[float | None, P.Schedule]:
+    """The smallest threshold (for ``settings.K``, rounded to 4 decimals where that keeps the schedule) whose
+    predicted speed-up reaches ``target``, with its schedule; ``(None, fastest schedule)`` if no threshold up to
+    ``max_thresh`` reaches it."""
+    reached, thresh, schedule = _scan(curves, num_steps, target, settings, rules, num_branches, max_thresh,
+                                      overhead_fraction)
+    return (thresh if reached else None), schedule
+
+
+def solve_for_speedup(
+    curves: Sequence[Sequence[float]],
+    num_steps: int,
+    target: float,
+    settings: P.Settings,
+    rules: P.Rules,
+    num_branches: int = 1,
+    K_range: Iterable[int] = DEFAULT_K_RANGE,
+    max_thresh: float = DEFAULT_MAX_THRESH,
+    overhead_fraction: float = 0.0,
+) -> TargetSolution:
+    """Threshold and K for a target speed-up with the given curve, retention and rules: the smallest K that can
+    reach the target with a threshold up to ``max_thresh``, then the smallest threshold for that K (the gentlest
+    schedule that is fast enough). If no K reaches it, the fastest setting found. The speed-up is the predicted
+    block-compute speed-up (:meth:`magcache.policy.Schedule.predicted_speedup`). Same contract as
+    :func:`magcache.policy.solve_thresh_for_speedup`, but an exact search (see :func:`_scan`)."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target < 1:
+        raise ValueError(f"target speed-up must be a number >= 1, got {target!r}")
+    Ks = sorted({int(k) for k in K_range if int(k) >= 1})
+    if not Ks:
+        raise ValueError("K_range needs at least one K >= 1")
+    tried: list[tuple[int, float | None, float]] = []
+    best: tuple[float, P.Settings, P.Schedule] | None = None
+    for K in Ks:
+        trial = replace(settings, K=K)
+        reached, thresh, schedule = _scan(curves, num_steps, target, trial, rules, num_branches, max_thresh,
+                                          overhead_fraction)
+        speedup = schedule.predicted_speedup(overhead_fraction)
+        tried.append((K, thresh if reached else None, speedup))
+        chosen = replace(trial, thresh=thresh)
+        if reached:
+            text = _explain(target, True, chosen, schedule, speedup, tried, rules, max_thresh)
+            return TargetSolution(target, True, chosen, schedule, speedup, text, tried)
+        if best is None or speedup > best[0] + 1e-12:
+            best = (speedup, chosen, schedule)
+    assert best is not None
+    speedup, chosen, schedule = best
+    text = _explain(target, False, chosen, schedule, speedup, tried, rules, max_thresh)
+    return TargetSolution(target, False, chosen, schedule, speedup, text, tried)
+
+
+def _explain(target: float, reached: bool, s: P.Settings, schedule: P.Schedule, speedup: float,
+             tried: list[tuple[int, float | None, float]], rules: P.Rules, max_thresh: float) -> str:
+    n, branches = schedule.num_steps, len(schedule.decisions)
+    computed = schedule.computed_count()
+    if branches == 1:
+        steps = f"{computed} of {n} steps"
+    else:
+        per_branch = ", ".join(f"{b} {len(v)}" for b, v in schedule.computed.items())
+        steps = f"{computed} of {n * branches} branch steps ({per_branch})"
+    per_call = rules.retention_per_call and branches > 1
+    kept = P.retention_boundary(n, s.retention_ratio, rules.retention_rounding, branches if per_call else 1)
+    kept_text = f"retention {s.retention_ratio:g} always computes the first {kept} {'calls' if per_call else 'steps'}"
+    if reached:
+        text = (f"Target {target:g}x: thresh {s.thresh:g} with K={s.K} computes {steps}, predicted {speedup:.2f}x "
+                f"(block compute); {kept_text}.")
+        failed = [f"K={k} tops out at {sp:.2f}x" for k, t, sp in tried if t is None]
+        if failed:
+            text += f" Smaller K cannot reach it with thresh <= {max_thresh:g} ({'; '.join(failed)})."
+        return text
+    return (f"Target {target:g}x is out of reach with thresh <= {max_thresh:g} and K <= {max(k for k, _, _ in tried)}: "
+            f"the fastest is thresh {s.thresh:g} with K={s.K}, computing {steps} for {speedup:.2f}x; {kept_text}. "
+            f"Lower the retention for more.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep: grid, rows, result
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepPoint:
+    thresh: float
+    K: int
+    retention_ratio: float
+
+    def settings(self) -> dict:
+        """Keyword arguments for ``handle.configure(**point.settings())`` (what clicking a point applies)."""
+        return {"thresh": self.thresh, "K": self.K, "retention_ratio": self.retention_ratio}
+
+    def label(self) -> str:
+        return f"t{self.thresh:g} K{self.K} R{self.retention_ratio:g}"
+
+
+def sweep_grid(
+    thresholds: Iterable[float],
+    Ks: Iterable[int],
+    retentions: Iterable[float],
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> list[SweepPoint]:
+    """All combinations (duplicates dropped, each value validated), retention outermost and thresh innermost.
+    Raises ``ValueError`` if the grid is empty or larger than ``max_points``."""
+    ts, ks, rs = (list(dict.fromkeys(v)) for v in (thresholds, Ks, retentions))
+    for t in ts:
+        for k in ks:
+            for r in rs:
+                P.validate_settings(t, r, k)
+    points = [SweepPoint(float(t), int(k), float(r)) for r in rs for k in ks for t in ts]
+    if not points:
+        raise ValueError("the sweep grid is empty: give at least one thresh, one K and one retention")
+    if len(points) > max_points:
+        raise ValueError(f"the sweep grid has {len(points)} points; the limit is {max_points}")
+    return points
+
+
+@dataclass
+class SweepRow:
+    point: SweepPoint
+    seconds: float
+    measured_speedup: float  # baseline seconds / seconds
+    computed: dict[str, int]  # computed steps per branch (summed over runs: FramePack sections)
+    total_steps: int  # branch steps of a full run (summed over runs)
+    psnr: float
+    ssim: float
+    predicted_speedup: float | None = None  # from the policy's simulated schedule
+    matches_prediction: bool | None = None  # the run computed exactly the predicted steps
+    pareto: bool = False
+
+    @property
+    def computed_steps(self) -> int:
+        return sum(self.computed.values())
+
+    @property
+    def actual_block_speedup(self) -> float:
+        return self.total_steps / self.computed_steps if self.computed_steps else float("inf")
+
+
+TABLE_HEADERS = ["thresh", "K", "retention", "computed", "predicted x", "measured x", "time s", "PSNR dB", "SSIM",
+                 "Pareto"]
+
+
+@dataclass
+class SweepResult:
+    baseline_seconds: float
+    rows: list[SweepRow]
+    total_points: int
+    cancelled: bool = False
+    speedup_axis: str = "measured"  # which speed-up the Pareto front uses
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """Headers and rows for a dataframe, one row per finished point, in grid order."""
+        out = []
+        for r in self.rows:
+            p = r.point
+            out.append([
+                p.thresh, p.K, p.retention_ratio, f"{r.computed_steps}/{r.total_steps}",
+                None if r.predicted_speedup is None else round(r.predicted_speedup, 3), round(r.measured_speedup, 3),
+                round(r.seconds, 3), round(r.psnr, 2), round(r.ssim, 4), "yes" if r.pareto else "",
+            ])
+        return list(TABLE_HEADERS), out
+
+    def to_csv(self) -> str:
+        headers, rows = self.table()
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(headers)
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    def front(self) -> list[SweepRow]:
+        """Pareto-optimal rows, fastest first."""
+        return sorted((r for r in self.rows if r.pareto), key=lambda r: -_speedup(r, self.speedup_axis))
+
+    def settings_at(self, index: int) -> dict:
+        """Settings of the ``index``-th row (a clicked table row or plot point), for ``handle.configure``."""
+        return self.rows[index].point.settings()
+
+
+def _speedup(row: SweepRow, axis: str) -> float:
+    if axis == "predicted":
+        return row.predicted_speedup if row.predicted_speedup is not None else row.actual_block_speedup
+    return row.measured_speedup
+
+
+def pareto_front(rows: Sequence[SweepRow], speedup: str = "measured", quality: str = "psnr") -> list[int]:
+    """Indices of the rows no other row beats on both speed-up and quality (higher is better for both)."""
+    if speedup not in ("measured", "predicted") or quality not in ("psnr", "ssim"):
+        raise ValueError("speedup is 'measured' or 'predicted'; quality is 'psnr' or 'ssim'")
+    values = [(_speedup(r, speedup), getattr(r, quality)) for r in rows]
+    front = []
+    for i, (x, y) in enumerate(values):
+        dominated = any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(values) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a sweep
+# --------------------------------------------------------------------------------------------------
+Generate = Callable[[SweepPoint | None], tuple[Any, float, Any]]
+Predict = Callable[[Sequence[Any]], Sequence[P.Schedule]]
+Progress = Callable[[int, int, str], None]
+
+
+def _as_runs(run_stats: Any) -> list:
+    if run_stats is None:
+        return []
+    return list(run_stats) if isinstance(run_stats, (list, tuple)) else [run_stats]
+
+
+def _stop_check(cancel: Any) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event) or hasattr(cancel, "is_set"):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise TypeError("cancel must be a threading.Event or a callable returning True to stop")
+
+
+def run_sweep(
+    generate: Generate,
+    points: Sequence[SweepPoint],
+    *,
+    predict: Predict | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+    max_points: int = DEFAULT_MAX_POINTS,
+    warmup: bool = True,
+    speedup_axis: str = "measured",
+) -> SweepResult:
+    """Baseline once (``generate(None)``: cache off), then ``generate(point)`` for each point.
+
+    ``generate(point) -> (output, seconds, run_stats)``: the output (image/video array in [0, 1] or PIL), the
+    generation time and the MagCache ``RunStats`` of the call (one, a list for multi-run pipelines, or ``None``).
+    ``predict(runs) -> schedules`` (optional) simulates each run's schedule, giving the predicted speed-up and a
+    check that the run took the predicted steps. ``warmup`` runs the baseline once untimed first, so one-time
+    start-up costs do not inflate the speed-ups. ``cancel`` (an Event or a callable) is checked before each
+    generation; a cancelled sweep returns the rows finished so far with ``cancelled=True``.
+    """
+    from ..metrics import psnr, ssim
+
+    if len(points) > max_points:
+        raise ValueError(f"the sweep has {len(points)} points; the limit is {max_points}")
+    if speedup_axis not in ("measured", "predicted"):
+        raise ValueError("speedup_axis is 'measured' or 'predicted'")
+    stop = _stop_check(cancel)
+    total = len(points) + 1 + int(warmup)
+    done = 0
+
+    def report(message: str) -> None:
+        if progress is not None:
+            progress(done, total, message)
+
+    result = SweepResult(float("nan"), [], len(points), speedup_axis=speedup_axis)
+    if warmup:
+        report("warm-up run (not timed)")
+        if stop():
+            result.cancelled = True
+            return result
+        generate(None)
+        done += 1
+    report("baseline (cache off)")
+    if stop():
+        result.cancelled = True
+        return result
+    baseline, result.baseline_seconds, _ = generate(None)
+    done += 1
+    for point in points:
+        report(f"{done - int(warmup)}/{len(points)}: {point.label()}")
+        if stop():
+            result.cancelled = True
+            break
+        output, seconds, run_stats = generate(point)
+        runs = _as_runs(run_stats)
+        computed: dict[str, int] = {}
+        for r in runs:
+            for branch, steps in r.computed.items():
+                computed[branch] = computed.get(branch, 0) + len(steps)
+        row = SweepRow(
+            point=point,
+            seconds=seconds,
+            measured_speedup=result.baseline_seconds / seconds if seconds > 0 else float("inf"),
+            computed=computed,
+            total_steps=sum(r.num_steps * len(r.branches) for r in runs),
+            psnr=psnr(baseline, output),
+            ssim=ssim(baseline, output),
+        )
+        if predict is not None and runs:
+            schedules = list(predict(runs))
+            predicted_computed = sum(s.computed_count() for s in schedules)
+            predicted_total = sum(s.num_steps * len(s.decisions) for s in schedules)
+            row.predicted_speedup = predicted_total / predicted_computed if predicted_computed else float("inf")
+            row.matches_prediction = len(schedules) == len(runs) and all(
+                s.computed == r.computed for s, r in zip(schedules, runs))
+        result.rows.append(row)
+        done += 1
+    for i in pareto_front(result.rows, speedup_axis):
+        result.rows[i].pareto = True
+    report("cancelled" if result.cancelled else "done")
+    return result
+
+
+def predictor(curves: Sequence[Sequence[float]], rules: P.Rules) -> Predict:
+    """``predict`` for :func:`run_sweep`: each run's schedule simulated from its own settings and branch count."""
+
+    def predict(runs: Sequence[Any]) -> list[P.Schedule]:
+        return [P.simulate(curves, r.num_steps, r.settings, rules, max(1, len(r.branches))) for r in runs]
+
+    return predict
+
+
+def main_output(result: Any) -> Any:
+    """The image/video array of a diffusers pipeline result (``.images`` or ``.frames``), else the result."""
+    for name in ("images", "frames"):
+        value = getattr(result, name, None)
+        if value is not None:
+            return value
+    if isinstance(result, (tuple, list)) and result:
+        return result[0]
+    return result
+
+
+class PipelineSweep:
+    """Default sweep runner for a diffusers pipeline: the same prompt and seed for every generation (a fresh CPU
+    generator per call, so every run starts from the same noise), MagCache switched per point on the pipeline's
+    handle (applied with ``apply_kwargs`` if there is none), timings around the pipeline call (CUDA synchronised).
+    The handle's settings, curves and switches are restored afterwards.
+
+        sweep = PipelineSweep(pipe, {"prompt": "...", "num_inference_steps": 28}, seed=0)
+        result = sweep.run(sweep_grid([0.06, 0.12, 0.24], [2, 4], [0.2]), progress=..., cancel=event)
+    """
+
+    def __init__(self, pipe: Any, call_kwargs: Mapping[str, Any], *, seed: int = 0, handle: Any = None,
+                 **apply_kwargs: Any):
+        from ..runtime import apply, get_handle
+
+        self.pipe = pipe
+        self.call_kwargs = dict(call_kwargs)
+        self.call_kwargs.setdefault("output_type", "np")
+        self.seed = seed
+        existing = handle or get_handle(pipe)
+        self._own_handle = existing is None
+        self.handle = existing if existing is not None else apply(pipe, **apply_kwargs)
+
+    def _synchronize(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def generate(self, point: SweepPoint | None) -> tuple[Any, float, list]:
+        import torch
+
+        from ..calibration import new_runs_of
+
+        h = self.handle
+        if point is None:
+            h.configure(enabled=False)
+        else:
+            h.configure(enabled=True, calibrate=False, computed_steps=None, **point.settings())
+        kwargs = dict(self.call_kwargs)
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.seed)
+        with new_runs_of(h) as runs:
+            self._synchronize()
+            start = time.perf_counter()
+            result = self.pipe(**kwargs)
+            self._synchronize()
+            seconds = time.perf_counter() - start
+        return main_output(result), seconds, runs
+
+    def run(self, points: Sequence[SweepPoint], **kwargs: Any) -> SweepResult:
+        """:func:`run_sweep` with this runner and the handle's curve/rules as predictor; restores the handle."""
+        h = self.handle
+        saved = (h.settings, h.enabled, h.calibrate, h.computed_steps)
+        try:
+            return run_sweep(self.generate, points, predict=predictor(h.curves, h.rules), **kwargs)
+        finally:
+            if self._own_handle:
+                h.remove()
+            else:
+                s = saved[0]
+                h.configure(thresh=s.thresh, retention_ratio=s.retention_ratio, K=s.K, enabled=saved[1],
+                            calibrate=saved[2], computed_steps=saved[3])
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None):
+    """Speed-up vs quality to the baseline, every point labelled with its settings, the Pareto front joined by a
+    line. Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
+    from matplotlib.figure import Figure
+
+    if quality not in ("psnr", "ssim"):
+        raise ValueError("quality is 'psnr' or 'ssim'")
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    axis = result.speedup_axis
+    rows = result.rows
+    if rows:
+        xs = [_speedup(r, axis) for r in rows]
+        ys = [getattr(r, quality) for r in rows]
+        colors = ["tab:orange" if r.pareto else "tab:blue" for r in rows]
+        ax.scatter(xs, ys, c=colors, zorder=3)
+        for x, y, r in zip(xs, ys, rows):
+            ax.annotate(r.point.label(), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = sorted((r for r in rows if r.pareto), key=lambda r: _speedup(r, axis))
+        ax.plot([_speedup(r, axis) for r in front], [getattr(r, quality) for r in front], color="tab:orange",
+                lw=1.2, zorder=2, label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finished points", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"speed-up ({axis}, x)")
+    ax.set_ylabel("PSNR to baseline (dB)" if quality == "psnr" else "SSIM to baseline")
+    ax.grid(alpha=0.3)
+    cancelled = " (cancelled)" if result.cancelled else ""
+    ax.set_title(title or f"Sweep: {len(rows)} of {result.total_points} points{cancelled}", fontsize=10)
+    return fig
