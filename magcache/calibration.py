@@ -825,3 +825,36 @@ def run_calibrate_command(args: Any) -> int:
         for key in CURVE_KEYS:
             print(f"  {name:>6} {key:<10} {' '.join(f'{v:.4f}' for v in curves[key])}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+def calibration_figure(cal: Calibration, reference: Preset | str | None = None):
+    """The measured ratio curve per branch (band: +-1 std over tokens) over the reference curve resampled to the
+    same steps, and the cosine distance below. Returns a matplotlib ``Figure`` (no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    ref = get_preset(reference) if isinstance(reference, str) else reference
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ratio_ax, cos_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    steps = list(range(cal.num_steps))
+    for name, curves in cal.branches.items():
+        r, sd = curves["mag_ratios"], curves["mag_std"]
+        line, = ratio_ax.plot(steps, r, marker=".", label=f"{name} (calibrated)")
+        ratio_ax.fill_between(steps, [a - b for a, b in zip(r, sd)], [a + b for a, b in zip(r, sd)],
+                              color=line.get_color(), alpha=0.2, lw=0)
+        cos_ax.plot(steps, curves["cos_dis"], marker=".", color=line.get_color(), label=name)
+    if ref is not None:
+        for i, curve in enumerate(ref.curves):
+            ratio_ax.plot(steps, P.resample(curve, cal.num_steps, ref.rules.step_mapping), ls="--", color="gray",
+                          alpha=0.9 if i == 0 else 0.5, label=f"{P.branch_name(i)} (preset {ref.id})")
+    ratio_ax.axhline(1.0, color="black", lw=0.6, alpha=0.4)
+    ratio_ax.set_ylabel("magnitude ratio")
+    ratio_ax.legend(fontsize=7, loc="best")
+    ratio_ax.set_title(f"{cal.model}: {cal.num_steps} steps, {cal.resolution.label()}", fontsize=10)
+    cos_ax.set_ylabel("cosine distance")
+    cos_ax.set_xlabel("step")
+    for ax in (ratio_ax, cos_ax):
+        ax.grid(alpha=0.3)
+    return fig

@@ -317,3 +317,15 @@ def test_calibrate_cli_rejects_bad_arguments(tmp_path):
     r = _cli("calibrate", "--tiny", "flux", "--steps", "1", env_home=tmp_path)
     assert r.returncode == 2 and "error: --steps must be at least 2" in r.stderr
     assert not (tmp_path / "calibrations").exists()
+
+
+def test_calibration_figure_draws_curves_over_the_reference(flux_cal):
+    from magcache.calibration import calibration_figure
+
+    fig = calibration_figure(flux_cal, "flux")
+    ratio_ax, cos_ax = fig.axes
+    labels = [line.get_label() for line in ratio_ax.get_lines()]
+    assert "cond (calibrated)" in labels and "cond (preset flux)" in labels
+    calibrated = next(line for line in ratio_ax.get_lines() if line.get_label() == "cond (calibrated)")
+    assert list(calibrated.get_ydata()) == flux_cal.branches["cond"]["mag_ratios"]
+    assert list(cos_ax.get_lines()[0].get_ydata()) == flux_cal.branches["cond"]["cos_dis"]
