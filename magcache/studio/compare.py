@@ -32,6 +32,7 @@ from .catalog import Tab, Variant
 from .manager import Cancelled, LoadedModel, ModelManager
 from .media import read_video, to_pil
 
+WARMUP_STEPS = 2  # steps of the untimed warm-up run before the first timed run of a shape
 TINY_STEPS = 12  # default steps with tiny pipelines: a few skips show at every preset's defaults
 # Call arguments the user controls; everything else tiny_call_kwargs returns is plumbing for the tiny models.
 _USER_KEYS = {"prompt", "negative_prompt", "image", "video", "height", "width", "num_frames", "num_inference_steps",
@@ -152,8 +153,12 @@ def tab_defaults(manager: ModelManager, tab_id: str, variant: str | None = None)
 
         tiny = tiny_call_kwargs(tab.tiny, TINY_STEPS)
         out.update({k: tiny[k] for k in ("height", "width", "num_frames") if k in tiny}, num_inference_steps=TINY_STEPS)
+        if tab.task == "framepack":
+            out["latent_window_size"] = tiny["latent_window_size"]
     elif plan is not None and v.local_only and plan.pipeline_source:
         out.update(demo_settings(plan.pipeline_source))
+    if tab.task == "framepack":
+        out.setdefault("latent_window_size", v.call.get("latent_window_size", 9))
     p = get_preset(preset_id)
     mc = v.magcache
     use_catalog = preset_id == mc.preset and mc.thresh is not None
@@ -384,9 +389,9 @@ def _timed_run(pipe: Any, call: dict[str, Any], label: str, seed: int, total: in
 
 
 def _warm_up(pipe: Any, call: dict[str, Any], seed: int, device: str) -> float:
-    """Two steps at the real shapes before the first timed run of a shape: lazy initialisation, kernel selection
+    """A short run (``WARMUP_STEPS``) at the real shapes before the first timed run of a shape: lazy initialisation, kernel selection
     and (with compile) the block compilation happen here instead of inflating the baseline's time."""
-    args = dict(call, num_inference_steps=2, output_type="latent")
+    args = dict(call, num_inference_steps=WARMUP_STEPS, output_type="latent")
     _sync(device)
     t0 = time.perf_counter()
     pipe(**args, generator=torch.Generator("cpu").manual_seed(int(seed)))
@@ -395,15 +400,17 @@ def _warm_up(pipe: Any, call: dict[str, Any], seed: int, device: str) -> float:
 
 
 def _compile_blocks(pipe: Any, backend: str | None) -> str | None:
-    """Regional compile of the transformer blocks (the blocks only: MagCache's decisions stay outside compiled
-    code). Returns a warning when the model cannot be compiled this way."""
+    """Regional compile of the transformer blocks (blocks only: MagCache's decisions stay outside compiled code)
+    with ``magcache.compile_blocks`` when the library has it, else diffusers' ``compile_repeated_blocks``.
+    Returns a warning when the model cannot be compiled this way."""
     transformer = pipe.transformer
+    kwargs = {"backend": backend} if backend else {}
     compile_blocks = getattr(magcache, "compile_blocks", None)
     if compile_blocks is not None:
-        compile_blocks(transformer)
+        compile_blocks(transformer, **kwargs)
         return None
     if getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks(**({"backend": backend} if backend else {}))
+        transformer.compile_repeated_blocks(**kwargs)
         return None
     return f"{type(transformer).__name__} declares no repeated blocks to compile: ran without compile."
 

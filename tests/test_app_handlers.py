@@ -1,0 +1,211 @@
+"""Every tab's Generate handler end to end on tiny offline pipelines (MAGCACHE_TINY), plus stop, validation,
+compile, the live preview, the tab builder and app flags. No browser: the handlers are plain functions."""
+
+import importlib.machinery
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import magcache
+from magcache import policy as P
+from magcache.adapters import adapter_for
+from magcache.presets import get_preset
+from magcache.studio.compare import WARMUP_STEPS, InvalidRequest
+from magcache.studio.manager import ModelManager, WeightsNotFound
+from magcache.studio.tiny import tiny_call_kwargs
+
+from ui import handlers
+
+TABS = ["demo", "flux", "flux_kontext", "chroma", "hunyuan_video", "wan_t2v", "wan_i2v", "wan_vace", "framepack"]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory):
+    os.environ["MAGCACHE_OUTPUT_DIR"] = str(tmp_path_factory.mktemp("outputs"))
+    return ModelManager(tiny=True, demo_dir=tmp_path_factory.mktemp("no_demo_model") / "demo_model")
+
+
+def _values(tab_id, **extra):
+    values = {"prompt": "a red circle on a blue background", "steps": STEPS, "seed": 1, "compare": True}
+    if tab_id in ("flux_kontext", "wan_i2v", "framepack"):
+        values["image"] = tiny_call_kwargs("flux_kontext")["image"]
+    if tab_id == "framepack":
+        values["num_frames"] = 13  # two sections: two MagCache runs in one request
+    values.update(extra)
+    return values
+
+
+def _parse_steps(cell):
+    computed, total = cell.split("/")
+    return int(computed), int(total)
+
+
+@pytest.mark.parametrize("tab_id", TABS)
+def test_every_tab_end_to_end(manager, tab_id):
+    tab = manager.catalog.tab(tab_id)
+    pipe = manager.get(tab_id).pipe  # the handler reuses this loaded pipeline
+    first_block = getattr(pipe.transformer, adapter_for(pipe.transformer).block_lists[0])[0]
+    block_runs = []
+    hook = first_block.register_forward_pre_hook(lambda module, args: block_runs.append(1))
+    try:
+        out = handlers.generate(manager, tab_id, _values(tab_id))
+    finally:
+        hook.remove()
+    result = out["result"]
+    base, cached = result.baseline, result.magcache
+
+    # outputs present, same shape on both sides
+    if tab.is_video:
+        for key in ("baseline_video", "magcache_video", "split_video"):
+            assert Path(out[key]).is_file() and Path(out[key]).stat().st_size > 0
+        assert base.output.shape == cached.output.shape and base.output.ndim == 4
+    else:
+        assert isinstance(out["baseline_image"], Image.Image) and isinstance(out["magcache_image"], Image.Image)
+        assert out["slider"] == (out["baseline_image"], out["magcache_image"])
+    assert out["heatmap"] is not None and out["schedule"] is not None
+
+    # timings: speed-up = baseline s / MagCache s, in the result and in the table
+    assert result.speedup == pytest.approx(base.seconds / cached.seconds)
+    table = out["timing"].set_index("Run")
+    assert table.loc["MagCache", "Speed-up"] == f"{base.seconds / cached.seconds:.2f}×"
+    assert float(table.loc["Baseline (no cache)", "Time (s)"]) == pytest.approx(base.seconds, abs=5e-4)
+    assert float(table.loc["MagCache", "Time (s)"]) == pytest.approx(cached.seconds, abs=5e-4)
+
+    # computed counts: table == the library's RunStats == the policy's prediction == block executions counted
+    sections = 2 if tab_id == "framepack" else 1
+    assert len(cached.stats) == sections and all(run.completed for run in cached.stats)
+    branches = list(cached.stats[0].branches)
+    assert len(branches) == tab.num_branches(result.variant.defaults["guidance_scale"])
+    computed_total = 0
+    for b in branches:
+        library = sum(len(run.computed[b]) for run in cached.stats)
+        assert _parse_steps(table.loc["MagCache", f"{b} steps"]) == (library, STEPS * sections)
+        assert _parse_steps(table.loc["Baseline (no cache)", f"{b} steps"]) == (STEPS * sections, STEPS * sections)
+        computed_total += library
+    preset = get_preset(result.preset)
+    expected = P.simulate(preset.curves, STEPS, result.settings, preset.rules, len(branches))
+    assert all(run.computed == expected.computed for run in cached.stats)
+    assert base.transformer_calls == cached.transformer_calls == STEPS * sections * len(branches)
+    warm_up = WARMUP_STEPS * sections * len(branches) if result.warmup_seconds is not None else 0
+    assert len(block_runs) == warm_up + base.transformer_calls + computed_total
+    assert computed_total < base.transformer_calls  # the tiny defaults skip something on every tab
+
+    # quality numbers vs the baseline
+    assert 0 < result.psnr <= 100 and -1 <= result.ssim <= 1 and math.isfinite(result.ssim)
+    assert "PSNR" in out["metrics"] and "SSIM" in out["metrics"]
+    assert magcache.get_handle(pipe) is None  # the cache lives for the cached run only
+
+
+def test_demo_falls_back_to_a_tiny_flux_until_the_demo_model_exists(manager):
+    out = handlers.generate(manager, "demo", _values("demo", steps=4, compare=False))
+    assert "demo model is not at" in out["status"] and "`flux`" in out["status"]
+    assert out["baseline_image"] is None and out["slider"] is None and out["magcache_image"] is not None
+    assert "Compare with baseline" in out["metrics"]
+    assert list(out["timing"]["Run"])[:2] == ["MagCache", "Predicted (policy)"]
+
+
+def test_stop_cancels_cleanly_and_the_next_run_works(manager):
+    session = "test-session"
+
+    def stop_at_step_two(phase, done, total):
+        if phase == "baseline" and done == 2:
+            assert handlers.stop(manager, session).startswith("⏹ Stopping")
+
+    out = handlers.generate(manager, "wan_t2v", _values("wan_t2v"), session, stop_at_step_two)
+    assert out["status"].startswith("⏹ **Stopped**") and "after step 2 of 8" in out["status"]
+    pipe = manager.get("wan_t2v").pipe
+    assert magcache.get_handle(pipe) is None  # no handle left behind
+    assert handlers.stop(manager, session) == "Nothing is running in this tab."
+    again = handlers.generate(manager, "wan_t2v", _values("wan_t2v", steps=4), session)
+    assert again["result"].magcache.stats[0].completed
+
+
+def test_invalid_inputs_have_clear_messages(manager):
+    with pytest.raises(InvalidRequest, match="needs an input image"):
+        handlers.generate(manager, "wan_i2v", _values("wan_t2v"))
+    with pytest.raises(InvalidRequest, match="4k\\+1 frames"):
+        handlers.generate(manager, "wan_t2v", _values("wan_t2v", num_frames=10))
+    with pytest.raises(InvalidRequest, match="multiple of 16"):
+        handlers.generate(manager, "flux", _values("flux", width=40))
+    with pytest.raises(InvalidRequest, match="thresh must be >= 0"):
+        handlers.generate(manager, "flux", _values("flux", thresh=-0.1))
+    with pytest.raises(InvalidRequest, match="Write a prompt"):
+        handlers.generate(manager, "chroma", _values("chroma", prompt="  "))
+
+
+def test_missing_weights_reach_the_handler(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFound, match="hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers"):
+        handlers.generate(ModelManager(tiny=False), "wan_t2v", _values("wan_t2v"))
+
+
+def test_compile_runs_the_blocks_compiled_and_reports_the_warm_up(tiny):
+    m = ModelManager(tiny=True)
+    out = handlers.generate(m, "flux", _values("flux", steps=4, compile=True, compile_backend="eager"))
+    result = out["result"]
+    assert result.compiled and result.warmup_seconds is not None and "compiled blocks" in out["status"]
+    pipe = m.get("flux").pipe
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in pipe.transformer.transformer_blocks)
+    assert "Warm-up (not in speed-up)" in list(out["timing"]["Run"])
+    plain = handlers.generate(m, "flux", _values("flux", steps=4))  # compile off: eager again, same outputs
+    assert not plain["result"].compiled
+    assert np.array_equal(np.asarray(plain["magcache_image"]), np.asarray(out["magcache_image"]))
+
+
+def test_live_preview_matches_the_policy(manager):
+    figure, text = handlers.preview(manager, "wan_t2v", "1.3B (480p)", 50, 0.12, 0.2, 4, 5.0, 81)
+    preset = get_preset("wan2.1_t2v_1.3B")
+    expected = P.simulate(preset.curves, 50, preset.settings(), preset.rules, 2)
+    assert f"{expected.computed_count()}/100" in text and f"{expected.predicted_speedup():.2f}×" in text
+    assert figure is not None
+    _, text = handlers.preview(manager, "framepack", None, 25, 0.1, 0.2, 3, 10.0, 13)
+    assert "2 sections" in text
+    figure, text = handlers.preview(manager, "flux", None, 28, -1, 0.1, 5)
+    assert figure is None and "thresh" in text
+
+
+def test_tabs_are_generated_from_presets_json_with_an_extension_hook(manager, monkeypatch):
+    import gradio as gr
+
+    import ui
+
+    calls = []
+    fake = types.ModuleType("ui.tuning")
+    fake.__spec__ = importlib.machinery.ModuleSpec("ui.tuning", None)
+    fake.build_tuning = lambda ctx: calls.append(ctx)
+    monkeypatch.setitem(sys.modules, "ui.tuning", fake)
+    app = ui.build_app(manager)
+    assert isinstance(app, gr.Blocks)
+    assert [c.tab.id for c in calls] == TABS
+    for ctx in calls:
+        d = handlers.variant_settings(manager, ctx.tab.id, None)
+        assert (ctx.inputs["thresh"].value, ctx.inputs["retention_ratio"].value, ctx.inputs["K"].value) == (
+            d["thresh"], d["retention_ratio"], d["K"])
+        assert ("image" in ctx.inputs) == (ctx.tab.id in ("flux_kontext", "wan_i2v", "framepack"))
+        assert ("split_video" in ctx.outputs) == ctx.tab.is_video
+    vace = next(c for c in calls if c.tab.id == "wan_vace")
+    assert {"control_video", "mask_video", "reference_images", "variant"} <= set(vace.inputs)
+
+
+def test_app_flags_and_environment(monkeypatch):
+    import app
+
+    monkeypatch.delenv("MAGCACHE_HOST", raising=False)
+    monkeypatch.delenv("MAGCACHE_PORT", raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    monkeypatch.setenv("MAGCACHE_HOST", "0.0.0.0")
+    monkeypatch.setenv("MAGCACHE_PORT", "8080")
+    args = app.parse_args(["--share"])
+    assert (args.host, args.port, args.share) == ("0.0.0.0", 8080, True)
+    assert app.parse_args(["--port", "7000"]).port == 7000

@@ -1,0 +1,245 @@
+"""The app's event handlers as plain functions (no Gradio here): tests call them directly, ``ui/layout.py`` wires
+them to components. Each returns values keyed by output name; the layout maps names to components."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from magcache import policy as P
+from magcache.presets import get_preset
+from magcache.studio.compare import (ComparisonResult, GenerationRequest, framepack_sections, run_comparison,
+                                     tab_defaults)
+from magcache.studio.manager import Cancelled, ModelManager
+from magcache.studio.media import side_by_side, to_uint8_frames, upscale_nearest, write_mp4
+
+from .plots import schedule_figure
+
+DISPLAY_MIN_SIDE = 256  # tiny outputs are enlarged (nearest neighbour) to at least this size for display
+PHASES = {"baseline": "Baseline run", "magcache": "MagCache run", "warm-up": "Warm-up", "load": "Loading the model",
+          "queue": "Waiting for the device"}
+
+
+def output_dir() -> Path:
+    """Where videos are written (``MAGCACHE_OUTPUT_DIR``; default: a folder in the system temp dir)."""
+    path = Path(os.environ.get("MAGCACHE_OUTPUT_DIR") or Path(tempfile.gettempdir()) / "magcache-studio")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and the live schedule preview
+# --------------------------------------------------------------------------------------------------
+def variant_settings(manager: ModelManager, tab_id: str, variant: str | None) -> dict[str, Any]:
+    """What the inputs show for a variant: generation settings and the MagCache preset defaults."""
+    return tab_defaults(manager, tab_id, variant)
+
+
+def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any, thresh: Any, retention_ratio: Any,
+            K: Any, guidance: Any = None, num_frames: Any = None) -> tuple[Any, str]:
+    """Redraw which steps each branch will compute, without running a model (``magcache.policy.simulate``)."""
+    tab = manager.catalog.tab(tab_id)
+    defaults = tab_defaults(manager, tab_id, variant)
+    preset = get_preset(defaults["preset"])
+    try:
+        steps = int(steps)
+        if steps < 2:
+            raise ValueError("steps must be at least 2")
+        settings = preset.settings(thresh=float(thresh), retention_ratio=float(retention_ratio), K=int(K))
+    except (TypeError, ValueError) as e:
+        return None, f"⚠️ {e}"
+    branches = tab.num_branches(float(guidance) if guidance is not None else defaults.get("guidance_scale"))
+    schedule = P.simulate(preset.curves, steps, settings, preset.rules, branches)
+    computed, total = schedule.computed_count(), steps * branches
+    text = (f"**Predicted schedule** ({preset.id!r} ratios): {computed}/{total} transformer passes computed → "
+            f"**{schedule.predicted_speedup():.2f}×** on the transformer blocks (embeddings, text encoders and VAE "
+            "are not sped up, so the wall-clock speed-up is lower).")
+    if tab.task == "framepack" and num_frames:
+        n = framepack_sections(int(num_frames), defaults.get("latent_window_size", 9))
+        text += f" FramePack runs this schedule once per section ({n} section{'s' if n > 1 else ''})."
+    if steps != preset.calibrated_steps:
+        text += f" The ratios were calibrated for {preset.calibrated_steps} steps and are resampled to {steps}."
+    return schedule_figure(schedule, settings.thresh), text
+
+
+# --------------------------------------------------------------------------------------------------
+# Generate / stop
+# --------------------------------------------------------------------------------------------------
+def request_from_values(tab_id: str, values: Mapping[str, Any]) -> GenerationRequest:
+    """Inputs (by name, as the UI delivers them: sliders give floats, empty fields give '' or None)."""
+
+    def num(name: str, cast=int):
+        value = values.get(name)
+        return None if value is None or value == "" else cast(value)
+
+    refs = values.get("reference_images") or None
+    if refs:
+        refs = [r if not isinstance(r, Mapping) else r.get("path") for r in refs]
+    return GenerationRequest(
+        tab_id=tab_id,
+        variant=values.get("variant") or None,
+        prompt=values.get("prompt") or "",
+        negative_prompt=values.get("negative_prompt") or None,
+        image=values.get("image"),
+        control_video=values.get("control_video") or None,
+        mask_video=values.get("mask_video") or None,
+        reference_images=refs,
+        height=num("height"),
+        width=num("width"),
+        num_frames=num("num_frames"),
+        num_inference_steps=num("steps"),
+        guidance_scale=num("guidance", float),
+        seed=num("seed") or 0,
+        thresh=num("thresh", float),
+        retention_ratio=num("retention_ratio", float),
+        K=num("K"),
+        compare=bool(values.get("compare", True)),
+        compile=bool(values.get("compile", False)),
+        weights=(values.get("weights") or "").strip() or None,
+        base=(values.get("base") or "").strip() or None,
+        compile_backend=values.get("compile_backend"),
+    )
+
+
+def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], session: str = "local",
+             on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run a comparison and turn it into display values. Raises ``InvalidRequest`` / ``WeightsNotFound`` (the
+    UI shows them as errors); a stop request returns only a status line."""
+    req = request_from_values(tab_id, values)
+    token = manager.cancel_token(session)
+    try:
+        result = run_comparison(manager, req, on_progress, token)
+    except Cancelled as e:
+        return {"status": f"⏹ **Stopped** ({e}). The model stays loaded; run again any time."}
+    finally:
+        manager.release_token(session, token)
+    return present(result)
+
+
+def stop(manager: ModelManager, session: str) -> str:
+    if manager.cancel(session):
+        return "⏹ Stopping… the current step finishes first."
+    return "Nothing is running in this tab."
+
+
+def progress_text(phase: str, done: int, total: int) -> str:
+    if phase == "queue":
+        return f"Waiting for the device ({done} ahead)"
+    if phase in ("baseline", "magcache"):
+        return f"{PHASES[phase]}: step {done}/{total}"
+    return PHASES.get(phase, phase)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presenting a result
+# --------------------------------------------------------------------------------------------------
+def present(result: ComparisonResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "result": result,
+        "status": status_markdown(result),
+        "timing": timing_table(result),
+        "metrics": metrics_markdown(result),
+        "heatmap": _display(result.heatmap) if result.heatmap is not None else None,
+        "schedule": schedule_figure(result.predicted, result.settings.thresh, result.magcache.stats),
+    }
+    base, cached = result.baseline, result.magcache
+    if result.tab.is_video:
+        folder = output_dir() / f"{result.tab.id}-{uuid.uuid4().hex[:8]}"
+        fps = result.tab.fps or 16
+        frames_m = upscale_nearest(to_uint8_frames(cached.output), DISPLAY_MIN_SIDE)
+        out["magcache_video"] = write_mp4(frames_m, folder / "magcache.mp4", fps)
+        if base is not None:
+            frames_b = upscale_nearest(to_uint8_frames(base.output), DISPLAY_MIN_SIDE)
+            out["baseline_video"] = write_mp4(frames_b, folder / "baseline.mp4", fps)
+            out["split_video"] = write_mp4(side_by_side(frames_b, frames_m), folder / "baseline_vs_magcache.mp4", fps)
+        else:
+            out["baseline_video"] = out["split_video"] = None
+    else:
+        out["magcache_image"] = _display(cached.output)
+        out["baseline_image"] = _display(base.output) if base is not None else None
+        out["slider"] = (out["baseline_image"], out["magcache_image"]) if base is not None else None
+    return out
+
+
+def _display(image: Any) -> Image.Image:
+    arr = upscale_nearest(to_uint8_frames(image), DISPLAY_MIN_SIDE)[0]
+    return Image.fromarray(arr)
+
+
+TIMING_COLUMNS = ["Run", "Time (s)", "Speed-up"]
+
+
+def empty_timing_table() -> pd.DataFrame:
+    return pd.DataFrame([], columns=TIMING_COLUMNS + ["Steps computed", "Calls"])
+
+
+def timing_table(result: ComparisonResult) -> pd.DataFrame:
+    """Baseline and MagCache wall times, speed-up = baseline / MagCache, computed/total steps per branch (summed
+    over FramePack sections) from the run's MagCache stats, and transformer calls counted on the model."""
+    counts = result.magcache.branch_counts()
+    predicted = {b: len(v) * result.sections for b, v in result.predicted.computed.items()}
+    columns = TIMING_COLUMNS + [f"{b} steps" for b in counts] + ["Calls"]
+    rows = []
+    if result.baseline is not None:
+        rows.append(["Baseline (no cache)", f"{result.baseline.seconds:.3f}", "1.00×"]
+                    + [f"{t}/{t}" for _, t in counts.values()] + [result.baseline.transformer_calls])
+    speedup = result.speedup
+    rows.append(["MagCache", f"{result.magcache.seconds:.3f}", f"{speedup:.2f}×" if speedup is not None else "—"]
+                + [f"{c}/{t}" for c, t in counts.values()] + [result.magcache.transformer_calls])
+    rows.append(["Predicted (policy)", "—", f"{result.predicted_speedup:.2f}× blocks only"]
+                + [f"{predicted.get(b, 0)}/{t}" for b, (_, t) in counts.items()] + ["—"])
+    extras = [("Model load (not in speed-up)", result.load_seconds), ("Warm-up (not in speed-up)", result.warmup_seconds)]
+    for label, seconds in extras:
+        if seconds is not None:
+            rows.append([label, f"{seconds:.3f}", "—"] + ["—"] * len(counts) + ["—"])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def metrics_markdown(result: ComparisonResult) -> str:
+    if result.baseline is None:
+        return "Turn on **Compare with baseline** to measure the speed-up and the quality (PSNR, SSIM, difference map)."
+    psnr = "identical (100 dB)" if result.psnr >= 100 else f"{result.psnr:.2f} dB"
+    frames = " (mean over frames)" if result.tab.is_video else ""
+    return (f"**PSNR** {psnr} · **SSIM** {result.ssim:.4f}{frames}: the MagCache output against the baseline with "
+            "the same seed; higher = closer (SSIM 1 = identical). The map shows |baseline − MagCache| per pixel"
+            f"{' of the first frame' if result.tab.is_video else ''}, scaled so the largest difference is white.")
+
+
+def status_markdown(result: ComparisonResult) -> str:
+    s = result.settings
+    branches = ", ".join(result.branches) or "cond"
+    lines = [f"**Done: {result.tab.label} · {result.variant.label}** with preset `{result.preset}` "
+             f"(thresh {s.thresh:g}, retention {s.retention_ratio:g}, K {s.K}) · {result.num_steps} steps"
+             f"{f' × {result.sections} sections' if result.sections > 1 else ''} · branches: {branches}"
+             + (" · compiled blocks" if result.compiled else ""),
+             f"Model: {result.model}" + (f" · {result.placement}" if result.placement else "")]
+    lines += [f"ℹ️ {n}" for n in result.notes]
+    lines += [f"⚠️ {w}" for w in result.warnings]
+    return "\n\n".join(lines)
+
+
+def system_markdown(manager: ModelManager) -> str:
+    """Device, memory budget and the loaded models (least recently used first)."""
+    gib = 1024**3
+    loaded = manager.loaded()
+    lines = [f"**Device** `{manager.device}` · **dtype** `{str(manager.dtype).replace('torch.', '')}` · "
+             f"**memory budget** {manager.budget_bytes / gib:.1f} GiB · **in use** {manager.used_bytes() / gib:.2f} GiB"
+             + (" · **MAGCACHE_TINY=1** (tiny offline pipelines)" if manager.tiny else "")]
+    if loaded:
+        lines.append("Loaded (least recently used first): " + "; ".join(
+            f"`{m.plan.variant_id}` {m.bytes / gib:.2f} GiB ({m.placement.reason if m.placement else ''})" for m in loaded))
+    else:
+        lines.append("No model loaded yet: each tab loads its model on its first run.")
+    return "\n\n".join(lines)
+
+
+def unload_all(manager: ModelManager) -> str:
+    manager.unload_all()
+    return system_markdown(manager)

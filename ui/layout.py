@@ -1,0 +1,269 @@
+"""The Gradio app: one tab per ``presets.json`` entry, all built by :func:`build_tab` (no per-model tab code).
+
+Components only: every event calls a plain function in :mod:`ui.handlers`. Extensions (the tuning accordion)
+plug in through :func:`tab_extensions`: each gets a :class:`TabContext` with the tab's components.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gradio as gr
+
+from magcache.studio.catalog import Tab
+from magcache.studio.compare import InvalidRequest
+from magcache.studio.manager import ModelManager, WeightsNotFound
+
+from . import handlers
+from .zerogpu import gpu_task
+
+TASK_LABELS = {"text-to-image": "Text to image", "image-edit": "Image edit", "text-to-video": "Text to video",
+               "image-to-video": "Image to video", "vace": "Video generation with VACE controls",
+               "framepack": "Image to video (FramePack sections)"}
+INTRO = """# ⚡ MagCache Studio
+MagCache skips denoising steps whose transformer output it can predict: the block stack's residual changes in
+magnitude by a ratio that is almost the same for every prompt, so while the accumulated error stays under
+**thresh**, the last computed residual is reused. Run a model **with and without** it (same seed, same device) to
+see the speed-up, the quality cost and exactly which steps were skipped."""
+CSS = """
+.mc-status p { margin: 0.2em 0; }
+#mc-intro p { max-width: 70em; }
+"""
+THEME = gr.themes.Soft(primary_hue="blue", secondary_hue="amber")
+
+
+@dataclass
+class TabContext:
+    """What an extension gets: the tab, the manager, and the tab's components by name.
+
+    ``inputs``: variant (only with several variants), prompt, negative_prompt, image, control_video, mask_video,
+    reference_images, width, height, num_frames, steps, guidance, seed (those the task has), thresh,
+    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, schedule, schedule_text, timing,
+    metrics, heatmap, and baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
+    Extensions are called inside the tab's input column, below the Generate / Stop buttons."""
+
+    tab: Tab
+    manager: ModelManager
+    inputs: dict[str, gr.components.Component]
+    outputs: dict[str, gr.components.Component]
+
+
+TabExtension = Callable[[TabContext], None]
+
+
+def tab_extensions() -> list[TabExtension]:
+    """``ui/tuning.py``'s ``build_tuning(ctx)`` when that module exists (one-click calibration, speed-up target,
+    sweeps, export: built by its own module)."""
+    name = f"{__package__}.tuning"
+    if importlib.util.find_spec(name) is None:
+        return []
+    build = getattr(importlib.import_module(name), "build_tuning", None)
+    return [build] if build is not None else []
+
+
+def build_app(manager: ModelManager | None = None) -> gr.Blocks:
+    manager = manager or ModelManager()
+    with gr.Blocks(title="MagCache Studio") as app:
+        gr.Markdown(INTRO, elem_id="mc-intro")
+        with gr.Tabs():
+            for tab in manager.catalog.tabs:
+                with gr.Tab(tab.label, id=tab.id, elem_id=f"tab-{tab.id}"):
+                    build_tab(tab, manager)
+        with gr.Accordion("System: device, memory, loaded models", open=False):
+            system = gr.Markdown(handlers.system_markdown(manager))
+            with gr.Row():
+                refresh = gr.Button("Refresh", size="sm")
+                unload = gr.Button("Unload all models", size="sm", variant="secondary")
+        refresh.click(lambda: handlers.system_markdown(manager), outputs=system, queue=False)
+        unload.click(lambda: handlers.unload_all(manager), outputs=system, concurrency_id="device", concurrency_limit=1)
+    return app
+
+
+def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
+    d = handlers.variant_settings(manager, tab.id, None)
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=380):
+            gr.Markdown(f"**{TASK_LABELS[tab.task]}** · {tab.description}")
+            if len(tab.variants) > 1:
+                inputs["variant"] = gr.Radio([v.label for v in tab.variants], value=tab.variants[0].label,
+                                             label="Model variant")
+            _task_inputs(tab, d, inputs)
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id=f"run-{tab.id}")
+                stop = gr.Button("Stop", variant="stop", elem_id=f"stop-{tab.id}")
+            with gr.Row():
+                inputs["compare"] = gr.Checkbox(True, label="Compare with baseline",
+                                                info="Also run without MagCache (same seed) to measure speed-up and quality.")
+                inputs["compile"] = gr.Checkbox(False, label="Compile blocks",
+                                                info="torch.compile the transformer blocks; the first run compiles "
+                                                     "(warm-up, shown separately).")
+            with gr.Group():
+                inputs["thresh"] = gr.Slider(0, 1, value=d["thresh"], step=0.001, label="thresh (error budget)",
+                                             info="Lower = better quality, fewer skipped steps; higher = faster.")
+                inputs["retention_ratio"] = gr.Slider(0, 1, value=d["retention_ratio"], step=0.01, label="retention ratio",
+                                                      info="Share of the first steps always computed. Higher = better "
+                                                           "quality, fewer skips.")
+                inputs["K"] = gr.Slider(0, 10, value=d["K"], step=1, label="K (max consecutive skips)",
+                                        info="Lower = better quality, fewer skips. 0 turns MagCache off.")
+                reset = gr.Button("Reset MagCache to the preset defaults", size="sm", elem_id=f"reset-{tab.id}")
+            _generation_settings(tab, d, inputs)
+            _model_source(tab, inputs)
+            extension_slot = gr.Column()
+        with gr.Column(scale=3, min_width=420):
+            outputs["status"] = gr.Markdown("Set the inputs and press **Generate**.", elem_classes="mc-status",
+                                            elem_id=f"status-{tab.id}")
+            _result_outputs(tab, outputs)
+            outputs["timing"] = gr.Dataframe(handlers.empty_timing_table(), label="Timing (wall clock of the pipeline call)",
+                                             interactive=False, elem_id=f"timing-{tab.id}")
+            with gr.Row():
+                outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
+                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220,
+                                              interactive=False)
+            figure, text = handlers.preview(manager, tab.id, None, d["num_inference_steps"], d["thresh"],
+                                            d["retention_ratio"], d["K"], d.get("guidance_scale"), d.get("num_frames"))
+            outputs["schedule"] = gr.Plot(figure, label="Schedule", show_label=False, elem_id=f"schedule-{tab.id}")
+            outputs["schedule_text"] = gr.Markdown(text)
+
+    ctx = TabContext(tab, manager, inputs, outputs)
+    _wire(ctx, run, stop, reset)
+    with extension_slot:
+        for extend in tab_extensions():
+            extend(ctx)
+    return ctx
+
+
+def _task_inputs(tab: Tab, d: dict, inputs: dict) -> None:
+    if "image" in tab.inputs:
+        inputs["image"] = gr.Image(type="pil", label="Input image", height=260)
+    inputs["prompt"] = gr.Textbox(d.get("prompt", ""), lines=2, label="Prompt")
+    if "negative_prompt" in tab.inputs:
+        inputs["negative_prompt"] = gr.Textbox(d.get("negative_prompt", ""), lines=1, label="Negative prompt")
+    if tab.task == "vace":
+        with gr.Accordion("VACE controls (all optional)", open=False):
+            inputs["control_video"] = gr.Video(label="Control video (depth, pose, or a video to edit)", sources=["upload"])
+            inputs["mask_video"] = gr.Video(label="Mask video (white = generate, black = keep)", sources=["upload"])
+            inputs["reference_images"] = gr.File(file_count="multiple", file_types=["image"], label="Reference images")
+    examples = d.get("examples")
+    if examples:
+        gr.Examples([[p] for p in examples], inputs=[inputs["prompt"]], label="Prompts the demo model knows")
+
+
+def _generation_settings(tab: Tab, d: dict, inputs: dict) -> None:
+    with gr.Accordion("Generation settings", open=True):
+        if "size" in tab.inputs:
+            with gr.Row():
+                inputs["width"] = gr.Slider(16, 2048, value=d["width"], step=16, label="Width")
+                inputs["height"] = gr.Slider(16, 2048, value=d["height"], step=16, label="Height")
+        if "frames" in tab.inputs:
+            step = 1 if tab.task == "framepack" else 4  # Wan / HunyuanVideo need 4k+1 frames
+            inputs["num_frames"] = gr.Slider(1, 257, value=d["num_frames"], step=step, label="Frames")
+        with gr.Row():
+            inputs["steps"] = gr.Slider(2, 100, value=d["num_inference_steps"], step=1, label="Steps",
+                                        info=f"MagCache ratios calibrated for {d['calibrated_steps']} steps.")
+            inputs["guidance"] = gr.Slider(0, 20, value=d["guidance_scale"], step=0.1, label="Guidance",
+                                           info="Real CFG above 1: a second (uncond) pass per step." if tab.cfg == "real"
+                                           else "Distilled guidance: one pass per step.")
+        inputs["seed"] = gr.Number(d.get("seed", 0), precision=0, label="Seed")
+
+
+def _model_source(tab: Tab, inputs: dict) -> None:
+    v = tab.variants[0]
+    with gr.Accordion("Model source", open=False):
+        inputs["weights"] = gr.Textbox("", label="Weights", placeholder=v.weights,
+                                       info="Hub id, local diffusers folder, or single-file transformer checkpoint "
+                                            "(.safetensors). Empty = default (above) or $" + v.env_weights + ".")
+        inputs["base"] = gr.Textbox("", label="Base pipeline (for a single-file or transformer-only source)",
+                                    placeholder=v.base or v.weights,
+                                    info="Local diffusers folder or hub id with the other components. Empty = "
+                                         "$" + v.env_base + " or the default.")
+
+
+def _result_outputs(tab: Tab, outputs: dict) -> None:
+    if tab.is_video:
+        with gr.Row():
+            outputs["baseline_video"] = gr.Video(label="Baseline (no cache)", interactive=False, autoplay=True, loop=True)
+            outputs["magcache_video"] = gr.Video(label="MagCache", interactive=False, autoplay=True, loop=True)
+        outputs["split_video"] = gr.Video(label="Side by side (one file, frames in sync)", interactive=False,
+                                          autoplay=True, loop=True)
+    else:
+        with gr.Row():
+            outputs["baseline_image"] = gr.Image(label="Baseline (no cache)", type="pil", interactive=False,
+                                                 elem_id=f"baseline-{tab.id}")
+            outputs["magcache_image"] = gr.Image(label="MagCache", type="pil", interactive=False,
+                                                 elem_id=f"magcache-{tab.id}")
+        outputs["slider"] = gr.ImageSlider(label="Slide: baseline ↔ MagCache", type="pil", interactive=False, max_height=420)
+
+
+def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) -> None:
+    tab, manager, inputs, outputs = ctx.tab, ctx.manager, ctx.inputs, ctx.outputs
+    names = {component: name for name, component in inputs.items()}
+    result_outputs = [c for n, c in outputs.items() if n != "schedule_text"]
+
+    def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):
+        values = {names[c]: v for c, v in data.items()}
+
+        def report(phase: str, done: int, total: int) -> None:
+            text = handlers.progress_text(phase, done, total)
+            progress((done, total) if phase in ("baseline", "magcache") else 0.0, desc=text)
+
+        try:
+            out = _generate_on_device(manager, tab.id, values, _session(request, tab), report)
+        except (InvalidRequest, WeightsNotFound) as e:
+            raise gr.Error(str(e), duration=None, title="Cannot run") from None
+        return {outputs[n]: v for n, v in out.items() if n in outputs and n != "schedule_text"}
+
+    event = run.click(on_generate, inputs=set(inputs.values()), outputs=result_outputs,
+                      concurrency_id="device", concurrency_limit=1)
+    def on_stop(request: gr.Request):
+        return handlers.stop(manager, _session(request, tab))
+
+    stop.click(on_stop, inputs=None, outputs=outputs["status"], cancels=[event], queue=False)
+
+    preview_names = [n for n in ("variant", "steps", "thresh", "retention_ratio", "K", "guidance", "num_frames")
+                     if n in inputs]
+
+    def on_preview(*values):
+        v = dict(zip(preview_names, values))
+        d = handlers.variant_settings(manager, tab.id, v.get("variant"))
+        return handlers.preview(manager, tab.id, v.get("variant"), v["steps"], v["thresh"], v["retention_ratio"],
+                                v["K"], v.get("guidance"), v.get("num_frames", d.get("num_frames")))
+
+    preview_inputs = [inputs[n] for n in preview_names]
+    for name in preview_names:
+        inputs[name].change(on_preview, inputs=preview_inputs, outputs=[outputs["schedule"], outputs["schedule_text"]],
+                            queue=False, show_progress="hidden", trigger_mode="always_last")
+
+    def on_reset(variant=None):
+        d = handlers.variant_settings(manager, tab.id, variant)
+        return d["thresh"], d["retention_ratio"], d["K"]
+
+    mc = [inputs["thresh"], inputs["retention_ratio"], inputs["K"]]
+    reset.click(on_reset, inputs=[inputs["variant"]] if "variant" in inputs else None, outputs=mc, queue=False)
+
+    if "variant" in inputs:
+        settable = [n for n in ("width", "height", "num_frames", "steps", "guidance") if n in inputs]
+        keys = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+        def on_variant(variant):
+            d = handlers.variant_settings(manager, tab.id, variant)
+            v = tab.variant(variant)
+            return ([d[keys.get(n, n)] for n in settable] + [d["thresh"], d["retention_ratio"], d["K"]]
+                    + [gr.update(placeholder=v.weights), gr.update(placeholder=v.base or v.weights)])
+
+        inputs["variant"].change(on_variant, inputs=inputs["variant"],
+                                 outputs=[inputs[n] for n in settable] + mc + [inputs["weights"], inputs["base"]],
+                                 queue=False)
+
+
+@gpu_task
+def _generate_on_device(manager, tab_id, values, session, report):
+    return handlers.generate(manager, tab_id, values, session, report)
+
+
+def _session(request: gr.Request | None, tab: Tab) -> str:
+    return f"{getattr(request, 'session_hash', None) or 'local'}:{tab.id}"
