@@ -84,14 +84,16 @@ def _no_residuals(handle) -> bool:
 
 class CallRecorder:
     """Our own hooks: per transformer call, the ``x_embedder`` output, the ``norm_out`` input (after magcache's
-    pre-hook, which runs first) and whether the first block ran."""
+    pre-hook, which runs first) and how many blocks ran."""
 
     def __init__(self, transformer):
-        self.entries, self.exits, self.blocks_ran = [], [], []
+        self.entries, self.exits, self.blocks_ran, self.block_counts = [], [], [], []
+        self.num_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
         self._block_calls = 0
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
         self._handles = [
             transformer.x_embedder.register_forward_hook(lambda m, a, out: self.entries.append(out.detach().clone())),
-            transformer.transformer_blocks[0].register_forward_pre_hook(self._on_block),
+            *[b.register_forward_pre_hook(self._on_block) for b in blocks],
             transformer.norm_out.register_forward_pre_hook(self._on_norm_out),
         ]
 
@@ -101,6 +103,7 @@ class CallRecorder:
     def _on_norm_out(self, module, args):
         self.exits.append(args[0].detach().clone())
         self.blocks_ran.append(self._block_calls > 0)
+        self.block_counts.append(self._block_calls)
         self._block_calls = 0
 
     def remove(self):
@@ -143,6 +146,7 @@ def test_skipping_follows_the_prediction_and_reuses_each_branchs_own_residual(ca
     assert handle.last_run.computed == predicted
     # ground truth from our hooks: call c is step c // nb of branch c % nb (cond, then uncond)
     assert len(recorder.blocks_ran) == STEPS * nb
+    assert set(recorder.block_counts) == {0, recorder.num_blocks}  # a call runs the whole stack or none of it
     actual = {b: [c // nb for c in range(STEPS * nb) if c % nb == i and recorder.blocks_ran[c]]
               for i, b in enumerate(branch_names)}
     assert actual == predicted
