@@ -43,6 +43,7 @@ FORMAT = "magcache-studio calibration"
 VERSION = 1
 MAX_FILE_BYTES = 512 * 1024  # a 1000-step CFG calibration is ~100 KB
 MAX_STEPS = 1000
+MAX_RATIO = 1e6  # ratios are near 1 for real models; random or broken ones can measure hundreds (bf16 GPU run)
 MAX_PIXELS_SIDE = 16384
 MAX_FRAMES = 10000
 CURVE_KEYS = ("mag_ratios", "mag_std", "cos_dis")
@@ -279,8 +280,8 @@ def parse_calibration(data: Any) -> Calibration:
         if not isinstance(b, dict) or "mag_ratios" not in b or set(b) - set(CURVE_KEYS):
             raise ValueError(f"branches.{name} must be an object with mag_ratios (and mag_std, cos_dis)")
         parsed[name] = {
-            "mag_ratios": _number_list(b["mag_ratios"], f"branches.{name}.mag_ratios", n, True, 100.0),
-            "mag_std": _number_list(b.get("mag_std", [0.0] * n), f"branches.{name}.mag_std", n, False, 100.0),
+            "mag_ratios": _number_list(b["mag_ratios"], f"branches.{name}.mag_ratios", n, True, MAX_RATIO),
+            "mag_std": _number_list(b.get("mag_std", [0.0] * n), f"branches.{name}.mag_std", n, False, MAX_RATIO),
             "cos_dis": _number_list(b.get("cos_dis", [0.0] * n), f"branches.{name}.cos_dis", n, False, 2.0),
         }
     cfg = data.get("cfg", len(parsed) > 1)
@@ -399,7 +400,10 @@ class CalibrationStore:
             return []
         out = []
         for path in sorted(self.root.glob("*.json")):
-            if path.name.startswith(".") or path.is_symlink() or not _ID_RE.match(path.stem):
+            if path.name.startswith("."):  # our temp files while saving
+                continue
+            if path.is_symlink() or not _ID_RE.match(path.stem) or ".." in path.stem:
+                self.problems.append(f"{path.name}: not a calibration store file (symlink or unsafe name); skipped")
                 continue
             try:
                 cal = replace(read_calibration_file(path), id=path.stem)

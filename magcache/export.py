@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from . import policy as P
-from .calibration import MAX_STEPS, check_model_name, dumps_readable, load_json_text
+from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, dumps_readable, load_json_text
 from .presets import Preset, get_preset
 
 FORMAT = "magcache-studio settings"
@@ -398,8 +398,8 @@ def _parse_curve(value: Any, where: str) -> tuple[float, ...]:
     if not isinstance(value, list) or not 2 <= len(value) <= MAX_STEPS * 2:
         raise ValueError(f"{where} must be a list of 2 to {MAX_STEPS * 2} ratios")
     for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= 100:
-            raise ValueError(f"{where}[{i}] = {v!r} is not a finite ratio in (0, 100]")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= MAX_RATIO:
+            raise ValueError(f"{where}[{i}] = {v!r} is not a finite ratio in (0, {MAX_RATIO:g}]")
     return tuple(float(v) for v in value)
 
 

@@ -251,6 +251,18 @@ def test_a_valid_file_imports_under_a_new_generated_id(tmp_path):
     assert again.id != imported.id and len(store.list()) == 2
 
 
+def test_a_ratio_spike_is_kept_not_rejected(tmp_path):
+    """A random-weight FLUX in bf16 on an H200 measured a ratio of 466.67 at one step: a real measurement (it only
+    forces a compute there), so the store keeps it; only non-finite, non-positive or absurd values are refused."""
+    d = _valid_dict()
+    d["branches"]["cond"]["mag_ratios"] = [1.0, 466.66595, 1.0, 1.0]
+    cal = CalibrationStore(tmp_path).import_text(json.dumps(d))
+    assert cal.curves[0][1] == 466.66595
+    d["branches"]["cond"]["mag_ratios"] = [1.0, 1e7, 1.0, 1.0]
+    with pytest.raises(ValueError, match="out of range"):
+        CalibrationStore(tmp_path).import_text(json.dumps(d))
+
+
 def test_store_ids_are_never_paths(tmp_path):
     store = CalibrationStore(tmp_path / "store")
     for bad in ("../../x", "/etc/passwd", "a/b", "..", ".hidden", ""):
