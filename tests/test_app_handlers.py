@@ -16,7 +16,7 @@ import magcache
 from magcache import policy as P
 from magcache.adapters import adapter_for
 from magcache.presets import get_preset
-from magcache.studio.compare import WARMUP_STEPS, InvalidRequest
+from magcache.studio.compare import WARMUP_STEPS, InvalidRequest, build_call_kwargs
 from magcache.studio.manager import ModelManager, WeightsNotFound
 from magcache.studio.tiny import tiny_call_kwargs
 
@@ -209,3 +209,24 @@ def test_app_flags_and_environment(monkeypatch):
     args = app.parse_args(["--share"])
     assert (args.host, args.port, args.share) == ("0.0.0.0", 8080, True)
     assert app.parse_args(["--port", "7000"]).port == 7000
+
+
+def test_demo_tab_uses_the_trained_model_and_its_settings_when_present(tiny, tmp_path):
+    import json
+
+    folder = tmp_path / "demo_model"
+    tiny("flux").save_pretrained(folder)
+    (folder / "demo_settings.json").write_text(json.dumps({
+        "height": 32, "width": 32, "num_inference_steps": 6, "true_cfg_scale": 3.0, "negative_prompt": "",
+        "max_sequence_length": 16, "seed": 3, "example_prompts": ["red background, small blue circle at left"]}))
+    m = ModelManager(tiny=True, demo_dir=folder)  # the trained demo model is used even with MAGCACHE_TINY
+    d = handlers.variant_settings(m, "demo", None)
+    assert (d["height"], d["num_inference_steps"], d["guidance_scale"], d["seed"]) == (32, 6, 3.0, 3)
+    assert d["prompt"] == d["examples"][0] == "red background, small blue circle at left"
+    out = handlers.generate(m, "demo", {"prompt": d["prompt"], "steps": 6, "width": 32, "height": 32, "guidance": 3.0})
+    result = out["result"]
+    assert result.model == str(folder) and result.branches == ["cond", "uncond"]  # true CFG from the settings
+    tab = m.catalog.tab("demo")
+    call = build_call_kwargs(tab, tab.variant(), m.get("demo"), handlers.request_from_values("demo", {
+        "prompt": "x", "steps": 6, "width": 32, "height": 32, "guidance": 3.0}))
+    assert (call["true_cfg_scale"], call["negative_prompt"], call["max_sequence_length"]) == (3.0, "", 16)

@@ -96,6 +96,7 @@ class Tab:
     tiny: str
     variants: tuple[Variant, ...]
     fps: int | None = None
+    guidance_arg: str = "guidance_scale"  # the pipeline argument the Guidance input sets (Demo: true_cfg_scale)
 
     @property
     def is_video(self) -> bool:
@@ -167,7 +168,8 @@ def _tab(entry: Mapping[str, Any]) -> Tab:
     if entry["cfg"] not in ("real", "distilled"):
         raise ValueError(f"tab {tid!r}: cfg must be 'real' or 'distilled'")
     return Tab(tid, entry["label"], entry["task"], entry.get("description", ""), entry["pipeline"], entry["transformer"],
-               entry["cfg"], tuple(entry["inputs"]), entry["tiny"], tuple(variants), entry.get("fps"))
+               entry["cfg"], tuple(entry["inputs"]), entry["tiny"], tuple(variants), entry.get("fps"),
+               entry.get("guidance_arg", "guidance_scale"))
 
 
 def _checked_defaults(owner: str, defaults: Mapping[str, Any]) -> dict[str, Any]:

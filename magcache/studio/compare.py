@@ -156,7 +156,9 @@ def tab_defaults(manager: ModelManager, tab_id: str, variant: str | None = None)
         if tab.task == "framepack":
             out["latent_window_size"] = tiny["latent_window_size"]
     elif plan is not None and v.local_only and plan.pipeline_source:
-        out.update(demo_settings(plan.pipeline_source))
+        stored = demo_settings(plan.pipeline_source)
+        stored.pop("call", None)
+        out.update(stored)
     if tab.task == "framepack":
         out.setdefault("latent_window_size", v.call.get("latent_window_size", 9))
     p = get_preset(preset_id)
@@ -173,25 +175,23 @@ def tab_defaults(manager: ModelManager, tab_id: str, variant: str | None = None)
 
 
 def demo_settings(folder: str) -> dict[str, Any]:
-    """Generation settings stored next to the demo model (``demo_settings.json``), when there are any."""
+    """Settings stored next to the demo model (``demo_settings.json``, written by its training): UI defaults
+    (size, steps, guidance, seed, example prompts) and, under ``"call"``, fixed pipeline arguments."""
     from pathlib import Path
 
     path = Path(folder) / "demo_settings.json"
     if not path.is_file():
         return {}
     raw = json.loads(path.read_text(encoding="utf-8"))
-    aliases = {"steps": "num_inference_steps", "guidance": "guidance_scale", "resolution": "height"}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        key = aliases.get(key, key)
-        if key in ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed"):
-            out[key] = value
-    if "height" in out and "width" not in out:
-        out["width"] = out["height"]
-    for key in ("prompts", "examples"):
-        if isinstance(raw.get(key), list) and raw[key]:
-            out["examples"] = [str(p) for p in raw[key]]
-            out.setdefault("prompt", out["examples"][0])
+    out: dict[str, Any] = {k: raw[k] for k in ("prompt", "height", "width", "num_inference_steps", "seed") if k in raw}
+    guidance = raw.get("true_cfg_scale", raw.get("guidance_scale"))
+    if guidance is not None:
+        out["guidance_scale"] = guidance  # the Guidance input; the tab's guidance_arg says which argument it sets
+    out["call"] = {k: raw[k] for k in ("negative_prompt", "max_sequence_length") if k in raw}
+    examples = raw.get("example_prompts") or raw.get("prompts") or raw.get("examples")
+    if isinstance(examples, list) and examples:
+        out["examples"] = [str(p) for p in examples]
+        out.setdefault("prompt", out["examples"][0])
     return out
 
 
@@ -244,6 +244,8 @@ def validate(tab: Tab, req: GenerationRequest, defaults: dict[str, Any]) -> Gene
 def build_call_kwargs(tab: Tab, variant: Variant, loaded: LoadedModel, req: GenerationRequest) -> dict[str, Any]:
     """The pipeline's keyword arguments (without generator and callback)."""
     kw: dict[str, Any] = dict(variant.call)
+    if variant.local_only and loaded.plan.kind == "pretrained":  # the trained demo model's own fixed arguments
+        kw.update(demo_settings(loaded.plan.pipeline_source).get("call", {}))
     if loaded.plan.kind == "tiny":
         from .tiny import tiny_call_kwargs
 
@@ -258,7 +260,7 @@ def build_call_kwargs(tab: Tab, variant: Variant, loaded: LoadedModel, req: Gene
     if "frames" in tab.inputs:
         kw["num_frames"] = int(req.num_frames)
     kw["num_inference_steps"] = int(req.num_inference_steps)
-    kw["guidance_scale"] = float(req.guidance_scale)
+    kw[tab.guidance_arg] = float(req.guidance_scale)
     if tab.task == "vace":
         size = (int(req.width), int(req.height))
         if req.control_video is not None:
