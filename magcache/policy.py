@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 BRANCH_NAMES = ("cond", "uncond")
 
@@ -352,6 +352,65 @@ def simulate(
     return Schedule(num_steps, decisions)
 
 
+def _next_breakpoint(schedule: Schedule, compare: str) -> float | None:
+    """The smallest threshold above the current one at which some decision of ``schedule`` flips. Only decisions
+    computed because their error was over the threshold can flip when it grows, and the first of them to flip
+    decides everything after it, so the schedule is constant between consecutive breakpoints."""
+    over = [d.acc_err for ds in schedule.decisions.values() for d in ds if d.reason == "error over thresh"]
+    if not over:
+        return None
+    err = min(over)
+    return err if compare == "<=" else math.nextafter(err, math.inf)
+
+
+def _short_thresh(exact: float, schedule: Schedule, simulate_at: Callable[[float], Schedule]) -> float:
+    """A short decimal (4 digits if possible) at or above ``exact`` that gives the very same schedule."""
+    for digits in range(4, 9):
+        f = 10**digits
+        candidate = math.ceil(exact * f) / f
+        if candidate >= exact and simulate_at(candidate).computed == schedule.computed:
+            return candidate
+    return exact
+
+
+def scan_thresh_for_speedup(
+    curves: Sequence[Sequence[float]],
+    num_steps: int,
+    target: float,
+    settings: Settings,
+    rules: Rules,
+    num_branches: int = 1,
+    max_thresh: float = math.inf,
+    overhead_fraction: float = 0.0,
+) -> tuple[bool, float, Schedule]:
+    """For ``settings.K``, visit every distinct schedule in order of growing threshold until one reaches
+    ``target``: ``(reached, thresh, schedule)`` with the smallest reaching threshold, else the threshold of the
+    fastest schedule up to ``max_thresh``. Exact where bisection is not: the computed-step count is not monotonic
+    in the threshold (an earlier skip moves every later reset)."""
+
+    def simulate_at(thresh: float) -> Schedule:
+        # here 0 is just the smallest threshold, not the "cache off" switch
+        return simulate(curves, num_steps, replace(settings, thresh=thresh, zero_thresh_disables=False), rules,
+                        num_branches)
+
+    thresh = 0.0
+    fastest: tuple[float, float, Schedule] | None = None  # (speed-up, thresh, schedule)
+    for _ in range(100_000):  # far above the number of breakpoints of any real curve
+        schedule = simulate_at(thresh)
+        speedup = schedule.predicted_speedup(overhead_fraction)
+        if speedup >= target:
+            return True, _short_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
+        if fastest is None or speedup > fastest[0]:
+            fastest = (speedup, thresh, schedule)
+        nxt = _next_breakpoint(schedule, rules.compare)
+        if nxt is None or nxt > max_thresh:
+            break
+        thresh = nxt
+    assert fastest is not None
+    _, thresh, schedule = fastest
+    return False, _short_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
+
+
 def solve_thresh_for_speedup(
     curves: Sequence[Sequence[float]],
     num_steps: int,
@@ -361,43 +420,26 @@ def solve_thresh_for_speedup(
     num_branches: int = 1,
     K_candidates: Iterable[int] | None = None,
     overhead_fraction: float = 0.0,
+    max_thresh: float = math.inf,
 ) -> tuple[Settings, Schedule]:
-    """Smallest threshold (and, if ``K_candidates`` is given, the smallest K) whose predicted speed-up reaches
-    ``target``; if no setting reaches it, the fastest one found. The threshold only matters at the finitely many
-    accumulated-error values the schedule can produce, so we bisect on computed-step counts, which fall
-    monotonically as the threshold grows for a fixed K."""
-    if target <= 0 or not math.isfinite(target):
+    """The smallest K (of ``K_candidates``, default ``settings.K``) that reaches ``target``, with the smallest
+    threshold that does (the gentlest schedule fast enough); if none reaches it, the fastest setting found."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
         raise ValueError(f"target speed-up must be a positive number, got {target!r}")
-    Ks = list(K_candidates) if K_candidates is not None else [settings.K]
-    best: tuple[Settings, Schedule] | None = None
-    for K in sorted(set(Ks)):
-        lo, hi = 0.0, 0.001
-        trial = replace(settings, K=K, thresh=hi)
-        sched = simulate(curves, num_steps, trial, rules, num_branches)
-        while sched.predicted_speedup(overhead_fraction) < target and hi < 64:
-            lo, hi = hi, hi * 2
-            sched = simulate(curves, num_steps, replace(settings, K=K, thresh=hi), rules, num_branches)
-        if sched.predicted_speedup(overhead_fraction) >= target:
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                if simulate(curves, num_steps, replace(settings, K=K, thresh=mid), rules, num_branches).predicted_speedup(
-                    overhead_fraction
-                ) >= target:
-                    hi = mid
-                else:
-                    lo = mid
-            chosen = replace(settings, K=K, thresh=round_up(hi, 4))
-            return chosen, simulate(curves, num_steps, chosen, rules, num_branches)
-        candidate = (replace(settings, K=K, thresh=hi), sched)
-        if best is None or sched.predicted_speedup(overhead_fraction) > best[1].predicted_speedup(overhead_fraction):
-            best = candidate
+    Ks = sorted(set(K_candidates)) if K_candidates is not None else [settings.K]
+    best: tuple[float, Settings, Schedule] | None = None
+    for K in Ks:
+        trial = replace(settings, K=K)
+        reached, thresh, schedule = scan_thresh_for_speedup(
+            curves, num_steps, target, trial, rules, num_branches, max_thresh, overhead_fraction)
+        chosen = replace(trial, thresh=thresh)
+        if reached:
+            return chosen, schedule
+        speedup = schedule.predicted_speedup(overhead_fraction)
+        if best is None or speedup > best[0] + 1e-12:
+            best = (speedup, chosen, schedule)
     assert best is not None
-    return best
-
-
-def round_up(x: float, digits: int) -> float:
-    f = 10**digits
-    return math.ceil(x * f - 1e-9) / f
+    return best[1], best[2]
 
 
 def schedule_summary(schedule: Schedule) -> Mapping[str, object]:

@@ -518,3 +518,12 @@ def test_schedule_summary_is_json_ready():
     data = json.loads(json.dumps(summary))
     assert data["computed_per_branch"] == {"cond": 13, "uncond": 13}
     assert data["predicted_speedup"] == 2.0
+
+
+def test_solve_thresh_is_exact_where_rounding_or_bisection_would_miss():
+    # Chroma K=3 at 2x: the accumulated error sits exactly on a 4-decimal value and Chroma compares with "<";
+    # a bisection that rounds to 4 digits returned 0.0625, which gives only 1.86x.
+    p = get_preset("chroma")
+    settings, sched = solve_thresh_for_speedup(p.curves, 26, 2.0, p.settings(K=3), p.rules, 2)
+    assert sched.predicted_speedup() >= 2.0
+    assert simulate(p.curves, 26, settings, p.rules, 2).computed == sched.computed

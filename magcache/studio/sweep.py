@@ -52,65 +52,6 @@ class TargetSolution:
         return self.schedule.num_steps * len(self.schedule.decisions)
 
 
-def _next_breakpoint(schedule: P.Schedule, compare: str) -> float | None:
-    """The smallest threshold above the current one at which some decision of ``schedule`` flips. Only decisions
-    computed because their error was over the threshold can flip when it grows, so the schedule is constant
-    between consecutive breakpoints."""
-    over = [d.acc_err for ds in schedule.decisions.values() for d in ds if d.reason == "error over thresh"]
-    if not over:
-        return None
-    err = min(over)
-    return err if compare == "<=" else math.nextafter(err, math.inf)
-
-
-def _display_thresh(exact: float, schedule: P.Schedule, simulate_at: Callable[[float], P.Schedule]) -> float:
-    """A short decimal (4 digits if possible) at or above ``exact`` that gives the very same schedule."""
-    for digits in range(4, 9):
-        f = 10**digits
-        candidate = math.ceil(exact * f) / f
-        if candidate >= exact and simulate_at(candidate).computed == schedule.computed:
-            return candidate
-    return exact
-
-
-def _scan(
-    curves: Sequence[Sequence[float]],
-    num_steps: int,
-    target: float,
-    settings: P.Settings,
-    rules: P.Rules,
-    num_branches: int,
-    max_thresh: float,
-    overhead_fraction: float,
-) -> tuple[bool, float, P.Schedule]:
-    """Visit every distinct schedule in order of growing threshold (for ``settings.K``) until one reaches
-    ``target``. Returns ``(reached, thresh, schedule)``: the smallest reaching threshold, else the threshold of
-    the fastest schedule seen up to ``max_thresh``. Exact where bisection is not: the computed-step count is not
-    monotonic in the threshold (an earlier skip moves every later reset)."""
-
-    def simulate_at(thresh: float) -> P.Schedule:
-        # zero_thresh_disables off: here 0 is just the smallest threshold, not the "cache off" switch
-        return P.simulate(curves, num_steps, replace(settings, thresh=thresh, zero_thresh_disables=False), rules,
-                          num_branches)
-
-    thresh = 0.0
-    fastest: tuple[float, float, P.Schedule] | None = None  # (speed-up, thresh, schedule)
-    for _ in range(100_000):  # a bound far above the breakpoints of any real curve
-        schedule = simulate_at(thresh)
-        speedup = schedule.predicted_speedup(overhead_fraction)
-        if speedup >= target:
-            return True, _display_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
-        if fastest is None or speedup > fastest[0]:
-            fastest = (speedup, thresh, schedule)
-        nxt = _next_breakpoint(schedule, rules.compare)
-        if nxt is None or nxt > max_thresh:
-            break
-        thresh = nxt
-    assert fastest is not None
-    _, thresh, schedule = fastest
-    return False, _display_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
-
-
 def min_thresh_for_speedup(
     curves: Sequence[Sequence[float]],
     num_steps: int,
@@ -124,8 +65,8 @@ def min_thresh_for_speedup(
     """The smallest threshold (for ``settings.K``, rounded to 4 decimals where that keeps the schedule) whose
     predicted speed-up reaches ``target``, with its schedule; ``(None, fastest schedule)`` if no threshold up to
     ``max_thresh`` reaches it."""
-    reached, thresh, schedule = _scan(curves, num_steps, target, settings, rules, num_branches, max_thresh,
-                                      overhead_fraction)
+    reached, thresh, schedule = P.scan_thresh_for_speedup(curves, num_steps, target, settings, rules, num_branches,
+                                                          max_thresh, overhead_fraction)
     return (thresh if reached else None), schedule
 
 
@@ -144,7 +85,7 @@ def solve_for_speedup(
     reach the target with a threshold up to ``max_thresh``, then the smallest threshold for that K (the gentlest
     schedule that is fast enough). If no K reaches it, the fastest setting found. The speed-up is the predicted
     block-compute speed-up (:meth:`magcache.policy.Schedule.predicted_speedup`). Same contract as
-    :func:`magcache.policy.solve_thresh_for_speedup`, but an exact search (see :func:`_scan`)."""
+    :func:`magcache.policy.solve_thresh_for_speedup`, plus the explanation shown in the app."""
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target < 1:
         raise ValueError(f"target speed-up must be a number >= 1, got {target!r}")
     Ks = sorted({int(k) for k in K_range if int(k) >= 1})
@@ -154,8 +95,8 @@ def solve_for_speedup(
     best: tuple[float, P.Settings, P.Schedule] | None = None
     for K in Ks:
         trial = replace(settings, K=K)
-        reached, thresh, schedule = _scan(curves, num_steps, target, trial, rules, num_branches, max_thresh,
-                                          overhead_fraction)
+        reached, thresh, schedule = P.scan_thresh_for_speedup(curves, num_steps, target, trial, rules, num_branches,
+                                                              max_thresh, overhead_fraction)
         speedup = schedule.predicted_speedup(overhead_fraction)
         tried.append((K, thresh if reached else None, speedup))
         chosen = replace(trial, thresh=thresh)
