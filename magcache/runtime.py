@@ -201,6 +201,7 @@ class MagCacheHandle:
         self.enabled = True
         self.keep_runs = keep_runs
         self.runs: list[RunStats] = []
+        self._calibration_start = 0  # index in ``runs`` where the current calibration began
         self._clock = clock
         self._run: _Run | None = None
         self._call: _Call | None = None
@@ -231,6 +232,8 @@ class MagCacheHandle:
             self.settings = replace(self.settings, **changes)
         if curves is not None:
             self.curves = _validated_curves(curves)
+        if calibrate:
+            self._calibration_start = len(self.runs)  # a new calibration: earlier runs are not averaged in
         if calibrate is not None:
             self.calibrate = calibrate
         if enabled is not None:
@@ -255,12 +258,14 @@ class MagCacheHandle:
 
     def reset_stats(self) -> None:
         self.runs.clear()
+        self._calibration_start = 0
 
     def calibration(self) -> dict:
-        """Per-branch calibration curves of the recorded calibration runs, averaged over runs of the same length
+        """Per-branch calibration curves of the calibration runs recorded since calibration was last switched on
+        (``apply(calibrate=True)`` or ``configure(calibrate=True)``), averaged over runs of the same length
         (FramePack records one run per section): ``{"num_steps", "runs", "branches": {name: {mag_ratios, mag_std,
         cos_dis}}}``, each curve of length ``num_steps`` starting with the 1.0 padding."""
-        runs = [r for r in self.runs if r.calibrating and r.completed]
+        runs = [r for r in self.runs[self._calibration_start:] if r.calibrating and r.completed]
         if not runs:
             raise RuntimeError("no completed calibration run recorded; apply with calibrate=True and run the pipeline")
         n = runs[-1].num_steps
@@ -416,7 +421,10 @@ class MagCacheHandle:
             self._free_tensors()
         stats = RunStats(num_steps, self.settings, self.calibrate)
         self.runs.append(stats)
-        del self.runs[: -self.keep_runs]
+        dropped = max(0, len(self.runs) - self.keep_runs)
+        if dropped:
+            del self.runs[:dropped]
+            self._calibration_start = max(0, self._calibration_start - dropped)
         forced = None
         if self.computed_steps is not None:
             forced = {b: frozenset(v) for b, v in self.computed_steps.items()}

@@ -423,3 +423,18 @@ def test_the_library_imports_no_gradio():
             "magcache.adapters.adapter_by_family('flux')\n"
             "assert 'gradio' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_recalibration_on_the_same_handle_does_not_average_old_runs(tiny):
+    import magcache
+    from magcache.studio.tiny import tiny_call_kwargs
+
+    pipe = tiny("flux")
+    handle = magcache.apply(pipe, calibrate=True)
+    pipe(**tiny_call_kwargs("flux", num_inference_steps=6, seed=1))
+    first = handle.calibration()
+    handle.configure(calibrate=True)
+    pipe(**tiny_call_kwargs("flux", num_inference_steps=6, seed=2))
+    second = handle.calibration()
+    assert second["runs"] == 1
+    assert second["branches"]["cond"]["mag_ratios"] != first["branches"]["cond"]["mag_ratios"]
