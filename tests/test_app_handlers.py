@@ -116,7 +116,7 @@ def test_stop_cancels_cleanly_and_the_next_run_works(manager):
 
     def stop_at_step_two(phase, done, total):
         if phase == "baseline" and done == 2:
-            assert handlers.stop(manager, session).startswith("⏹ Stopping")
+            assert handlers.stop(manager, session).startswith("⏹ **Stopped.**")
 
     out = handlers.generate(manager, "wan_t2v", _values("wan_t2v"), session, stop_at_step_two)
     assert out["status"].startswith("⏹ **Stopped**") and "after step 2 of 8" in out["status"]

@@ -125,7 +125,7 @@ def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], sess
 
 def stop(manager: ModelManager, session: str) -> str:
     if manager.cancel(session):
-        return "⏹ Stopping… the current step finishes first."
+        return "⏹ **Stopped.** The run ends at its current step; the model stays loaded, run again any time."
     return "Nothing is running in this tab."
 
 

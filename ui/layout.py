@@ -217,8 +217,9 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
             raise gr.Error(str(e), duration=None, title="Cannot run") from None
         return {outputs[n]: v for n, v in out.items() if n in outputs and n != "schedule_text"}
 
+    main_output = outputs["split_video"] if tab.is_video else outputs["slider"]
     event = run.click(on_generate, inputs=set(inputs.values()), outputs=result_outputs,
-                      concurrency_id="device", concurrency_limit=1)
+                      show_progress_on=[outputs["status"], main_output], concurrency_id="device", concurrency_limit=1)
     def on_stop(request: gr.Request):
         return handlers.stop(manager, _session(request, tab))
 
