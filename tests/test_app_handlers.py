@@ -230,3 +230,25 @@ def test_demo_tab_uses_the_trained_model_and_its_settings_when_present(tiny, tmp
     call = build_call_kwargs(tab, tab.variant(), m.get("demo"), handlers.request_from_values("demo", {
         "prompt": "x", "steps": 6, "width": 32, "height": 32, "guidance": 3.0}))
     assert (call["true_cfg_scale"], call["negative_prompt"], call["max_sequence_length"]) == (3.0, "", 16)
+
+
+def test_vace_controls_from_uploaded_files(manager, tmp_path):
+    from magcache.studio.media import write_mp4
+
+    rng = np.random.default_rng(0)
+    control = write_mp4(rng.random((12, 32, 32, 3)), tmp_path / "control.mp4", fps=8)
+    mask = write_mp4(np.ones((12, 32, 32, 3)), tmp_path / "mask.mp4", fps=8)
+    ref = tmp_path / "ref.png"
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(ref)
+    req = handlers.request_from_values("wan_vace", _values("wan_vace", control_video=control, mask_video=mask,
+                                                           reference_images=[str(ref)], steps=4))
+    tab = manager.catalog.tab("wan_vace")
+    call = build_call_kwargs(tab, tab.variant(), manager.get("wan_vace"), handlers.request_from_values(
+        "wan_vace", _values("wan_vace", control_video=control, mask_video=mask, reference_images=[str(ref)],
+                            width=16, height=16, num_frames=9, guidance=5.0)))
+    assert len(call["video"]) == len(call["mask"]) == 9 and call["video"][0].size == (16, 16)
+    assert call["mask"][0].mode == "L" and len(call["reference_images"]) == 1
+    out = handlers.generate(manager, "wan_vace", _values("wan_vace", control_video=control, mask_video=mask,
+                                                         reference_images=[str(ref)], steps=4))
+    assert out["result"].magcache.stats[0].completed and Path(out["split_video"]).is_file()
+    assert req.reference_images == [str(ref)]
