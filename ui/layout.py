@@ -6,8 +6,10 @@ plug in through :func:`tab_extensions`: each gets a :class:`TabContext` with the
 
 from __future__ import annotations
 
+import html
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -214,7 +216,7 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
         try:
             out = _generate_on_device(manager, tab.id, values, _session(request, tab), report)
         except (InvalidRequest, WeightsNotFound) as e:
-            raise gr.Error(str(e), duration=None, title="Cannot run") from None
+            raise gr.Error(_html(str(e)), duration=None, title="Cannot run") from None
         return {outputs[n]: v for n, v in out.items() if n in outputs and n != "schedule_text"}
 
     main_output = outputs["split_video"] if tab.is_video else outputs["slider"]
@@ -264,6 +266,13 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 @gpu_task
 def _generate_on_device(manager, tab_id, values, session, report):
     return handlers.generate(manager, tab_id, values, session, report)
+
+
+def _html(message: str) -> str:
+    """Error toasts render HTML: keep the message's line breaks and `code` spans readable."""
+    text = html.escape(message)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return text.replace("\n", "<br>")
 
 
 def _session(request: gr.Request | None, tab: Tab) -> str:
