@@ -223,3 +223,27 @@ def test_bad_paths_and_unsupported_single_files(tmp_path):
         m.plan("framepack", weights=str(ckpt))
     with pytest.raises(WeightsNotFound, match="not a checkpoint file"):
         m.plan("flux", weights=__file__)
+
+
+def test_stop_and_status_do_not_wait_for_a_slow_load():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_loader(plan):
+        started.set()
+        release.wait(10)
+        return LoadedModel(plan, pipe=object(), bytes=GB, placement=None, load_seconds=0.0)
+
+    m = ModelManager(tiny=False, dtype=torch.bfloat16, budget_gb=100, loader=slow_loader)
+    m.get("flux")  # loaded once, so the status has something to list
+    started.clear()
+    token = m.cancel_token("s")
+    loader = threading.Thread(target=m.get, args=("chroma",))
+    loader.start()
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    assert m.cancel("s") and token.is_set()
+    assert [x.plan.variant_id for x in m.loaded()] == ["flux_dev"] and m.used_bytes() == GB
+    assert time.perf_counter() - t0 < 1
+    release.set()
+    loader.join(10)
+    assert [x.plan.variant_id for x in m.loaded()] == ["flux_dev", "chroma1_hd"]

@@ -250,9 +250,11 @@ class ModelManager:
         self.demo_dir = Path(demo_dir) if demo_dir is not None else None
         self._loader = loader or self._load
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the model dict (short holds only)
+        self._load_lock = threading.Lock()  # loads and unloads happen one at a time
         self._device_lock = FairDeviceLock()
         self._tokens: dict[str, threading.Event] = {}
+        self._token_lock = threading.Lock()
         self.events: list[str] = []  # load / unload log, newest last (shown in the app, checked by tests)
 
     # ---- planning ------------------------------------------------------------------------------
@@ -329,23 +331,28 @@ class ModelManager:
             on_status: Callable[[str], None] | None = None) -> LoadedModel:
         """The loaded model for this tab/variant/source: loaded now if needed, marked most recently used."""
         plan = self.plan(tab_id, variant, weights, base)
-        with self._lock:
-            if plan.key in self._models:
-                self._models.move_to_end(plan.key)
-                return self._models[plan.key]
+        with self._load_lock:  # one load at a time; the model dict itself stays readable meanwhile
+            with self._lock:
+                if plan.key in self._models:
+                    self._models.move_to_end(plan.key)
+                    return self._models[plan.key]
             self._make_room(plan.estimate_bytes)
             if on_status:
                 on_status(f"Loading {plan.describe()}…")
             loaded = self._loader(plan)
-            self._models[plan.key] = loaded
-            self.events.append(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, {loaded.load_seconds:.1f} s)")
+            with self._lock:
+                self._models[plan.key] = loaded
+                self.events.append(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, {loaded.load_seconds:.1f} s)")
             self._make_room(0, keep=plan.key)
             return loaded
 
     def _make_room(self, needed: int, keep: str | None = None) -> None:
         """Unload least recently used models until ``needed`` more bytes fit the budget (never ``keep``)."""
-        while self._models and self.used_bytes() + needed > self.budget_bytes:
-            victim = next((k for k in self._models if k != keep), None)
+        while True:
+            with self._lock:
+                if not self._models or self.used_bytes() + needed <= self.budget_bytes:
+                    return
+                victim = next((k for k in self._models if k != keep), None)
             if victim is None:
                 return  # only the model just loaded is left: it stays, offloaded if need be
             self.unload(victim)
@@ -356,18 +363,21 @@ class ModelManager:
             if loaded is None:
                 return
             self.events.append(f"unloaded {key}")
-            _release(loaded)
-            del loaded
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        _release(loaded)
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def unload_all(self) -> None:
-        for key in list(self._models):
+        with self._lock:
+            keys = list(self._models)
+        for key in keys:
             self.unload(key)
 
     def used_bytes(self) -> int:
-        return sum(m.bytes for m in self._models.values())
+        with self._lock:
+            return sum(m.bytes for m in self._models.values())
 
     def loaded(self) -> list[LoadedModel]:
         """Loaded models, least recently used first."""
@@ -431,13 +441,13 @@ class ModelManager:
     def cancel_token(self, session: str) -> threading.Event:
         """A fresh stop flag for ``session``'s next generation (replacing any earlier one)."""
         token = threading.Event()
-        with self._lock:
+        with self._token_lock:
             self._tokens[session] = token
         return token
 
     def cancel(self, session: str) -> bool:
         """Stop ``session``'s waiting or running generation; False when it has none."""
-        with self._lock:
+        with self._token_lock:
             token = self._tokens.get(session)
         if token is None or token.is_set():
             return False
@@ -445,7 +455,7 @@ class ModelManager:
         return True
 
     def release_token(self, session: str, token: threading.Event) -> None:
-        with self._lock:
+        with self._token_lock:
             if self._tokens.get(session) is token:
                 del self._tokens[session]
 
