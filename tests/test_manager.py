@@ -234,8 +234,10 @@ def test_stop_and_status_do_not_wait_for_a_slow_load():
         return LoadedModel(plan, pipe=object(), bytes=GB, placement=None, load_seconds=0.0)
 
     m = ModelManager(tiny=False, dtype=torch.bfloat16, budget_gb=100, loader=slow_loader)
-    m.get("flux")  # loaded once, so the status has something to list
+    release.set()
+    m.get("flux")  # loaded at once, so the status has something to list
     started.clear()
+    release.clear()
     token = m.cancel_token("s")
     loader = threading.Thread(target=m.get, args=("chroma",))
     loader.start()
