@@ -23,6 +23,7 @@ per-call bookkeeping (step, branch, decision) too. Compile the blocks instead; t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -34,12 +35,10 @@ _COMPILE_ATTR = "_magcache_compile_kwargs"
 
 
 def _transformer(target: Any) -> torch.nn.Module:
-    if isinstance(target, torch.nn.Module):
-        return target
-    transformer = getattr(target, "transformer", None)
+    transformer = target if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"compile_blocks() needs a diffusers pipeline with a .transformer or a module, got {type(target).__name__}")
-    return transformer
+    return getattr(transformer, "_orig_mod", transformer)  # torch.compile(module) returns a wrapper
 
 
 def block_modules(target: Any) -> Iterator[torch.nn.Module]:
@@ -79,6 +78,10 @@ def compile_blocks(target: Any, **compile_kwargs: Any) -> int:
     Compilation itself happens at the first forward (warm-up).
     """
     transformer = _transformer(target)
+    if getattr(transformer, "_compiled_call_impl", None) is not None or transformer is not _unwrapped(target):
+        warnings.warn(
+            "the whole transformer is compiled too: with MagCache its per-call bookkeeping would recompile at every "
+            "step (dynamo then gives up and runs it eagerly). Compile the blocks only.", stacklevel=2)
     blocks = list(block_modules(transformer))
     previous = transformer.__dict__.get(_COMPILE_ATTR)
     if previous is not None and _same_kwargs(previous, compile_kwargs) and all(_is_compiled(b) for b in blocks):
@@ -104,6 +107,10 @@ def uncompile_blocks(target: Any) -> int:
 def compiled_blocks(target: Any) -> int:
     """How many of the transformer's repeated blocks are compiled (``Module.compile``)."""
     return sum(_is_compiled(b) for b in block_modules(target))
+
+
+def _unwrapped(target: Any) -> Any:
+    return target if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
 
 
 def _is_compiled(block: torch.nn.Module) -> bool:

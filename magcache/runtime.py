@@ -120,6 +120,7 @@ class _Call:
     skip: bool
     keep_residual: bool  # False when caching is off for the run: no residual is ever reused
     entry: torch.Tensor | None = None
+    folded: bool = False  # the residual buffer holds -entry (see _on_entry); entry itself is not kept
 
 
 class _Clock:
@@ -438,6 +439,11 @@ class MagCacheHandle:
 
     def _end_call(self, call: _Call) -> None:
         self._call = None
+        if call.folded:  # the exit module never ran: the buffer holds -entry, not a residual
+            self.reset()
+            raise RuntimeError(
+                f"MagCache: {self.adapter.exit_module!r} did not run in {type(self.transformer).__name__}.forward; "
+                f"the {self.adapter.family!r} adapter does not fit this model")
         run = self._run
         if run is None:
             return
@@ -456,14 +462,28 @@ class MagCacheHandle:
     # ---- hooks -----------------------------------------------------------------------------------
     def _on_entry(self, module, args, output):
         call = self._call
-        if call is not None and call.entry is None:
-            call.entry = self.adapter.stack_input(output)
+        if call is None or call.entry is not None or call.folded:
+            return
+        entry = self.adapter.stack_input(output)
+        run, buf = self._run, call.branch.residual
+        if call.skip or not call.keep_residual or entry.requires_grad or (run is not None and run.calibrating):
+            call.entry = entry
+            return
+        # Computed step: the previous residual is dead, so its buffer takes -entry now and _on_exit adds the stack
+        # output in place. Nothing else is held across the block stack: peak memory grows by one residual per
+        # branch, not three (entry + previous residual + new residual). Same arithmetic: out + (-in) == out - in.
+        if (buf is None or buf.shape != entry.shape or buf.dtype != entry.dtype or buf.device != entry.device
+                or buf.is_inference() != torch.is_inference_mode_enabled()):
+            call.branch.residual = buf = None  # free it before allocating the new one
+            buf = torch.empty(entry.shape, dtype=entry.dtype, device=entry.device)
+        torch.neg(entry, out=buf)
+        call.branch.residual, call.folded = buf, True
 
     def _on_exit(self, module, args):
         call = self._call
         if call is None:
             return None
-        if call.entry is None:
+        if call.entry is None and not call.folded:
             raise RuntimeError(
                 f"MagCache: {self.adapter.entry_module!r} did not run before {self.adapter.exit_module!r} in "
                 f"{type(self.transformer).__name__}.forward; the {self.adapter.family!r} adapter does not fit this model"
@@ -471,6 +491,10 @@ class MagCacheHandle:
         hidden = args[0]
         entry, call.entry = call.entry, None
         branch = call.branch
+        if call.folded:
+            call.folded = False
+            branch.residual.add_(hidden.to(branch.residual.dtype))  # -entry + out
+            return None
         if call.skip:
             return (torch.add(entry, branch.residual).to(hidden.dtype), *args[1:])
         if not call.keep_residual:
