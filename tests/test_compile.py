@@ -201,3 +201,14 @@ def test_computed_steps_hold_no_stack_input_across_the_blocks(tiny):
     t.norm_out.register_forward_pre_hook(check_residual)
     torch.testing.assert_close(run(pipe, "flux", 10), out, rtol=0, atol=0)
     assert len(checked) == computed and all(checked)
+
+
+def test_compile_blocks_warns_when_the_whole_transformer_is_compiled(tiny):
+    """Whole-model compile traces MagCache's per-call bookkeeping and recompiles every step; say so."""
+    pipe = tiny("flux")
+    pipe.transformer.compile(backend="eager")
+    with pytest.warns(UserWarning, match="whole transformer is compiled"):
+        compile_blocks(pipe, backend="eager")
+    wrapped = torch.compile(tiny("flux").transformer, backend="eager")  # an OptimizedModule around it
+    with pytest.warns(UserWarning, match="whole transformer is compiled"):
+        assert compile_blocks(wrapped, backend="eager") == len(list(block_modules(wrapped._orig_mod)))
