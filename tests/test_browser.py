@@ -28,7 +28,8 @@ def _free_port() -> int:
 def app_url(tmp_path):
     port = _free_port()
     env = dict(os.environ, MAGCACHE_TINY="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               MAGCACHE_OUTPUT_DIR=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1")
+               MAGCACHE_OUTPUT_DIR=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1",
+               MAGCACHE_HOME=str(tmp_path / "home"))  # an empty calibration store, never the user's
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -93,5 +94,67 @@ def test_demo_tab_in_a_real_browser(app_url, tmp_path):
                 expect(page.locator(f"#run-{tab.id}")).to_be_visible(timeout=20_000)
                 expect(page.locator(f"#schedule-{tab.id}")).to_be_visible()
             page.screenshot(path=str(shots / "last_tab.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_tuning_panel_in_a_real_browser(app_url, tmp_path):
+    """The Demo tab's tuning panel: moving the thresh slider redraws the live preview, a one-click calibration
+    is saved and then named by the preview as the curve in use, a 3x2 sweep fills its table and Pareto plot, and
+    clicking a row sets the sliders."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium); the browser test needs it.")
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url)
+            expect(page.locator("#run-demo")).to_be_visible(timeout=60_000)
+            tab = page.locator("#tab-demo")
+            preview = tab.locator("p", has_text="Predicted schedule")
+            expect(preview).to_contain_text("ratio curve: preset 'flux' curve", timeout=20_000)
+
+            # the live preview follows the slider (no model run)
+            before = preview.inner_text()
+            thresh = tab.get_by_label("number input for thresh (error budget)")
+            thresh.fill("0.02")
+            thresh.press("Enter")
+            expect(preview).not_to_have_text(before, timeout=20_000)
+            assert "transformer passes computed" in preview.inner_text()
+
+            # one-click calibration: saved to the store, plotted, and from now on the curve in use
+            tuning = page.locator("#tuning-demo")
+            tuning.get_by_text("Tuning: ratio curve").click()
+            tuning.get_by_role("tab", name="Calibrate").click()
+            page.locator("#calibrate-demo").click()
+            status = page.locator("#calibrate-status-demo")
+            expect(status).to_contain_text("Calibrated", timeout=120_000)
+            expect(page.locator("#calibrate-plot-demo")).to_be_visible()
+            saved = list((tmp_path / "home" / "calibrations").glob("*.json"))
+            assert len(saved) == 1 and saved[0].stem in status.inner_text()
+            expect(preview).to_contain_text(f"calibration {saved[0].stem} (exact)", timeout=20_000)
+            tuning.screenshot(path=str(shots / "tuning_calibration.png"))
+
+            # a 3x2 sweep: table, Pareto plot; a clicked row sets the sliders
+            tuning.get_by_role("tab", name="Sweep").click()
+            page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2")
+            page.locator("#sweep-K-demo textarea").fill("2, 4")
+            page.locator("#sweep-demo").click()
+            expect(page.locator("#sweep-status-demo")).to_contain_text("Sweep done: 6 points", timeout=180_000)
+            table = page.locator("#sweep-table-demo")
+            expect(table.locator('[role="row"]')).to_have_count(7)  # header + 6 points
+            expect(page.locator("#sweep-plot-demo")).to_be_visible()
+            last = table.locator('[role="row"][aria-rowindex="7"] [role="gridcell"]')
+            expect(last.nth(1)).to_have_text("0.2")
+            last.nth(1).click()
+            expect(thresh).to_have_value("0.2", timeout=10_000)
+            expect(tab.get_by_label("number input for K (max consecutive skips)")).to_have_value("4")
+            tuning.screenshot(path=str(shots / "tuning_sweep.png"))
+            assert (shots / "tuning_sweep.png").stat().st_size > 10_000
         finally:
             browser.close()

@@ -43,8 +43,10 @@ def variant_settings(manager: ModelManager, tab_id: str, variant: str | None) ->
 
 
 def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any, thresh: Any, retention_ratio: Any,
-            K: Any, guidance: Any = None, num_frames: Any = None) -> tuple[Any, str]:
-    """Redraw which steps each branch will compute, without running a model (``magcache.policy.simulate``)."""
+            K: Any, guidance: Any = None, num_frames: Any = None, curve: Any = None) -> tuple[Any, str]:
+    """Redraw which steps each branch will compute, without running a model (``magcache.policy.simulate``).
+    ``curve``: the ratio curve chosen in the tuning panel (``curves``, ``rules``, ``options``, ``label``); None:
+    the preset's."""
     tab = manager.catalog.tab(tab_id)
     defaults = tab_defaults(manager, tab_id, variant)
     preset = get_preset(defaults["preset"])
@@ -52,19 +54,22 @@ def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any,
         steps = int(steps)
         if steps < 2:
             raise ValueError("steps must be at least 2")
-        settings = preset.settings(thresh=float(thresh), retention_ratio=float(retention_ratio), K=int(K))
+        settings = preset.settings(thresh=float(thresh), retention_ratio=float(retention_ratio), K=int(K),
+                                   **(curve.options if curve is not None else {}))
     except (TypeError, ValueError) as e:
         return None, f"⚠️ {e}"
     branches = tab.num_branches(float(guidance) if guidance is not None else defaults.get("guidance_scale"))
-    schedule = P.simulate(preset.curves, steps, settings, preset.rules, branches)
+    curves, rules = (preset.curves, preset.rules) if curve is None else (curve.curves, curve.rules)
+    schedule = P.simulate(curves, steps, settings, rules, branches)
     computed, total = schedule.computed_count(), steps * branches
-    text = (f"**Predicted schedule** ({preset.id!r} ratios): {computed}/{total} transformer passes computed → "
+    source = f"{preset.id!r} ratios" if curve is None else f"ratio curve: {curve.label}"
+    text = (f"**Predicted schedule** ({source}): {computed}/{total} transformer passes computed → "
             f"**{schedule.predicted_speedup():.2f}×** on the transformer blocks (embeddings, text encoders and VAE "
             "are not sped up, so the wall-clock speed-up is lower).")
     if tab.task == "framepack" and num_frames:
         n = framepack_sections(int(num_frames), defaults.get("latent_window_size", 9))
         text += f" FramePack runs this schedule once per section ({n} section{'s' if n > 1 else ''})."
-    if steps != preset.calibrated_steps:
+    if steps != preset.calibrated_steps and curve is None:  # a chosen curve's label says how it was resampled
         text += f" The ratios were calibrated for {preset.calibrated_steps} steps and are resampled to {steps}."
     return schedule_figure(schedule, settings.thresh), text
 
@@ -105,6 +110,7 @@ def request_from_values(tab_id: str, values: Mapping[str, Any]) -> GenerationReq
         weights=(values.get("weights") or "").strip() or None,
         base=(values.get("base") or "").strip() or None,
         compile_backend=values.get("compile_backend"),
+        curve_picker=values.get("curve_picker"),
     )
 
 
@@ -220,6 +226,8 @@ def status_markdown(result: ComparisonResult) -> str:
              f"{f' × {result.sections} sections' if result.sections > 1 else ''} · branches: {branches}"
              + (" · compiled blocks" if result.compiled else ""),
              f"Model: {result.model}" + (f" · {result.placement}" if result.placement else "")]
+    if result.curve is not None:
+        lines.append(f"Ratio curve: {result.curve.label}")
     lines += [f"ℹ️ {n}" for n in result.notes]
     lines += [f"⚠️ {w}" for w in result.warnings]
     return "\n\n".join(lines)

@@ -10,7 +10,7 @@ import html
 import importlib
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gradio as gr
@@ -45,12 +45,18 @@ class TabContext:
     reference_images, width, height, num_frames, steps, guidance, seed (those the task has), thresh,
     retention_ratio, K, compare, compile, weights, base. ``outputs``: status, schedule, schedule_text, timing,
     metrics, heatmap, and baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
-    Extensions are called inside the tab's input column, below the Generate / Stop buttons."""
+    Extensions are called inside the tab's input column, below the Generate / Stop buttons, before the tab's events
+    are wired: components an extension adds to ``inputs`` reach Generate's values. An extension may also set
+    ``preview(values) -> (figure, text)`` (replaces the live preview, which then also runs on page load and reads
+    the inputs named in ``preview_inputs``) and add ``prepare_values`` hooks (values -> values before a run)."""
 
     tab: Tab
     manager: ModelManager
     inputs: dict[str, gr.components.Component]
     outputs: dict[str, gr.components.Component]
+    preview: Callable[[dict], tuple[Any, str]] | None = None
+    preview_inputs: list[str] = field(default_factory=list)
+    prepare_values: list[Callable[[dict], dict]] = field(default_factory=list)
 
 
 TabExtension = Callable[[TabContext], None]
@@ -105,7 +111,7 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                                                 info="torch.compile the transformer blocks; the first run compiles "
                                                      "(warm-up, shown separately).")
             with gr.Group():
-                inputs["thresh"] = gr.Slider(0, 1, value=d["thresh"], step=0.001, label="thresh (error budget)",
+                inputs["thresh"] = gr.Slider(0, 1, value=d["thresh"], step=0.0001, label="thresh (error budget)",
                                              info="Lower = better quality, fewer skipped steps; higher = faster.")
                 inputs["retention_ratio"] = gr.Slider(0, 1, value=d["retention_ratio"], step=0.01, label="retention ratio",
                                                       info="Share of the first steps always computed. Higher = better "
@@ -132,10 +138,10 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             outputs["schedule_text"] = gr.Markdown(text)
 
     ctx = TabContext(tab, manager, inputs, outputs)
-    _wire(ctx, run, stop, reset)
     with extension_slot:
         for extend in tab_extensions():
             extend(ctx)
+    _wire(ctx, run, stop, reset)
     return ctx
 
 
@@ -208,6 +214,8 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
     def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):
         values = {names[c]: v for c, v in data.items()}
+        for prepare in ctx.prepare_values:
+            values = prepare(values)
 
         def report(phase: str, done: int, total: int) -> None:
             text = handlers.progress_text(phase, done, total)
@@ -227,19 +235,23 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
     stop.click(on_stop, inputs=None, outputs=outputs["status"], cancels=[event], queue=False)
 
-    preview_names = [n for n in ("variant", "steps", "thresh", "retention_ratio", "K", "guidance", "num_frames")
-                     if n in inputs]
+    preview_names = [n for n in dict.fromkeys(("variant", "steps", "thresh", "retention_ratio", "K", "guidance",
+                                               "num_frames", *ctx.preview_inputs)) if n in inputs]
 
     def on_preview(*values):
         v = dict(zip(preview_names, values))
+        if ctx.preview is not None:
+            return ctx.preview(v)
         d = handlers.variant_settings(manager, tab.id, v.get("variant"))
         return handlers.preview(manager, tab.id, v.get("variant"), v["steps"], v["thresh"], v["retention_ratio"],
                                 v["K"], v.get("guidance"), v.get("num_frames", d.get("num_frames")))
 
     preview_inputs = [inputs[n] for n in preview_names]
-    for name in preview_names:
-        inputs[name].change(on_preview, inputs=preview_inputs, outputs=[outputs["schedule"], outputs["schedule_text"]],
-                            queue=False, show_progress="hidden", trigger_mode="always_last")
+    # An extension's preview also runs on page load (triggers=None: load + every input's change), so what it
+    # reads outside the inputs (saved calibrations) shows before anything is touched.
+    gr.on(None if ctx.preview is not None else [inputs[n].change for n in preview_names], on_preview,
+          inputs=preview_inputs, outputs=[outputs["schedule"], outputs["schedule_text"]], queue=False,
+          show_progress="hidden", trigger_mode="always_last")
 
     def on_reset(variant=None):
         d = handlers.variant_settings(manager, tab.id, variant)

@@ -69,6 +69,10 @@ class GenerationRequest:
     weights: str | None = None  # override: hub id, local diffusers folder, or single-file checkpoint
     base: str | None = None  # the rest of the pipeline for a single-file / transformer-only source
     compile_backend: str | None = None  # torch.compile backend (None = inductor); tests use "eager"
+    # The ratio curve of the cached run, chosen once the model is loaded: ``curve_picker(loaded, call_kwargs)``
+    # returns an object with ``curves``, ``rules``, ``options`` (extra Settings fields) and ``label`` (the tuning
+    # panel passes one: best calibration / preset / settings file). None: the preset's curve.
+    curve_picker: Callable[[LoadedModel, dict], Any] | None = None
 
 
 @dataclass
@@ -112,6 +116,7 @@ class ComparisonResult:
     compiled: bool = False
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    curve: Any = None  # what ``req.curve_picker`` chose (its ``label`` says which curve); None: the preset's
 
     @property
     def speedup(self) -> float | None:
@@ -304,6 +309,7 @@ def run_comparison(
         loaded = manager.get(tab.id, variant.id, req.weights, req.base, on_status=lambda msg: progress("load", 0, 1))
         pipe = loaded.pipe
         call = build_call_kwargs(tab, variant, loaded, req)
+        curve = req.curve_picker(loaded, call) if req.curve_picker is not None else None
         steps = call["num_inference_steps"]
         sections = framepack_sections(call["num_frames"], call.get("latent_window_size", 9)) if tab.task == "framepack" else 1
         result_notes = list(loaded.plan.notes)
@@ -330,7 +336,9 @@ def run_comparison(
             baseline = None
             if req.compare:
                 baseline = _timed_run(pipe, call, "baseline", req.seed, total, progress, cancel, manager.device, tab.is_video)
-            handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh, retention_ratio=req.retention_ratio, K=req.K)
+            chosen = {} if curve is None else dict(curves=curve.curves, rules=curve.rules, **curve.options)
+            handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh, retention_ratio=req.retention_ratio,
+                                    K=req.K, **chosen)
             try:
                 cached = _timed_run(pipe, call, "magcache", req.seed, total, progress, cancel, manager.device, tab.is_video)
                 cached.stats = list(handle.runs)
@@ -345,7 +353,7 @@ def run_comparison(
         placement=loaded.placement.reason if loaded.placement else "", num_steps=steps, num_branches=num_branches,
         sections=sections, magcache=cached, predicted=predicted, baseline=baseline,
         load_seconds=loaded.load_seconds if loaded.key not in already else None, warmup_seconds=warmup_s,
-        compiled=use_compiled, notes=result_notes, warnings=warnings,
+        compiled=use_compiled, notes=result_notes, warnings=warnings, curve=curve,
     )
     if baseline is not None:
         result.psnr, result.ssim = quality(baseline.output, cached.output)
@@ -448,7 +456,7 @@ def _warnings(result: ComparisonResult) -> list[str]:
     if skipped == 0:
         out.append("MagCache skipped no step: raise thresh or K, or lower the retention ratio, for a speed-up.")
     preset = get_preset(result.preset)
-    if result.num_steps != preset.calibrated_steps:
+    if result.num_steps != preset.calibrated_steps and getattr(result.curve, "how", None) is None:  # preset curve
         out.append(f"The {result.preset!r} ratios were calibrated for {preset.calibrated_steps} steps and are resampled "
                    f"to {result.num_steps}: schedules at other step counts are approximate.")
     if result.speedup is not None and result.speedup < 1:
