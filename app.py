@@ -5,14 +5,18 @@
     MAGCACHE_TINY=1 python app.py       # every tab on tiny offline pipelines (no downloads, CPU)
 
 Flags fall back to environment variables: MAGCACHE_HOST (default 127.0.0.1; the Docker image sets 0.0.0.0),
-MAGCACHE_PORT (7860), MAGCACHE_SHARE, MAGCACHE_TINY. Model weights come from the Hugging Face cache (HF_HOME /
+MAGCACHE_PORT (7860), MAGCACHE_SHARE, MAGCACHE_TINY; MAGCACHE_MAX_UPLOAD (default 500mb), MAGCACHE_OFFLOAD
+(model / sequential: force CPU offload on a GPU). Model weights come from the Hugging Face cache (HF_HOME /
 HF_HUB_CACHE) or the MAGCACHE_WEIGHTS_<VARIANT> / MAGCACHE_BASE_<VARIANT> variables; see README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import tempfile
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         os.environ["MAGCACHE_TINY"] = "1"
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    configure_logging()
 
     from magcache.studio.manager import ModelManager
     from ui import CSS, THEME, build_app
@@ -48,8 +53,40 @@ def main(argv: list[str] | None = None) -> None:
     # One generation per device at a time (the Generate buttons share the "device" concurrency id); the
     # schedule previews and the Stop buttons bypass the queue.
     app.queue(default_concurrency_limit=1, max_size=32)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
-               allowed_paths=[str(output_dir())], show_error=True, footer_links=["gradio", "settings"])
+    app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], **launch_options(args, output_dir()))
+
+
+class RedactTokens(logging.Filter):
+    """Every log line (and traceback) without access tokens, whoever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from magcache.studio.manager import redact
+
+        record.msg, record.args = redact(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def configure_logging() -> None:
+    """Warnings from libraries, INFO from the app (loads, unloads, stopped runs), tokens redacted everywhere."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("magcache").setLevel(os.environ.get("MAGCACHE_LOG_LEVEL", "INFO").upper())
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())
+
+
+def launch_options(args: argparse.Namespace, outputs: Path) -> dict:
+    """What the server exposes: the interface from --host (127.0.0.1 unless told otherwise), an upload size
+    limit, and no extra served folder unless the output folder lies outside the places Gradio may already copy
+    results from (the working directory and the temp dir): ``allowed_paths`` makes a whole folder downloadable."""
+    out = outputs.resolve()
+    inside = any(out == p or p in out.parents for p in (Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve()))
+    return dict(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                allowed_paths=[] if inside else [str(out)],
+                max_file_size=os.environ.get("MAGCACHE_MAX_UPLOAD", "500mb"))
 
 
 if __name__ == "__main__":

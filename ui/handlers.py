@@ -3,11 +3,12 @@ them to components. Each returns values keyed by output name; the layout maps na
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -15,12 +16,14 @@ from PIL import Image
 
 from magcache import policy as P
 from magcache.presets import get_preset
-from magcache.studio.compare import (ComparisonResult, GenerationRequest, framepack_sections, run_comparison,
-                                     tab_defaults)
+from magcache.studio.compare import (ComparisonResult, GenerationRequest, InvalidRequest, framepack_sections,
+                                     run_comparison, tab_defaults)
 from magcache.studio.manager import Cancelled, ModelManager
-from magcache.studio.media import side_by_side, to_uint8_frames, upscale_nearest, write_mp4
+from magcache.studio.media import MediaError, confine_upload, side_by_side, to_uint8_frames, upscale_nearest, write_mp4
 
 from .plots import schedule_figure
+
+logger = logging.getLogger("magcache.studio.ui")
 
 DISPLAY_MIN_SIDE = 256  # tiny outputs are enlarged (nearest neighbour) to at least this size for display
 PHASES = {"baseline": "Baseline run", "magcache": "MagCache run", "warm-up": "Warm-up", "load": "Loading the model",
@@ -77,24 +80,60 @@ def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any,
 # --------------------------------------------------------------------------------------------------
 # Generate / stop
 # --------------------------------------------------------------------------------------------------
-def request_from_values(tab_id: str, values: Mapping[str, Any]) -> GenerationRequest:
-    """Inputs (by name, as the UI delivers them: sliders give floats, empty fields give '' or None)."""
+NUMBER_LABELS = {"height": "Height", "width": "Width", "num_frames": "Frames", "steps": "Steps", "guidance": "Guidance",
+                 "seed": "Seed", "thresh": "thresh", "retention_ratio": "retention ratio", "K": "K"}
+UPLOADS = {"image": "input image", "control_video": "control video", "mask_video": "mask video"}
+
+
+def request_from_values(tab_id: str, values: Mapping[str, Any],
+                        upload_roots: Sequence[str | os.PathLike] | None = None) -> GenerationRequest:
+    """Inputs (by name, as the UI delivers them: sliders give floats, empty fields give '' or None). Anything else
+    a client may send (text for numbers, 8.5 steps, NaN) raises ``InvalidRequest`` naming the field. With
+    ``upload_roots``, file inputs must be paths inside those folders (the app passes Gradio's upload folder)."""
 
     def num(name: str, cast=int):
         value = values.get(name)
-        return None if value is None or value == "" else cast(value)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        label = NUMBER_LABELS.get(name, name)
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or not isinstance(number, (int, float, np.integer, np.floating)):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"{label} must be a number, got {value!r}.") from None
+        if cast is float:
+            return float(number)  # NaN / inf reach the range checks, which name the field
+        if isinstance(number, (int, np.integer)):
+            return int(number)  # ranges are checked with the request (validate)
+        if not np.isfinite(number) or not float(number).is_integer():
+            raise InvalidRequest(f"{label} must be a whole number, got {value!r}.")
+        return int(number)
+
+    def upload(value: Any, what: str) -> Any:
+        if isinstance(value, Mapping):  # a FileData dict from an API client
+            value = value.get("path")
+        if upload_roots is not None and isinstance(value, (str, os.PathLike)):
+            try:
+                return confine_upload(value, upload_roots, what)
+            except MediaError as e:
+                raise InvalidRequest(f"The {what}: {e}") from None
+        return value
 
     refs = values.get("reference_images") or None
     if refs:
-        refs = [r if not isinstance(r, Mapping) else r.get("path") for r in refs]
+        if isinstance(refs, (str, os.PathLike, Mapping)):
+            refs = [refs]
+        refs = [upload(r, f"reference image {i + 1}") for i, r in enumerate(refs)]
+    files = {name: upload(values.get(name) or None, what) for name, what in UPLOADS.items()}
     return GenerationRequest(
         tab_id=tab_id,
         variant=values.get("variant") or None,
         prompt=values.get("prompt") or "",
         negative_prompt=values.get("negative_prompt") or None,
-        image=values.get("image"),
-        control_video=values.get("control_video") or None,
-        mask_video=values.get("mask_video") or None,
+        image=files["image"],
+        control_video=files["control_video"],
+        mask_video=files["mask_video"],
         reference_images=refs,
         height=num("height"),
         width=num("width"),
@@ -115,14 +154,27 @@ def request_from_values(tab_id: str, values: Mapping[str, Any]) -> GenerationReq
 
 
 def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], session: str = "local",
-             on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Run a comparison and turn it into display values. Raises ``InvalidRequest`` / ``WeightsNotFound`` (the
-    UI shows them as errors); a stop request returns only a status line."""
-    req = request_from_values(tab_id, values)
+             on_progress: Callable[[str, int, int], None] | None = None, *,
+             still_wanted: Callable[[], bool] | None = None,
+             upload_roots: Sequence[str | os.PathLike] | None = None) -> dict[str, Any]:
+    """Run a comparison and turn it into display values. Raises ``InvalidRequest`` / ``WeightsNotFound`` /
+    ``OutOfMemory`` (the UI shows them as errors); a stop request returns only a status line. ``still_wanted``
+    is asked at every step and while queued: False (the client went away) stops the run like Stop does."""
+    req = request_from_values(tab_id, values, upload_roots)
     token = manager.cancel_token(session)
+    progress = on_progress
+    gone = []
+    if still_wanted is not None:
+        def progress(phase: str, done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(phase, done, total)
+            if not token.is_set() and not still_wanted():
+                gone.append(True)
+                token.set()  # the client is gone: stop at this step, free the device for the next request
     try:
-        result = run_comparison(manager, req, on_progress, token)
+        result = run_comparison(manager, req, progress, token)
     except Cancelled as e:
+        logger.info("%s: run stopped (%s)%s", tab_id, e, " - client gone or event cancelled" if gone else "")
         return {"status": f"⏹ **Stopped** ({e}). The model stays loaded; run again any time."}
     finally:
         manager.release_token(session, token)

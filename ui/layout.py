@@ -9,19 +9,23 @@ from __future__ import annotations
 import html
 import importlib
 import importlib.util
+import logging
 import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gradio as gr
+from gradio import utils as gradio_utils
 
 from magcache.studio.catalog import Tab
 from magcache.studio.compare import InvalidRequest
-from magcache.studio.manager import ModelManager, WeightsNotFound
+from magcache.studio.manager import ModelManager, OutOfMemory, WeightsNotFound, redact
 
 from . import handlers
 from .zerogpu import gpu_task
 
+logger = logging.getLogger("magcache.studio.ui")
 TASK_LABELS = {"text-to-image": "Text to image", "image-edit": "Image edit", "text-to-video": "Text to video",
                "image-to-video": "Image to video", "vace": "Video generation with VACE controls",
                "framepack": "Image to video (FramePack sections)"}
@@ -130,7 +134,7 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                                              interactive=False, elem_id=f"timing-{tab.id}")
             with gr.Row():
                 outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
-                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220,
+                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220, format="png",
                                               interactive=False)
             figure, text = handlers.preview(manager, tab.id, None, d["num_inference_steps"], d["thresh"],
                                             d["retention_ratio"], d["K"], d.get("guidance_scale"), d.get("num_frames"))
@@ -147,7 +151,8 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
 
 def _task_inputs(tab: Tab, d: dict, inputs: dict) -> None:
     if "image" in tab.inputs:
-        inputs["image"] = gr.Image(type="pil", label="Input image", height=260)
+        # A path, not a decoded image: the backend checks the file's size before decoding it (media.load_image).
+        inputs["image"] = gr.Image(type="filepath", image_mode=None, label="Input image", height=260)
     inputs["prompt"] = gr.Textbox(d.get("prompt", ""), lines=2, label="Prompt")
     if "negative_prompt" in tab.inputs:
         inputs["negative_prompt"] = gr.Textbox(d.get("negative_prompt", ""), lines=1, label="Negative prompt")
@@ -200,40 +205,49 @@ def _result_outputs(tab: Tab, outputs: dict) -> None:
                                           autoplay=True, loop=True)
     else:
         with gr.Row():
-            outputs["baseline_image"] = gr.Image(label="Baseline (no cache)", type="pil", interactive=False,
+            # PNG, not Gradio's default lossy WebP: the two outputs are compared pixel by pixel.
+            outputs["baseline_image"] = gr.Image(label="Baseline (no cache)", type="pil", interactive=False, format="png",
                                                  elem_id=f"baseline-{tab.id}")
-            outputs["magcache_image"] = gr.Image(label="MagCache", type="pil", interactive=False,
+            outputs["magcache_image"] = gr.Image(label="MagCache", type="pil", interactive=False, format="png",
                                                  elem_id=f"magcache-{tab.id}")
-        outputs["slider"] = gr.ImageSlider(label="Slide: baseline ↔ MagCache", type="pil", interactive=False, max_height=420)
+        outputs["slider"] = gr.ImageSlider(label="Slide: baseline ↔ MagCache", type="pil", interactive=False, max_height=420,
+                                           format="png")
 
 
 def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) -> None:
     tab, manager, inputs, outputs = ctx.tab, ctx.manager, ctx.inputs, ctx.outputs
-    names = {component: name for name, component in inputs.items()}
     result_outputs = [c for n, c in outputs.items() if n != "schedule_text"]
 
-    def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):
-        values = {names[c]: v for c, v in data.items()}
+    # Inputs by keyword: the API endpoint /generate_<tab> takes the same names (prompt, steps, thresh, ...).
+    def on_generate(request: gr.Request, progress=gr.Progress(), **values):
         for prepare in ctx.prepare_values:
             values = prepare(values)
+        still_wanted = _event_alive_check()
 
         def report(phase: str, done: int, total: int) -> None:
             text = handlers.progress_text(phase, done, total)
             progress((done, total) if phase in ("baseline", "magcache") else 0.0, desc=text)
 
         try:
-            out = _generate_on_device(manager, tab.id, values, _session(request, tab), report)
+            out = _generate_on_device(manager, tab.id, values, _session(request, tab), report, still_wanted)
         except (InvalidRequest, WeightsNotFound) as e:
-            raise gr.Error(_html(str(e)), duration=None, title="Cannot run") from None
+            raise gr.Error(_html(redact(str(e))), duration=None, title="Cannot run") from None
+        except OutOfMemory as e:
+            raise gr.Error(_html(redact(str(e))), duration=None, title="Out of memory") from None
+        except Exception as e:  # noqa: BLE001 - anything else: logged, reported, and the app keeps serving
+            logger.error("generate %s failed:\n%s", tab.id, redact(traceback.format_exc()))
+            raise gr.Error(_html(redact(f"The run failed ({type(e).__name__}: {e}). The model was reset, so the "
+                                        "next run starts clean; if it keeps failing, press Unload all models.")),
+                           duration=None, title="Run failed") from None
         return {outputs[n]: v for n, v in out.items() if n in outputs and n != "schedule_text"}
 
     main_output = outputs["split_video"] if tab.is_video else outputs["slider"]
-    event = run.click(on_generate, inputs=set(inputs.values()), outputs=result_outputs,
+    event = run.click(on_generate, inputs_kwargs=dict(inputs), outputs=result_outputs, api_name=f"generate_{tab.id}",
                       show_progress_on=[outputs["status"], main_output], concurrency_id="device", concurrency_limit=1)
     def on_stop(request: gr.Request):
         return handlers.stop(manager, _session(request, tab))
 
-    stop.click(on_stop, inputs=None, outputs=outputs["status"], cancels=[event], queue=False)
+    stop.click(on_stop, inputs=None, outputs=outputs["status"], cancels=[event], queue=False, api_name=f"stop_{tab.id}")
 
     preview_names = [n for n in dict.fromkeys(("variant", "steps", "thresh", "retention_ratio", "K", "guidance",
                                                "num_frames", *ctx.preview_inputs)) if n in inputs]
@@ -276,8 +290,37 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
 
 @gpu_task
-def _generate_on_device(manager, tab_id, values, session, report):
-    return handlers.generate(manager, tab_id, values, session, report)
+def _generate_on_device(manager, tab_id, values, session, report, still_wanted=None):
+    return handlers.generate(manager, tab_id, values, session, report, still_wanted=still_wanted,
+                             upload_roots=[gradio_utils.get_upload_folder()])
+
+
+def _event_alive_check() -> Callable[[], bool]:
+    """A check for the running event: False once Gradio cancelled it (Stop, or the client's ``job.cancel()``) or
+    its client disconnected. Gradio cannot stop a function running in a worker thread, so the backend asks this at
+    every step and stops itself. Reads Gradio's queue (private API, pinned version); any surprise reads as alive,
+    so at worst only the Stop button stops a run."""
+    try:
+        from gradio.context import LocalContext
+
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        queue = blocks._queue if blocks is not None else None
+    except Exception:  # noqa: BLE001
+        return lambda: True
+    if queue is None or event_id is None:
+        return lambda: True
+
+    def alive() -> bool:
+        try:
+            for job in list(queue.active_jobs):
+                for event in job or ():
+                    if event._id == event_id:
+                        return bool(event.alive)
+            return False  # no longer an active job: cancelled
+        except Exception:  # noqa: BLE001
+            return True
+
+    return alive
 
 
 def _html(message: str) -> str:

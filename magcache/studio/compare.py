@@ -6,6 +6,10 @@ CUDA sync on both ends). The MagCache handle lives for the cached run only, so t
 pipeline. Progress comes from ``callback_on_step_end`` (all eight pipelines call it after every step) and a
 stop request sets ``pipe._interrupt`` from inside it, which every pipeline honours at its next step.
 
+Whatever ends a request (done, stopped, an exception at any step, out of memory), the pipeline is left as a fresh
+one: no MagCache handle, no cached residual, ``_interrupt`` cleared, offload hooks reset. Every input is checked
+here, not only by the UI's components (an API client can send anything), and uploads are decoded with size limits.
+
 No Gradio here: ``ui/`` turns a :class:`ComparisonResult` into images, videos, tables and plots.
 """
 
@@ -29,8 +33,8 @@ from magcache.presets import get_preset
 from magcache.runtime import RunStats
 
 from .catalog import Tab, Variant
-from .manager import Cancelled, LoadedModel, ModelManager
-from .media import read_video, to_pil
+from .manager import Cancelled, LoadedModel, ModelManager, OutOfMemory, is_out_of_memory, out_of_memory_message
+from .media import MediaError, load_image, read_video, to_pil
 
 WARMUP_STEPS = 2  # steps of the untimed warm-up run before the first timed run of a shape
 TINY_STEPS = 12  # default steps with tiny pipelines: a few skips show at every preset's defaults
@@ -39,6 +43,18 @@ _USER_KEYS = {"prompt", "negative_prompt", "image", "video", "height", "width", 
               "generator", "guidance_scale"}
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total): phases "queue", "load", "warm-up", "baseline", "magcache"
+
+# Input limits, checked in the backend whatever the UI's components allow.
+MIN_STEPS, MAX_STEPS = 2, 200
+SIZE_MULTIPLE = 16  # VAE 8x times patch 2 for every model here (FLUX/Kontext, Chroma, Wan, HunyuanVideo, FramePack)
+MAX_SIDE = 2048
+MAX_FRAMES = 257
+MAX_GUIDANCE = 50.0
+MAX_THRESH = 10.0  # far beyond any useful value (references use 0.01-0.3); the policy itself only needs >= 0
+MAX_K = MAX_STEPS
+MAX_PROMPT_CHARS = 4000
+MAX_REFERENCE_IMAGES = 8
+MAX_SEED = 2**63 - 1
 
 
 class InvalidRequest(ValueError):
@@ -210,7 +226,8 @@ def framepack_sections(num_frames: int, latent_window_size: int = 9, temporal_fa
 # Validation and call arguments
 # --------------------------------------------------------------------------------------------------
 def validate(tab: Tab, req: GenerationRequest, defaults: dict[str, Any]) -> GenerationRequest:
-    """Fill unset fields from ``defaults`` and reject inputs a pipeline would fail on, with a clear message."""
+    """Fill unset fields from ``defaults`` and reject inputs a pipeline would fail on (or that would run for hours),
+    with a message that says what to change. Uploads are decoded here, with size limits, before any model loads."""
     from dataclasses import replace
 
     fill = {k: defaults.get(k) for k in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale",
@@ -218,32 +235,84 @@ def validate(tab: Tab, req: GenerationRequest, defaults: dict[str, Any]) -> Gene
     if req.negative_prompt is None and "negative_prompt" in tab.inputs:
         fill["negative_prompt"] = defaults.get("negative_prompt")
     req = replace(req, **{k: v for k, v in fill.items() if v is not None})
+    for name, text in (("Prompt", req.prompt), ("Negative prompt", req.negative_prompt)):
+        if text is not None and not isinstance(text, str):
+            raise InvalidRequest(f"{name} must be text, got {type(text).__name__}.")
+        if text and len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"{name} is too long ({len(text)} characters; the limit is {MAX_PROMPT_CHARS}).")
     if not (req.prompt or "").strip():
         raise InvalidRequest("Write a prompt first.")
     if "image" in tab.inputs and req.image is None:
         raise InvalidRequest(f"{tab.label} needs an input image: upload one first.")
     steps = req.num_inference_steps
-    if not isinstance(steps, (int, np.integer)) or not 2 <= steps <= 200:
-        raise InvalidRequest(f"Steps must be a whole number from 2 to 200, got {steps!r}.")
+    if not _whole(steps) or not MIN_STEPS <= steps <= MAX_STEPS:
+        raise InvalidRequest(f"Steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}, got {steps!r}.")
     if "size" in tab.inputs:
         for name in ("height", "width"):
             value = getattr(req, name)
-            if not isinstance(value, (int, np.integer)) or value < 16 or value % 16:
-                raise InvalidRequest(f"{name.capitalize()} must be a positive multiple of 16, got {value!r}.")
+            if not _whole(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+                raise InvalidRequest(f"{name.capitalize()} must be a positive multiple of {SIZE_MULTIPLE} for "
+                                     f"{tab.label}, got {value!r}.")
+            if value > MAX_SIDE:
+                raise InvalidRequest(f"{name.capitalize()} must be at most {MAX_SIDE}, got {value}.")
     if "frames" in tab.inputs:
         n = req.num_frames
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise InvalidRequest(f"Frames must be a positive whole number, got {n!r}.")
+        if not _whole(n) or not 1 <= n <= MAX_FRAMES:
+            raise InvalidRequest(f"Frames must be a whole number from 1 to {MAX_FRAMES}, got {n!r}.")
         if tab.task != "framepack" and (n - 1) % 4:
             raise InvalidRequest(f"{tab.label} needs 4k+1 frames (e.g. {4 * ((n - 1) // 4) + 1} or "
                                  f"{4 * ((n - 1) // 4 + 1) + 1}), got {n}.")
-    if req.guidance_scale is None or not math.isfinite(req.guidance_scale) or req.guidance_scale < 0:
-        raise InvalidRequest(f"Guidance must be a number >= 0, got {req.guidance_scale!r}.")
+    g = req.guidance_scale
+    if not _number(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise InvalidRequest(f"Guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {g!r}.")
+    if not _whole(req.seed) or abs(req.seed) > MAX_SEED:
+        raise InvalidRequest(f"Seed must be a whole number (at most {MAX_SEED} in size), got {req.seed!r}.")
     try:
         P.validate_settings(req.thresh, req.retention_ratio, req.K)
     except ValueError as e:
         raise InvalidRequest(f"MagCache settings: {e}") from None
-    return req
+    if req.thresh > MAX_THRESH:
+        raise InvalidRequest(f"MagCache settings: thresh must be at most {MAX_THRESH:g}, got {req.thresh}.")
+    if req.K > MAX_K:
+        raise InvalidRequest(f"MagCache settings: K must be at most {MAX_K}, got {req.K}.")
+    return _decoded_uploads(tab, req)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _decoded_uploads(tab: Tab, req: GenerationRequest) -> GenerationRequest:
+    """Images and videos decoded now (size-checked, see :mod:`.media`): a bad upload is an ``InvalidRequest``
+    before the request waits for the device or loads a model."""
+    from dataclasses import replace
+
+    def decode(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except MediaError as e:
+            raise InvalidRequest(f"The {what}: {e}") from None
+
+    changes: dict[str, Any] = {}
+    if req.image is not None and "image" in tab.inputs:
+        changes["image"] = decode("input image", lambda: load_image(req.image))
+    if tab.task == "vace":
+        size = (int(req.width), int(req.height))
+        for field_name, what, mode in (("control_video", "control video", "RGB"), ("mask_video", "mask video", "L")):
+            video = getattr(req, field_name)
+            if video is not None:
+                changes[field_name] = decode(what, lambda v=video, m=mode: _frames(v, int(req.num_frames), size, m))
+        refs = list(req.reference_images or [])
+        if len(refs) > MAX_REFERENCE_IMAGES:
+            raise InvalidRequest(f"At most {MAX_REFERENCE_IMAGES} reference images, got {len(refs)}.")
+        if refs:
+            changes["reference_images"] = [decode(f"reference image {i + 1}", lambda r=r: load_image(r))
+                                           for i, r in enumerate(refs)]
+    return replace(req, **changes) if changes else req
 
 
 def build_call_kwargs(tab: Tab, variant: Variant, loaded: LoadedModel, req: GenerationRequest) -> dict[str, Any]:
@@ -284,7 +353,7 @@ def _frames(video: Any, num_frames: int, size: tuple[int, int], mode: str) -> li
     from .media import fit_frames
 
     if isinstance(video, (list, tuple)):
-        return fit_frames([to_pil(f).convert(mode).resize(size, Image.BICUBIC) for f in video], num_frames)
+        return fit_frames([load_image(f).convert(mode).resize(size, Image.BICUBIC) for f in video], num_frames)
     return read_video(video, num_frames, size[0], size[1], mode)
 
 
@@ -304,49 +373,71 @@ def run_comparison(
     defaults = tab_defaults(manager, tab.id, variant.id)
     req = validate(tab, req, defaults)
 
+    phase = ["loading the model"]  # what was running when an out-of-memory error came
+
+    def tracked(name: str, done: int, total: int) -> None:
+        phase[0] = {"warm-up": "warming up", "baseline": "running the baseline",
+                    "magcache": "running with MagCache"}.get(name, phase[0])
+        progress(name, done, total)
+
     with manager.device_slot(cancel, on_wait=lambda ahead: progress("queue", ahead, ahead)):
         already = {m.key for m in manager.loaded()}
-        loaded = manager.get(tab.id, variant.id, req.weights, req.base, on_status=lambda msg: progress("load", 0, 1))
-        pipe = loaded.pipe
-        call = build_call_kwargs(tab, variant, loaded, req)
-        curve = req.curve_picker(loaded, call) if req.curve_picker is not None else None
-        steps = call["num_inference_steps"]
-        sections = framepack_sections(call["num_frames"], call.get("latent_window_size", 9)) if tab.task == "framepack" else 1
-        result_notes = list(loaded.plan.notes)
-        warnings: list[str] = []
-        magcache.remove(pipe)  # never time a baseline with a leftover handle
-
-        warmup_s = None
-        if req.compile and not loaded.compiled:
-            msg = _compile_blocks(pipe, req.compile_backend)
-            if msg:
-                warnings.append(msg)
-            else:
-                loaded.compiled = True
-        shape = (call.get("height"), call.get("width"), call.get("num_frames"), tab.num_branches(req.guidance_scale))
-        use_compiled = req.compile and loaded.compiled
-        stance = contextlib.nullcontext() if use_compiled or not loaded.compiled else torch.compiler.set_stance("force_eager")
-        with stance:
-            warm_key = (shape, use_compiled)
-            if warm_key not in loaded.warm:
-                progress("warm-up", 0, 1)
-                warmup_s = _warm_up(pipe, call, req.seed, manager.device)
-                loaded.warm.add(warm_key)
-            total = steps * sections
-            baseline = None
-            if req.compare:
-                baseline = _timed_run(pipe, call, "baseline", req.seed, total, progress, cancel, manager.device, tab.is_video)
-            chosen = {} if curve is None else dict(curves=curve.curves, rules=curve.rules, **curve.options)
-            handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh, retention_ratio=req.retention_ratio,
-                                    K=req.K, **chosen)
+        with manager.use(tab.id, variant.id, req.weights, req.base,
+                         on_status=lambda msg: progress("load", 0, 1)) as loaded:
+            out_of_memory = None
             try:
-                cached = _timed_run(pipe, call, "magcache", req.seed, total, progress, cancel, manager.device, tab.is_video)
-                cached.stats = list(handle.runs)
-                num_branches = max((len(r.branches) for r in cached.stats), default=1)
-                predicted = handle.predict(steps, num_branches)
-                settings = handle.settings
+                pipe = loaded.pipe
+                call = build_call_kwargs(tab, variant, loaded, req)
+                curve = req.curve_picker(loaded, call) if req.curve_picker is not None else None
+                steps = call["num_inference_steps"]
+                sections = framepack_sections(call["num_frames"], call.get("latent_window_size", 9)) if tab.task == "framepack" else 1
+                result_notes = list(loaded.plan.notes)
+                warnings: list[str] = []
+                magcache.remove(pipe)  # never time a baseline with a leftover handle
+
+                warmup_s = None
+                if req.compile and not loaded.compiled:
+                    msg = _compile_blocks(pipe, req.compile_backend)
+                    if msg:
+                        warnings.append(msg)
+                    else:
+                        loaded.compiled = True
+                shape = (call.get("height"), call.get("width"), call.get("num_frames"), tab.num_branches(req.guidance_scale))
+                use_compiled = req.compile and loaded.compiled
+                stance = contextlib.nullcontext() if use_compiled or not loaded.compiled else torch.compiler.set_stance("force_eager")
+                with stance:
+                    warm_key = (shape, use_compiled)
+                    if warm_key not in loaded.warm:
+                        tracked("warm-up", 0, 1)
+                        warmup_s = _warm_up(pipe, call, req.seed, manager.device)
+                        loaded.warm.add(warm_key)
+                    total = steps * sections
+                    baseline = None
+                    if req.compare:
+                        baseline = _timed_run(pipe, call, "baseline", req.seed, total, tracked, cancel, manager.device, tab.is_video)
+                    chosen = {} if curve is None else dict(curves=curve.curves, rules=curve.rules, **curve.options)
+                    try:
+                        handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh,
+                                                retention_ratio=req.retention_ratio, K=req.K, **chosen)
+                    except ValueError as e:  # a calibration curve that does not fit: the user's input, not a crash
+                        raise InvalidRequest(f"MagCache cannot run with this ratio curve: {e}") from None
+                    try:
+                        cached = _timed_run(pipe, call, "magcache", req.seed, total, tracked, cancel, manager.device, tab.is_video)
+                        cached.stats = list(handle.runs)
+                        num_branches = max((len(r.branches) for r in cached.stats), default=1)
+                        predicted = handle.predict(steps, num_branches)
+                        settings = handle.settings
+                    finally:
+                        handle.remove()
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                out_of_memory = f"{type(e).__name__}: {e}"
             finally:
-                handle.remove()
+                reset_pipeline(loaded.pipe)
+            if out_of_memory is not None:  # out of the except block: the tensors its traceback held are free now
+                manager.release_memory(keep=loaded.key)
+                raise OutOfMemory(out_of_memory_message(tab, phase[0], out_of_memory, manager.device))
 
     result = ComparisonResult(
         tab=tab, variant=variant, preset=loaded.preset, settings=settings, model=loaded.plan.describe(),
@@ -360,6 +451,16 @@ def run_comparison(
         result.heatmap = metrics.difference_heatmap(_as_array(baseline.output), _as_array(cached.output))
     result.warnings += _warnings(result)
     return result
+
+
+def reset_pipeline(pipe: Any) -> None:
+    """Leave ``pipe`` as a fresh one after a run that ended in any way: no MagCache handle (which also drops its
+    cached residuals), no pending interrupt, offload hooks and stateful diffusers hooks reset."""
+    magcache.remove(pipe)
+    if getattr(pipe, "_interrupt", False):
+        pipe._interrupt = False
+    with contextlib.suppress(Exception):  # a no-op without offload; must never mask the run's own error
+        pipe.maybe_free_model_hooks()
 
 
 def _timed_run(pipe: Any, call: dict[str, Any], label: str, seed: int, total: int, progress: ProgressFn,

@@ -10,7 +10,11 @@
   when the GPU is short of memory.
 * :meth:`ModelManager.device_slot` lets one generation at a time use the device, first come first served, and
   :meth:`ModelManager.cancel` stops a waiting or running generation of a session.
-* Missing weights raise :class:`WeightsNotFound` with what to download and which variable or field to set.
+* Missing weights raise :class:`WeightsNotFound` with what to download and which variable or field to set; weights
+  that exist but do not load (wrong architecture, broken file) raise :class:`ModelLoadError`; user weights load only
+  from safetensors (never pickle).
+* Out of memory (a CUDA OOM at load or in a run) frees what it can and raises :class:`OutOfMemory` with what to
+  change; a model in use by a run is never unloaded under it (:meth:`ModelManager.use`).
 
 No Gradio here: the UI, scripts and tests use the same object.
 """
@@ -40,6 +44,9 @@ logger = logging.getLogger("magcache.studio")
 
 GB = 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+# Loading these runs Python's pickle, which can execute code: never for weights a user points at.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+OFFLOAD_MODES = ("model", "sequential")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -47,8 +54,53 @@ class WeightsNotFound(RuntimeError):
     """The weights a tab needs are not on this machine (or the path is wrong); the message says what to do."""
 
 
+class ModelLoadError(WeightsNotFound):
+    """The weights exist but could not be loaded as this tab's model (wrong architecture, broken or unsafe file)."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; what could be freed was freed and the message says what to change."""
+
+
 class Cancelled(RuntimeError):
     """A generation was stopped by the user."""
+
+
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+def redact(text: str) -> str:
+    """``text`` without access tokens (the values of HF_TOKEN and friends, and anything shaped like ``hf_…``), for
+    every message the app shows or logs."""
+    text = str(text)
+    for name in _TOKEN_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:
+            text = text.replace(value, "***")
+    return _TOKEN_RE.sub("hf_***", text)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) OOM, or the CPU allocator giving up."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def free_memory() -> None:
+    """Return what the garbage collector and the CUDA caching allocator hold to the system."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def forced_offload() -> str | None:
+    """``MAGCACHE_OFFLOAD=model`` / ``sequential``: CPU offload for every model loaded from now on (the lever an
+    out-of-memory message points at)."""
+    mode = (os.environ.get("MAGCACHE_OFFLOAD") or "").strip().lower()
+    return mode if mode in OFFLOAD_MODES else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,14 +182,17 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def plan_placement(device: str, dtype: torch.dtype, component_bytes: Mapping[str, int], free_bytes: int | None,
-                   video: bool = False) -> Placement:
+                   video: bool = False, offload: str | None = None) -> Placement:
     """Fit a loaded pipeline (sizes measured per component) onto ``device`` with ``free_bytes`` available.
 
     Everything on the device when it fills at most 80% of the free memory (the rest is for activations); else
     model CPU offload (one component on the GPU at a time) when the largest component fits; else sequential
-    offload (layer by layer, slow but fits anything). VAE tiling whenever memory is short, and for videos."""
+    offload (layer by layer, slow but fits anything). VAE tiling whenever memory is short, and for videos.
+    ``offload`` (``MAGCACHE_OFFLOAD``) forces an offload mode on a GPU."""
     if not device.startswith("cuda") or free_bytes is None:
         return Placement(device, dtype, None, False, f"{device}: everything in memory")
+    if offload in OFFLOAD_MODES:
+        return Placement(device, dtype, offload, True, f"MAGCACHE_OFFLOAD={offload}: {offload} CPU offload, VAE tiling")
     total = sum(component_bytes.values())
     largest = max(component_bytes.values(), default=0)
     if total <= 0.8 * free_bytes:
@@ -202,6 +257,11 @@ class FairDeviceLock:
         with self._cond:
             return len(self._queue)
 
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._busy
+
 
 # --------------------------------------------------------------------------------------------------
 # Loaded models
@@ -215,6 +275,8 @@ class LoadedModel:
     load_seconds: float
     compiled: bool = False
     warm: set = field(default_factory=set)  # call shapes already run once (warm-up done)
+    users: int = 0  # runs using it now (ModelManager.use): never unloaded while > 0
+    unload_when_free: bool = False  # an unload was asked for while it was in use
 
     @property
     def key(self) -> str:
@@ -293,9 +355,9 @@ class ModelManager:
         default_base = v.base if v.weights_role == "transformer" else v.weights
         path = Path(os.path.expanduser(weights))
         if path.is_file():
-            if path.suffix not in WEIGHT_SUFFIXES:
-                raise WeightsNotFound(f"{path} is not a checkpoint file (expected one of {', '.join(WEIGHT_SUFFIXES)}).")
+            _check_single_file_suffix(path)
             _check_single_file_loadable(tab, v)
+            _check_safetensors_header(path)
             base = base or default_base
             rest = approx - int((v.transformer_gb or 0) * GB * factor)
             return LoadPlan(key=f"{v.id}|{path}|{base}", kind="single_file", preset=preset, pipeline_source=base,
@@ -329,45 +391,110 @@ class ModelManager:
     # ---- loading / unloading -------------------------------------------------------------------
     def get(self, tab_id: str, variant: str | None = None, weights: str | None = None, base: str | None = None,
             on_status: Callable[[str], None] | None = None) -> LoadedModel:
-        """The loaded model for this tab/variant/source: loaded now if needed, marked most recently used."""
-        plan = self.plan(tab_id, variant, weights, base)
+        """The loaded model for this tab/variant/source: loaded now if needed, marked most recently used.
+        Raises :class:`WeightsNotFound` / :class:`ModelLoadError` / :class:`OutOfMemory` with what to do."""
+        return self._get(self.plan(tab_id, variant, weights, base), on_status, hold=False)
+
+    @contextlib.contextmanager
+    def use(self, tab_id: str, variant: str | None = None, weights: str | None = None, base: str | None = None,
+            on_status: Callable[[str], None] | None = None) -> Iterator[LoadedModel]:
+        """:meth:`get`, and keep the model loaded until the ``with`` block ends: a load for another request (an
+        LRU eviction) or an unload request waits for the run instead of pulling the model out from under it."""
+        loaded = self._get(self.plan(tab_id, variant, weights, base), on_status, hold=True)
+        try:
+            yield loaded
+        finally:
+            with self._lock:
+                loaded.users -= 1
+                unload = loaded.users == 0 and loaded.unload_when_free
+            if unload:
+                self.unload(loaded.key)
+            self._make_room(0)  # evictions skipped while it was in use
+
+    def _get(self, plan: LoadPlan, on_status: Callable[[str], None] | None, hold: bool) -> LoadedModel:
         with self._load_lock:  # one load at a time; the model dict itself stays readable meanwhile
             with self._lock:
                 if plan.key in self._models:
                     self._models.move_to_end(plan.key)
-                    return self._models[plan.key]
+                    loaded = self._models[plan.key]
+                    loaded.users += int(hold)
+                    loaded.unload_when_free = False
+                    return loaded
             self._make_room(plan.estimate_bytes)
             if on_status:
                 on_status(f"Loading {plan.describe()}…")
-            loaded = self._loader(plan)
+            loaded = self._load_freeing_memory(plan)
             with self._lock:
+                loaded.users += int(hold)
                 self._models[plan.key] = loaded
-                self.events.append(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, {loaded.load_seconds:.1f} s)")
+                self.events.append(redact(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, {loaded.load_seconds:.1f} s)"))
+                logger.info(self.events[-1])
             self._make_room(0, keep=plan.key)
             return loaded
 
+    def _load_freeing_memory(self, plan: LoadPlan) -> LoadedModel:
+        """Run the loader. Out of memory: free, unload the other models not in use and try once more, then raise
+        :class:`OutOfMemory`. Any other failure of weights that exist becomes a :class:`ModelLoadError`."""
+        for attempt in (1, 2):
+            failure: str | None = None
+            try:
+                return self._loader(plan)
+            except (WeightsNotFound, Cancelled):
+                raise
+            except Exception as e:  # noqa: BLE001 - third-party loaders raise anything; the message says what
+                if not is_out_of_memory(e):
+                    logger.warning("loading %s failed: %s", redact(plan.key), redact(f"{type(e).__name__}: {e}"))
+                    raise ModelLoadError(load_failure_message(self.catalog.tab(plan.tab_id), plan, e)) from None
+                failure = f"{type(e).__name__}: {e}"
+            # Out of the except block: the traceback (and the half-loaded weights it references) is gone now.
+            free_memory()
+            with self._lock:
+                others = [k for k, m in self._models.items() if m.users == 0]
+                self.events.append(f"out of memory loading {plan.variant_id}; unloading {len(others)} other model(s)")
+            logger.warning(self.events[-1])
+            for key in others:
+                self.unload(key)
+            if attempt == 2 or not others:
+                break
+        raise OutOfMemory(out_of_memory_message(self.catalog.tab(plan.tab_id), "loading the model",
+                                                redact(failure or ""), self.device))
+
+    def release_memory(self, keep: str | None = None) -> None:
+        """After an out-of-memory run: unload every model but ``keep`` that no run uses, and free caches."""
+        with self._lock:
+            others = [k for k, m in self._models.items() if k != keep and m.users == 0]
+        for key in others:
+            self.unload(key)
+        free_memory()
+
     def _make_room(self, needed: int, keep: str | None = None) -> None:
-        """Unload least recently used models until ``needed`` more bytes fit the budget (never ``keep``)."""
+        """Unload least recently used models until ``needed`` more bytes fit the budget (never ``keep``, never a
+        model a run is using)."""
         while True:
             with self._lock:
                 if not self._models or self.used_bytes() + needed <= self.budget_bytes:
                     return
-                victim = next((k for k in self._models if k != keep), None)
+                victim = next((k for k, m in self._models.items() if k != keep and m.users == 0), None)
             if victim is None:
-                return  # only the model just loaded is left: it stays, offloaded if need be
+                return  # only models in use (or the one just loaded) are left: they stay, offloaded if need be
             self.unload(victim)
 
-    def unload(self, key: str) -> None:
+    def unload(self, key: str) -> bool:
+        """Unload ``key`` now; a model in use is unloaded when its run ends (returns False then)."""
         with self._lock:
-            loaded = self._models.pop(key, None)
+            loaded = self._models.get(key)
             if loaded is None:
-                return
-            self.events.append(f"unloaded {key}")
+                return True
+            if loaded.users > 0:
+                loaded.unload_when_free = True
+                return False
+            del self._models[key]
+            self.events.append(redact(f"unloaded {key}"))
+            logger.info(self.events[-1])
         _release(loaded)
         del loaded
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
+        return True
 
     def unload_all(self) -> None:
         with self._lock:
@@ -403,7 +530,7 @@ class ModelManager:
             _check_available(tab, tab.variant(plan.variant_id), plan)
             pipe = self._from_pretrained(plan)
             placement = plan_placement(self.device, self.dtype, pipeline_component_bytes(pipe),
-                                       self._free_device_bytes(), tab.is_video)
+                                       self._free_device_bytes(), tab.is_video, forced_offload())
             _place(pipe, placement)
         pipe.set_progress_bar_config(disable=True)
         size = sum(pipeline_component_bytes(pipe).values())
@@ -417,26 +544,34 @@ class ModelManager:
         extra: dict[str, Any] = {}
         if plan.transformer_source:
             tcls = getattr(diffusers, plan.transformer_cls)
-            if plan.kind == "single_file":
+            if plan.kind == "single_file":  # a .safetensors file (plan() refuses anything else)
                 extra["transformer"] = tcls.from_single_file(
                     plan.transformer_source, config=plan.pipeline_source, subfolder="transformer",
                     dtype=dtype, local_files_only=local)
             else:
                 extra["transformer"] = tcls.from_pretrained(
-                    plan.transformer_source, dtype=dtype, local_files_only=_is_local(plan.transformer_source))
+                    plan.transformer_source, dtype=dtype, local_files_only=_is_local(plan.transformer_source),
+                    use_safetensors=True)
         for name, comp in plan.components.items():
             cls = _import_class(comp.cls)
             kwargs: dict[str, Any] = {"subfolder": comp.subfolder} if comp.subfolder else {}
             if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-                kwargs["dtype"] = dtype
+                kwargs.update(dtype=dtype, use_safetensors=True)
             extra[name] = cls.from_pretrained(comp.source, local_files_only=_is_local(comp.source), **kwargs)
         pipe_cls = getattr(diffusers, plan.pipeline_cls)
-        return pipe_cls.from_pretrained(plan.pipeline_source, dtype=dtype, local_files_only=local, **extra)
+        # use_safetensors=True: every model weight comes from .safetensors files, never from pickle (.bin/.pt).
+        return pipe_cls.from_pretrained(plan.pipeline_source, dtype=dtype, local_files_only=local,
+                                        use_safetensors=True, **extra)
 
     # ---- one generation per device; cancellation -----------------------------------------------
     def device_slot(self, cancel: threading.Event | None = None, on_wait: Callable[[int], None] | None = None):
         """Context manager: hold the device for one generation (FIFO across all tabs and sessions)."""
         return self._device_lock.hold(cancel, on_wait)
+
+    @property
+    def device_busy(self) -> bool:
+        """A generation holds the device now."""
+        return self._device_lock.busy
 
     def cancel_token(self, session: str) -> threading.Event:
         """A fresh stop flag for ``session``'s next generation (replacing any earlier one)."""
@@ -511,6 +646,58 @@ def _release(loaded: LoadedModel) -> None:
     with contextlib.suppress(Exception):
         pipe.remove_all_hooks()
     loaded.pipe = None
+
+
+def _check_single_file_suffix(path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise WeightsNotFound(
+            f"{path.name}: {suffix} checkpoints are pickle files, which can run code when loaded, so the app never "
+            "loads them. Use a .safetensors checkpoint, or convert this one on a trusted machine "
+            "(`safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')`).")
+    if suffix != ".safetensors":
+        raise WeightsNotFound(f"{path} is not a checkpoint file the app loads: single files must be .safetensors "
+                              "(or point the Weights field at a diffusers folder).")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Read only the header: a truncated or mislabelled file fails here with a clear message, before any load."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
+        raise WeightsNotFound(f"{path.name} is not a valid .safetensors checkpoint ({e}). Download it again, or "
+                              "point the Weights field at a diffusers folder.") from None
+
+
+def load_failure_message(tab: Tab, plan: LoadPlan, error: BaseException) -> str:
+    """What to tell the user when weights that exist do not load as this tab's model."""
+    reason = redact(f"{type(error).__name__}: {error}".strip())[:400]
+    if plan.kind == "single_file":
+        return (f"{tab.label}: {Path(plan.transformer_source or '').name} could not be loaded as a {tab.transformer} "
+                f"checkpoint, so it is probably for another model architecture (or incomplete). Use a {tab.label} "
+                f"transformer checkpoint (.safetensors) here, with the Base pipeline field naming a {tab.label} "
+                f"diffusers folder. Loader error: {reason}")
+    return (f"{tab.label}: {plan.describe()} could not be loaded as a {tab.pipeline}. Check that the Weights field "
+            f"(or {tab.variant(plan.variant_id).env_weights}) points at a {tab.label} model in diffusers format with "
+            f".safetensors weights (pickle .bin weights are never loaded). Loader error: {reason}")
+
+
+def out_of_memory_message(tab: Tab, during: str, error: str, device: str) -> str:
+    """What to change after an out-of-memory error, for this tab's inputs."""
+    video = "frames" in tab.inputs
+    smaller = "a lower resolution" + (" or fewer frames" if video else "") if "size" in tab.inputs or video else None
+    tips = [f"use {smaller}" if smaller else "use a smaller input image",
+            "turn off Compare with baseline (one run instead of two)"]
+    if device.startswith("cuda"):
+        tips.append("turn on CPU offload: start the app with MAGCACHE_OFFLOAD=model (or sequential, slowest, least "
+                    "memory), then press Unload all models")
+    tips.append("close other programs using the GPU")
+    return (f"Out of memory while {during} ({error.strip()[:200] or 'out of memory'}). Memory was freed and the app "
+            "keeps running. To fit, " + "; ".join(tips) + ".")
 
 
 def _single_file_loadable(transformer_cls: str) -> bool:
