@@ -212,6 +212,12 @@ def test_a_checkpoint_of_the_wrong_architecture_gets_a_clear_message(tmp_path, o
     assert "wan_transformer.safetensors could not be loaded as a FluxTransformer2DModel checkpoint" in message
     assert "another model architecture" in message and "Loader error:" in message
     assert m.loaded() == [] and not m.device_busy
+    wan_folder = tmp_path / "wan_pipeline"  # a whole pipeline folder of another model
+    build_tiny_pipeline("wan_t2v").save_pretrained(wan_folder)
+    with pytest.raises(ModelLoadError, match="wan_pipeline could not be loaded as a FluxPipeline. Check that the "
+                                             "Weights field .* points at a FLUX model"):
+        handlers.generate(m, "flux", values("flux", weights=str(wan_folder), width=32, height=32))
+    assert m.loaded() == [] and not m.device_busy
     # the same app keeps serving: the base folder itself loads and runs
     out = handlers.generate(m, "flux", values("flux", weights=str(base), width=32, height=32))
     assert out["result"].magcache.stats[0].completed
@@ -427,6 +433,7 @@ def test_a_load_for_another_request_never_unloads_a_model_in_use(tmp_path_factor
         m.get("chroma")  # another caller loads a model meanwhile: over budget, but FLUX is in use
         m.unload_all()  # and someone presses Unload all models
         assert flux_key in [x.key for x in m.loaded()]
+        assert "running, unloads when its run ends" in handlers.system_markdown(m)
         pipe = m.loaded()[0].pipe
         assert magcache.get_handle(pipe) is not None  # its run's cache state is intact
     finally:

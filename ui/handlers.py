@@ -294,7 +294,8 @@ def system_markdown(manager: ModelManager) -> str:
              + (" · **MAGCACHE_TINY=1** (tiny offline pipelines)" if manager.tiny else "")]
     if loaded:
         lines.append("Loaded (least recently used first): " + "; ".join(
-            f"`{m.plan.variant_id}` {m.bytes / gib:.2f} GiB ({m.placement.reason if m.placement else ''})" for m in loaded))
+            f"`{m.plan.variant_id}` {m.bytes / gib:.2f} GiB ({m.placement.reason if m.placement else ''})"
+            + (" · running, unloads when its run ends" if m.unload_when_free else "") for m in loaded))
     else:
         lines.append("No model loaded yet: each tab loads its model on its first run.")
     return "\n\n".join(lines)
