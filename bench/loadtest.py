@@ -139,7 +139,8 @@ def start_app(log_path: str | os.PathLike, env: dict[str, str] | None = None, st
     outputs = Path(log_path).parent / "app-outputs"
     full_env = dict(os.environ, MAGCACHE_TINY="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                     PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MAGCACHE_OUTPUT_DIR=str(outputs),
-                    MAGCACHE_WEIGHTS_DEMO=str(Path(log_path).parent / "no-demo-model"), **(env or {}))
+                    MAGCACHE_WEIGHTS_DEMO=str(Path(log_path).parent / "no-demo-model"))
+    full_env.update(env or {})
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
