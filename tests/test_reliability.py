@@ -83,7 +83,8 @@ def fresh(tmp_path_factory, tab_id, **extra):
     """The outputs of the same request on a brand-new manager (so nothing any earlier run did can leak in)."""
     key = (tab_id, json.dumps(extra, sort_keys=True))
     if key not in _fresh_cache:
-        _fresh_cache[key] = outputs_of(handlers.generate(new_manager(tmp_path_factory), tab_id, values(tab_id, **extra)))
+        out = handlers.generate(new_manager(tmp_path_factory), tab_id, values(tab_id, **extra))
+        _fresh_cache[key] = outputs_of(out)
     return _fresh_cache[key]
 
 

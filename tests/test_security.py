@@ -3,7 +3,6 @@ no path traversal through calibration ids, the server binds to loopback and serv
 tokens never reach a message or a log line. The last checks run against the real server (app.py, tiny mode)."""
 
 import logging
-import os
 import urllib.error
 import urllib.parse
 import urllib.request

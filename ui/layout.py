@@ -134,8 +134,8 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                                              interactive=False, elem_id=f"timing-{tab.id}")
             with gr.Row():
                 outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
-                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220, format="png",
-                                              interactive=False)
+                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220,
+                                              format="png", interactive=False)
             figure, text = handlers.preview(manager, tab.id, None, d["num_inference_steps"], d["thresh"],
                                             d["retention_ratio"], d["K"], d.get("guidance_scale"), d.get("num_frames"))
             outputs["schedule"] = gr.Plot(figure, label="Schedule", show_label=False, elem_id=f"schedule-{tab.id}")
@@ -206,12 +206,12 @@ def _result_outputs(tab: Tab, outputs: dict) -> None:
     else:
         with gr.Row():
             # PNG, not Gradio's default lossy WebP: the two outputs are compared pixel by pixel.
-            outputs["baseline_image"] = gr.Image(label="Baseline (no cache)", type="pil", interactive=False, format="png",
-                                                 elem_id=f"baseline-{tab.id}")
+            outputs["baseline_image"] = gr.Image(label="Baseline (no cache)", type="pil", interactive=False,
+                                                 format="png", elem_id=f"baseline-{tab.id}")
             outputs["magcache_image"] = gr.Image(label="MagCache", type="pil", interactive=False, format="png",
                                                  elem_id=f"magcache-{tab.id}")
-        outputs["slider"] = gr.ImageSlider(label="Slide: baseline ↔ MagCache", type="pil", interactive=False, max_height=420,
-                                           format="png")
+        outputs["slider"] = gr.ImageSlider(label="Slide: baseline ↔ MagCache", type="pil", interactive=False,
+                                           max_height=420, format="png")
 
 
 def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) -> None:

@@ -390,7 +390,8 @@ def run_comparison(
                 call = build_call_kwargs(tab, variant, loaded, req)
                 curve = req.curve_picker(loaded, call) if req.curve_picker is not None else None
                 steps = call["num_inference_steps"]
-                sections = framepack_sections(call["num_frames"], call.get("latent_window_size", 9)) if tab.task == "framepack" else 1
+                sections = (framepack_sections(call["num_frames"], call.get("latent_window_size", 9))
+                            if tab.task == "framepack" else 1)
                 result_notes = list(loaded.plan.notes)
                 warnings: list[str] = []
                 magcache.remove(pipe)  # never time a baseline with a leftover handle
@@ -402,9 +403,11 @@ def run_comparison(
                         warnings.append(msg)
                     else:
                         loaded.compiled = True
-                shape = (call.get("height"), call.get("width"), call.get("num_frames"), tab.num_branches(req.guidance_scale))
+                shape = (call.get("height"), call.get("width"), call.get("num_frames"),
+                         tab.num_branches(req.guidance_scale))
                 use_compiled = req.compile and loaded.compiled
-                stance = contextlib.nullcontext() if use_compiled or not loaded.compiled else torch.compiler.set_stance("force_eager")
+                stance = (contextlib.nullcontext() if use_compiled or not loaded.compiled
+                          else torch.compiler.set_stance("force_eager"))
                 with stance:
                     warm_key = (shape, use_compiled)
                     if warm_key not in loaded.warm:
@@ -414,7 +417,8 @@ def run_comparison(
                     total = steps * sections
                     baseline = None
                     if req.compare:
-                        baseline = _timed_run(pipe, call, "baseline", req.seed, total, tracked, cancel, manager.device, tab.is_video)
+                        baseline = _timed_run(pipe, call, "baseline", req.seed, total, tracked, cancel, manager.device,
+                                              tab.is_video)
                     chosen = {} if curve is None else dict(curves=curve.curves, rules=curve.rules, **curve.options)
                     try:
                         handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh,
@@ -422,7 +426,8 @@ def run_comparison(
                     except ValueError as e:  # a calibration curve that does not fit: the user's input, not a crash
                         raise InvalidRequest(f"MagCache cannot run with this ratio curve: {e}") from None
                     try:
-                        cached = _timed_run(pipe, call, "magcache", req.seed, total, tracked, cancel, manager.device, tab.is_video)
+                        cached = _timed_run(pipe, call, "magcache", req.seed, total, tracked, cancel, manager.device,
+                                            tab.is_video)
                         cached.stats = list(handle.runs)
                         num_branches = max((len(r.branches) for r in cached.stats), default=1)
                         predicted = handle.predict(steps, num_branches)

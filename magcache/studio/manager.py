@@ -427,7 +427,8 @@ class ModelManager:
             with self._lock:
                 loaded.users += int(hold)
                 self._models[plan.key] = loaded
-                self.events.append(redact(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, {loaded.load_seconds:.1f} s)"))
+                self.events.append(redact(f"loaded {plan.key} ({loaded.bytes / GB:.2f} GiB, "
+                                          f"{loaded.load_seconds:.1f} s)"))
                 logger.info(self.events[-1])
             self._make_room(0, keep=plan.key)
             return loaded

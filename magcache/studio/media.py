@@ -75,7 +75,8 @@ def load_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int =
             raise MediaError(f"the image is too large (over {max_pixels / 1024**2:.0f} megapixels): downscale it "
                              "first") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise MediaError(f"cannot read the image ({type(e).__name__}: {e}); upload a PNG, JPEG or WebP file") from None
+            raise MediaError(f"cannot read the image ({type(e).__name__}: {e}); upload a PNG, JPEG or WebP "
+                             "file") from None
     if isinstance(source, np.ndarray):
         if source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
             raise MediaError(f"an image array must be HxW or HxWxC (C = 1, 3 or 4), got shape {source.shape}")
