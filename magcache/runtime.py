@@ -269,16 +269,11 @@ class MagCacheHandle:
         runs = [r for r in self.runs[self._calibration_start:] if r.calibrating and r.completed]
         if not runs:
             raise RuntimeError("no completed calibration run recorded; apply with calibrate=True and run the pipeline")
+        from .calibration import average_runs
+
         n = runs[-1].num_steps
         runs = [r for r in runs if r.num_steps == n]
-        branches: dict[str, dict[str, list[float]]] = {}
-        for name in runs[-1].branches:
-            per = [r.branches[name] for r in runs if name in r.branches]
-            branches[name] = {
-                key: [round(sum(getattr(s, key)[i] for s in per) / len(per), 5) for i in range(n)]
-                for key in ("mag_ratios", "mag_std", "cos_dis")
-            }
-        return {"num_steps": n, "runs": len(runs), "branches": branches}
+        return {"num_steps": n, "runs": len(runs), "branches": average_runs(runs)}
 
     def remove(self) -> None:
         """Detach from the transformer; it behaves exactly as before :func:`apply`."""
