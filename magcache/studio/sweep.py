@@ -18,7 +18,7 @@ import io
 import math
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .. import policy as P
@@ -91,24 +91,12 @@ def solve_for_speedup(
     Ks = sorted({int(k) for k in K_range if int(k) >= 1})
     if not Ks:
         raise ValueError("K_range needs at least one K >= 1")
-    tried: list[tuple[int, float | None, float]] = []
-    best: tuple[float, P.Settings, P.Schedule] | None = None
-    for K in Ks:
-        trial = replace(settings, K=K)
-        reached, thresh, schedule = P.scan_thresh_for_speedup(curves, num_steps, target, trial, rules, num_branches,
-                                                              max_thresh, overhead_fraction)
-        speedup = schedule.predicted_speedup(overhead_fraction)
-        tried.append((K, thresh if reached else None, speedup))
-        chosen = replace(trial, thresh=thresh)
-        if reached:
-            text = _explain(target, True, chosen, schedule, speedup, tried, rules, max_thresh)
-            return TargetSolution(target, True, chosen, schedule, speedup, text, tried)
-        if best is None or speedup > best[0] + 1e-12:
-            best = (speedup, chosen, schedule)
-    assert best is not None
-    speedup, chosen, schedule = best
-    text = _explain(target, False, chosen, schedule, speedup, tried, rules, max_thresh)
-    return TargetSolution(target, False, chosen, schedule, speedup, text, tried)
+    chosen, schedule, tried = P.search_speedup_settings(curves, num_steps, target, settings, rules, num_branches, Ks,
+                                                        overhead_fraction, max_thresh)
+    reached = tried[-1][1] is not None
+    speedup = schedule.predicted_speedup(overhead_fraction)
+    text = _explain(target, reached, chosen, schedule, speedup, tried, rules, max_thresh)
+    return TargetSolution(target, reached, chosen, schedule, speedup, text, tried)
 
 
 def _explain(target: float, reached: bool, s: P.Settings, schedule: P.Schedule, speedup: float,
