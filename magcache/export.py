@@ -76,7 +76,7 @@ class SettingsSnapshot:
         """Keyword arguments for ``magcache.apply(pipe, **snapshot.apply_kwargs())``."""
         kwargs: dict[str, Any] = {"preset": self.preset, "thresh": self.settings.thresh,
                                   "retention_ratio": self.settings.retention_ratio, "K": self.settings.K}
-        kwargs.update(_options(self.settings))
+        kwargs.update(extra_options(self.settings))
         if self.custom_curves:
             kwargs["curves"] = self.effective_curves
         if self.custom_rules:
@@ -99,7 +99,7 @@ class SettingsSnapshot:
 _SETTINGS_DEFAULTS = {f.name: f.default for f in fields(P.Settings) if f.name not in ("thresh", "retention_ratio", "K")}
 
 
-def _options(settings: P.Settings) -> dict:
+def extra_options(settings: P.Settings) -> dict:
     """The Settings fields beyond thresh/retention/K that differ from their defaults."""
     return {k: getattr(settings, k) for k, d in _SETTINGS_DEFAULTS.items() if getattr(settings, k) != d}
 
@@ -194,7 +194,7 @@ def python_snippet(snapshot: SettingsSnapshot, pipe_name: str = "pipe") -> str:
     s = snapshot.settings
     lines = [f'preset="{snapshot.preset}",', f"thresh={s.thresh!r},", f"retention_ratio={s.retention_ratio!r},",
              f"K={s.K},"]
-    lines += [f"{k}={v!r}," for k, v in _options(s).items()]
+    lines += [f"{k}={v!r}," for k, v in extra_options(s).items()]
     if snapshot.custom_curves:
         names = ", ".join(P.branch_name(i) for i in range(len(snapshot.effective_curves)))
         source = f" ({snapshot.curve_source})" if snapshot.curve_source else ""

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import html
-import inspect
 import re
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -32,9 +31,10 @@ from magcache import policy as P
 from magcache.calibration import (MAX_FILE_BYTES, Calibration, CalibrationStore, Match, as_resolution,
                                   calibration_figure, choose_curves, read_calibration_file, rules_for_calibration,
                                   run_resolution, scheduler_label)
-from magcache.export import SettingsSnapshot, export_all, load_settings_json
+from magcache.export import SettingsSnapshot, export_all, extra_options, load_settings_json
 from magcache.presets import Preset, get_preset
-from magcache.studio.compare import InvalidRequest, build_call_kwargs, framepack_sections, tab_defaults, validate
+from magcache.studio.compare import (InvalidRequest, build_call_kwargs, framepack_sections, reset_pipeline,
+                                     tab_defaults, validate)
 from magcache.studio.manager import Cancelled, LoadedModel, LoadPlan, ModelManager, WeightsNotFound
 from magcache.studio.sweep import (DEFAULT_MAX_POINTS, PipelineSweep, SweepResult, pareto_figure, pareto_front,
                                    predictor, run_sweep, solve_for_speedup, sweep_grid)
@@ -43,7 +43,6 @@ from . import handlers
 
 CURVE_AUTO, CURVE_PRESET, CURVE_FILE = "auto", "preset", "file"
 CALIBRATION_PREFIX = "calibration:"
-SLIDER_FIELDS = ("thresh", "retention_ratio", "K")
 MAX_SWEEP_POINTS = DEFAULT_MAX_POINTS
 EXPORT_FORMATS = {"comfyui": "ComfyUI-MagCache node values", "python": "magcache Python snippet",
                   "diffusers": "diffusers MagCacheConfig snippet (with caveats)", "json": "Settings JSON (with the curve)"}
@@ -104,12 +103,6 @@ def _same_family(preset_id: str, tab_preset: Preset, what: str) -> None:
                          f"{tab_preset.id!r} ({tab_preset.family} models)")
 
 
-def _extra_options(settings: P.Settings) -> dict:
-    defaults = P.Settings(thresh=settings.thresh, retention_ratio=settings.retention_ratio, K=settings.K)
-    return {f.name: getattr(settings, f.name) for f in fields(P.Settings)
-            if f.name not in SLIDER_FIELDS and getattr(settings, f.name) != getattr(defaults, f.name)}
-
-
 def pick_curve(preset_id: str, mode: str | None, model: str, num_steps: int, resolution: Any, scheduler: str | None,
                cfg: bool, settings_file: str | None = None, store: Any = None) -> TabCurve:
     """The ratio curve for a run of ``model`` (``num_steps``, ``resolution``, ``scheduler``, CFG on/off) under the
@@ -126,7 +119,7 @@ def pick_curve(preset_id: str, mode: str | None, model: str, num_steps: int, res
         source = snapshot.curve_source or f"preset {snapshot.preset!r} curve"
         resampled = f", resampled from {len(curves[0])} steps" if len(curves[0]) != num_steps else ""
         return TabCurve(mode, curves, snapshot.effective_rules, f"settings file ({source}{resampled})",
-                        "settings file", None, _extra_options(snapshot.settings), model)
+                        "settings file", None, extra_options(snapshot.settings), model)
     if mode.startswith(CALIBRATION_PREFIX):
         cal = store.load(mode[len(CALIBRATION_PREFIX):])
         _same_family(cal.preset, p, f"calibration {cal.id}")
@@ -281,13 +274,9 @@ def solve_target(manager: ModelManager, tab_id: str, values: Mapping[str, Any], 
 # --------------------------------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------------------------------
-_CONFINES_UPLOADS = "upload_roots" in inspect.signature(handlers.request_from_values).parameters
-
-
 def _request(manager: ModelManager, tab_id: str, values: Mapping[str, Any], upload_roots: Any = None):
-    """The validated request of the tab's inputs (uploads confined to ``upload_roots`` where the handlers can)."""
-    extra = {"upload_roots": upload_roots} if upload_roots is not None and _CONFINES_UPLOADS else {}
-    req = handlers.request_from_values(tab_id, values, **extra)
+    """The validated request of the tab's inputs (uploads confined to ``upload_roots`` when given)."""
+    req = handlers.request_from_values(tab_id, values, upload_roots)
     tab = manager.catalog.tab(tab_id)
     variant = tab.variant(req.variant)
     return tab, variant, validate(tab, req, tab_defaults(manager, tab.id, variant.id))
@@ -295,18 +284,14 @@ def _request(manager: ModelManager, tab_id: str, values: Mapping[str, Any], uplo
 
 @contextlib.contextmanager
 def _model_for(manager: ModelManager, tab: Any, variant: Any, req: Any, progress: Progress):
-    """The loaded model for one calibration or sweep (kept loaded while it runs where the manager can), left
-    clean afterwards however the run ended: no MagCache handle or residual, no pending interrupt."""
+    """The loaded model for one calibration or sweep (kept loaded while it runs), left clean afterwards however
+    the run ended (``compare.reset_pipeline``: no MagCache handle or residual, no pending interrupt)."""
     status = lambda msg: progress("Loading the model", 0, 1)  # noqa: E731
-    use = getattr(manager, "use", None)
-    holder = use(tab.id, variant.id, req.weights, req.base, on_status=status) if use is not None else \
-        contextlib.nullcontext(manager.get(tab.id, variant.id, req.weights, req.base, on_status=status))
-    with holder as loaded:
+    with manager.use(tab.id, variant.id, req.weights, req.base, on_status=status) as loaded:
         try:
             yield loaded
         finally:
-            magcache.remove(loaded.pipe)
-            loaded.pipe._interrupt = False
+            reset_pipeline(loaded.pipe)
 
 
 def _eager_unless_compiled(loaded: LoadedModel):
@@ -563,7 +548,7 @@ def load_settings(manager: ModelManager, tab_id: str, values: Mapping[str, Any],
         _same_family(snap.preset, run.preset, "this settings file")
     except (KeyError, OSError, ValueError) as e:
         raise InvalidRequest(f"Settings not loaded: {_message(e)}") from None
-    options = _extra_options(snap.settings)
+    options = extra_options(snap.settings)
     plain = snap.preset == run.preset.id and not snap.custom_curves and not snap.custom_rules and not options
     s = snap.settings
     notes = []
