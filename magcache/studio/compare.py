@@ -393,16 +393,13 @@ def run_comparison(
                 sections = (framepack_sections(call["num_frames"], call.get("latent_window_size", 9))
                             if tab.task == "framepack" else 1)
                 result_notes = list(loaded.plan.notes)
-                warnings: list[str] = []
                 magcache.remove(pipe)  # never time a baseline with a leftover handle
 
                 warmup_s = None
                 if req.compile and not loaded.compiled:
-                    msg = _compile_blocks(pipe, req.compile_backend)
-                    if msg:
-                        warnings.append(msg)
-                    else:
-                        loaded.compiled = True
+                    # regional compile (blocks only: MagCache's per-call decisions stay outside compiled code)
+                    magcache.compile_blocks(pipe, **({"backend": req.compile_backend} if req.compile_backend else {}))
+                    loaded.compiled = True
                 shape = (call.get("height"), call.get("width"), call.get("num_frames"),
                          tab.num_branches(req.guidance_scale))
                 use_compiled = req.compile and loaded.compiled
@@ -449,7 +446,7 @@ def run_comparison(
         placement=loaded.placement.reason if loaded.placement else "", num_steps=steps, num_branches=num_branches,
         sections=sections, magcache=cached, predicted=predicted, baseline=baseline,
         load_seconds=loaded.load_seconds if loaded.key not in already else None, warmup_seconds=warmup_s,
-        compiled=use_compiled, notes=result_notes, warnings=warnings, curve=curve,
+        compiled=use_compiled, notes=result_notes, curve=curve,
     )
     if baseline is not None:
         result.psnr, result.ssim = quality(baseline.output, cached.output)
@@ -513,22 +510,6 @@ def _warm_up(pipe: Any, call: dict[str, Any], seed: int, device: str) -> float:
     pipe(**args, generator=torch.Generator("cpu").manual_seed(int(seed)))
     _sync(device)
     return time.perf_counter() - t0
-
-
-def _compile_blocks(pipe: Any, backend: str | None) -> str | None:
-    """Regional compile of the transformer blocks (blocks only: MagCache's decisions stay outside compiled code)
-    with ``magcache.compile_blocks`` when the library has it, else diffusers' ``compile_repeated_blocks``.
-    Returns a warning when the model cannot be compiled this way."""
-    transformer = pipe.transformer
-    kwargs = {"backend": backend} if backend else {}
-    compile_blocks = getattr(magcache, "compile_blocks", None)
-    if compile_blocks is not None:
-        compile_blocks(transformer, **kwargs)
-        return None
-    if getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks(**kwargs)
-        return None
-    return f"{type(transformer).__name__} declares no repeated blocks to compile: ran without compile."
 
 
 def _sync(device: str) -> None:
