@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 import magcache
 from magcache import policy as P
@@ -32,16 +31,6 @@ from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny:flux"
 STEPS = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread_torch():
-    """Tiny models gain nothing from a second thread, and on a shared, loaded CPU OpenMP's waiting makes each
-    small op ~10x slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import magcache
 from magcache import policy as P
@@ -21,14 +20,6 @@ from magcache.export import (
 )
 from magcache.presets import get_preset
 from magcache.studio.tiny import build_tiny_pipeline
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CALIBRATED = ((1.0, 0.99, 0.985, 0.97, 0.96, 0.95, 0.93, 0.9), (1.0, 0.995, 0.98, 0.975, 0.95, 0.94, 0.92, 0.91))

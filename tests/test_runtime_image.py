@@ -37,15 +37,6 @@ TWO_BRANCHES = {"flux_true_cfg", "kontext_true_cfg", "chroma_cfg4"}
 SKIPPY = dict(thresh=1.0, retention_ratio=0.2, K=2)  # skips plenty on 8 steps with every preset curve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a shared 2-core machine a second thread costs 10x
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # 16x16 latents and 16 text tokens keep attention small: a run takes a fraction of a second on one core
 SMALL = dict(prompt="a red circle", height=16, width=16, max_sequence_length=16, output_type="latent")
 

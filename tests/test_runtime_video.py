@@ -46,16 +46,6 @@ DEFAULT_PRESET = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP threads
-    spin-wait for each other (measured: a tiny VACE call 0.35 s with 1 thread, 10 s with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(pipe, kind: str, steps: int = STEPS, cfg: bool = False, seed: int = 0, **overrides):
     kw = tiny_call_kwargs(kind, steps, seed)
     kw.update(CFG_ARGS[kind][cfg])

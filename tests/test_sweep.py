@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 import magcache
 from magcache import policy as P
@@ -22,16 +21,6 @@ from magcache.studio.sweep import (
     sweep_grid,
 )
 from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread_torch():
-    """Tiny models gain nothing from a second thread, and on a shared, loaded CPU OpenMP's waiting makes each
-    small op ~10x slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------
