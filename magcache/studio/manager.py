@@ -451,8 +451,9 @@ class ModelManager:
             free_memory()
             with self._lock:
                 others = [k for k, m in self._models.items() if m.users == 0]
-                self.events.append(f"out of memory loading {plan.variant_id}; unloading {len(others)} other model(s)")
-            logger.warning(self.events[-1])
+                event = f"out of memory loading {plan.variant_id}; unloading {len(others)} other model(s)"
+                self.events.append(event)
+            logger.warning(event)  # not events[-1]: another thread may have appended since
             for key in others:
                 self.unload(key)
             if attempt == 2 or not others:
