@@ -3,8 +3,10 @@ them to components. Each returns values keyed by output name; the layout maps na
 
 from __future__ import annotations
 
+import html
 import logging
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -18,7 +20,7 @@ from magcache import policy as P
 from magcache.presets import get_preset
 from magcache.studio.compare import (ComparisonResult, GenerationRequest, InvalidRequest, framepack_sections,
                                      run_comparison, tab_defaults)
-from magcache.studio.manager import Cancelled, ModelManager
+from magcache.studio.manager import Cancelled, ModelManager, redact
 from magcache.studio.media import MediaError, confine_upload, side_by_side, to_uint8_frames, upscale_nearest, write_mp4
 
 from .plots import schedule_figure
@@ -179,6 +181,13 @@ def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], sess
     finally:
         manager.release_token(session, token)
     return present(result)
+
+
+def error_html(message: Any) -> str:
+    """An error toast's text (Gradio renders it as HTML): tokens redacted, line breaks and `code` spans readable."""
+    text = html.escape(redact(str(message)))
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return text.replace("\n", "<br>")
 
 
 def stop(manager: ModelManager, session: str) -> str:

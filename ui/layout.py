@@ -6,11 +6,9 @@ plug in through :func:`tab_extensions`: each gets a :class:`TabContext` with the
 
 from __future__ import annotations
 
-import html
 import importlib
 import importlib.util
 import logging
-import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -231,14 +229,14 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
         try:
             out = _generate_on_device(manager, tab.id, values, _session(request, tab), report, still_wanted)
         except (InvalidRequest, WeightsNotFound) as e:
-            raise gr.Error(_html(redact(str(e))), duration=None, title="Cannot run") from None
+            raise gr.Error(handlers.error_html(e), duration=None, title="Cannot run") from None
         except OutOfMemory as e:
-            raise gr.Error(_html(redact(str(e))), duration=None, title="Out of memory") from None
+            raise gr.Error(handlers.error_html(e), duration=None, title="Out of memory") from None
         except Exception as e:  # noqa: BLE001 - anything else: logged, reported, and the app keeps serving
             logger.error("generate %s failed:\n%s", tab.id, redact(traceback.format_exc()))
-            raise gr.Error(_html(redact(f"The run failed ({type(e).__name__}: {e}). The model was reset, so the "
-                                        "next run starts clean; if it keeps failing, press Unload all models.")),
-                           duration=None, title="Run failed") from None
+            raise gr.Error(handlers.error_html(f"The run failed ({type(e).__name__}: {e}). The model was reset, so "
+                                               "the next run starts clean; if it keeps failing, press Unload all "
+                                               "models."), duration=None, title="Run failed") from None
         return {outputs[n]: v for n, v in out.items() if n in outputs and n != "schedule_text"}
 
     main_output = outputs["split_video"] if tab.is_video else outputs["slider"]
@@ -321,13 +319,6 @@ def _event_alive_check() -> Callable[[], bool]:
             return True
 
     return alive
-
-
-def _html(message: str) -> str:
-    """Error toasts render HTML: keep the message's line breaks and `code` spans readable."""
-    text = html.escape(message)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return text.replace("\n", "<br>")
 
 
 def _session(request: gr.Request | None, tab: Tab) -> str:

@@ -16,7 +16,6 @@ hand) and ``file`` (the curve of a loaded settings JSON).
 from __future__ import annotations
 
 import contextlib
-import html
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -580,11 +579,6 @@ def _default_grid(d: Mapping[str, Any]) -> tuple[str, str]:
     return ", ".join(f"{v:g}" for v in thresholds), ", ".join(str(k) for k in Ks)
 
 
-def _error_html(e: BaseException | str) -> str:
-    text = html.escape(str(e))
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text).replace("\n", "<br>")
-
-
 def build_tuning(ctx: Any) -> None:
     """Add the "Tuning" accordion to one tab (``ui/layout.py`` calls this once per tab)."""
     from .zerogpu import gpu_task
@@ -674,7 +668,7 @@ def build_tuning(ctx: Any) -> None:
         return f"{getattr(request, 'session_hash', None) or 'local'}:{tid}:tuning"
 
     def fail(e: BaseException | str, title: str):
-        return gr.Error(_error_html(e), duration=None, title=title)
+        return gr.Error(handlers.error_html(e), duration=None, title=title)
 
     def choices_update(values: dict, value: str, with_file: bool | None = None):
         with_file = bool(values.get("curve_file")) if with_file is None else with_file
