@@ -791,7 +791,7 @@ def _load_pipeline(args: Any) -> tuple[Any, dict, str]:
         raise ValueError(f"{args.pipeline!r} is not a diffusers pipeline class")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = cls.from_pretrained(args.model_path, torch_dtype=dtype).to(device)
+    pipe = cls.from_pretrained(args.model_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     kwargs: dict = {"prompt": "a photo of a cat sitting on a wooden table, detailed, natural light",
                     "num_inference_steps": args.steps,
