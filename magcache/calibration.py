@@ -220,6 +220,17 @@ def check_model_name(value: Any) -> str:
     return value
 
 
+def check_preset_id(value: Any) -> str:
+    """A shipped preset id (``ValueError`` naming the known ones otherwise)."""
+    if not isinstance(value, str):
+        raise ValueError("preset must be a preset id string")
+    try:
+        get_preset(value)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    return value
+
+
 def _number_list(value: Any, where: str, n: int, positive: bool, upper: float) -> list[float]:
     if not isinstance(value, list):
         raise ValueError(f"{where} must be a list of numbers")
@@ -252,13 +263,7 @@ def parse_calibration(data: Any) -> Calibration:
     if cal_id not in ("", None):
         check_id(cal_id)
     model = check_model_name(data.get("model"))
-    preset_id = data.get("preset")
-    if not isinstance(preset_id, str):
-        raise ValueError("preset must be a preset id string")
-    try:
-        get_preset(preset_id)
-    except KeyError as e:
-        raise ValueError(e.args[0]) from None
+    preset_id = check_preset_id(data.get("preset"))
     n = data.get("num_steps")
     if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_STEPS:
         raise ValueError(f"num_steps must be an integer between 2 and {MAX_STEPS}, got {n!r}")

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from . import policy as P
-from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, dumps_readable, load_json_text
+from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, check_preset_id, dumps_readable, load_json_text
 from .presets import Preset, get_preset
 
 FORMAT = "magcache-studio settings"
@@ -414,13 +414,7 @@ def load_settings_json(text: str | bytes) -> SettingsSnapshot:
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise ValueError(f"unknown fields in settings file: {', '.join(sorted(map(str, unknown)))}")
-    preset_id = data.get("preset")
-    if not isinstance(preset_id, str):
-        raise ValueError("preset must be a preset id string")
-    try:
-        get_preset(preset_id)
-    except KeyError as e:
-        raise ValueError(e.args[0]) from None
+    preset_id = check_preset_id(data.get("preset"))
     n = data.get("num_steps")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_STEPS:
         raise ValueError(f"num_steps must be an integer between 1 and {MAX_STEPS}, got {n!r}")
