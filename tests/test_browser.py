@@ -4,58 +4,23 @@ screenshot, then open every other tab. Fails (never skips) when chromium is miss
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.loadtest import start_app
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def app_url(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, MAGCACHE_TINY="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               MAGCACHE_OUTPUT_DIR=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1",
-               MAGCACHE_HOME=str(tmp_path / "home"))  # an empty calibration store, never the user's
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"app.py did not answer on {url} within 180 s:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
-            time.sleep(1)
+    """The app as the load test starts it (``bench.loadtest.start_app``), with an empty calibration store and the
+    Demo tab on its default model (the trained one when it exists, else the tiny stand-in)."""
+    env = dict(MAGCACHE_HOME=str(tmp_path / "home"), MAGCACHE_WEIGHTS_DEMO="")  # never the user's calibrations
+    with start_app(tmp_path / "app.log", env=env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_demo_tab_in_a_real_browser(app_url, tmp_path):
