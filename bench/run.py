@@ -42,6 +42,7 @@ from magcache import policy as P
 from magcache.adapters import adapter_for
 from magcache.compile import compile_blocks, uncompile_blocks
 from magcache.presets import get_preset
+from magcache.runtime import _blocks_left_out
 
 from . import workloads
 
@@ -248,18 +249,6 @@ def run_phase(names: list[str], setup: Setup, repeats: int, log, clock: str = "w
 # ---------------------------------------------------------------------------------------------------------------
 # Per-call overhead: full call, head-only call, our skipped call, diffusers' skipped call
 # ---------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _blocks_removed(transformer: torch.nn.Module) -> Iterator[None]:
-    names = adapter_for(transformer).block_lists
-    saved = {n: transformer._modules[n] for n in names}
-    try:
-        for n in names:
-            transformer._modules[n] = torch.nn.ModuleList()
-        yield
-    finally:
-        transformer._modules.update(saved)
-
-
 def _per_call(w: workloads.Workload, calls: int, clock: str = "wall", first_untimed: bool = True) -> list[float]:
     now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
@@ -281,7 +270,7 @@ def measure_overhead(w: workloads.Workload, calls: int = 10, clock: str = "wall"
     t = w.transformer
     res: dict[str, Any] = {"calls": calls, "clock": clock}
     res["full_call_ms"] = statistics.median(_per_call(w, min(calls, 3), clock)) * 1e3
-    with _blocks_removed(t):
+    with _blocks_left_out(t, adapter_for(t).block_lists):  # what a skipped step runs, minus the cache
         res["head_only_call_ms"] = statistics.median(_per_call(w, calls, clock)) * 1e3
     # ours: a run of calls+1 steps that computes step 0 only; the first (untimed) call is that step
     h = magcache.apply(t, w.preset, num_inference_steps=calls + 1, num_branches=1)
