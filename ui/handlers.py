@@ -61,9 +61,9 @@ def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any,
             raise ValueError("steps must be at least 2")
         settings = preset.settings(thresh=float(thresh), retention_ratio=float(retention_ratio), K=int(K),
                                    **(curve.options if curve is not None else {}))
+        branches = tab.num_branches(float(guidance) if guidance not in (None, "") else defaults.get("guidance_scale"))
     except (TypeError, ValueError) as e:
         return None, f"⚠️ {e}"
-    branches = tab.num_branches(float(guidance) if guidance is not None else defaults.get("guidance_scale"))
     curves, rules = (preset.curves, preset.rules) if curve is None else (curve.curves, curve.rules)
     schedule = P.simulate(curves, steps, settings, rules, branches)
     computed, total = schedule.computed_count(), steps * branches
