@@ -175,8 +175,8 @@ def comfyui_values(snapshot: SettingsSnapshot) -> ComfyExport:
     if s.sqrt_ratios:
         notes.append("sqrt-smoothed ratios are not available in the node; it uses the raw curve.")
     notes.append("the node applies its own rules (comparison '<' for FLUX/HunyuanVideo/Chroma, '<=' for Wan; "
-                 "retention floor(R*N) on steps; batched CFG skips only when both branches agree), so its schedule "
-                 "can differ by a step from the one previewed here.")
+                 "retention floor(R*N) on steps; batched Wan CFG skips both branches when either says skip), so its "
+                 "schedule can differ by a step from the one previewed here.")
     return ComfyExport(values, notes)
 
 
