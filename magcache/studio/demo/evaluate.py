@@ -1,0 +1,472 @@
+"""Evaluate the demo model and derive its MagCache preset.
+
+    python -m magcache.studio.demo.evaluate                  # everything; writes docs/img/* and magcache/data/demo.json
+    python -m magcache.studio.demo.evaluate --quick          # a fast smoke pass (few prompts), writes nothing shipped
+
+1. Prompt adherence on the 50 held-out prompts (never in training), without cache, at several true-CFG scales; the
+   best scale becomes the demo default (``demo_settings.json``).
+2. Calibration: ``magcache.apply(pipe, preset="flux", calibrate=True)`` at the default steps with true CFG (cond and
+   uncond branches), averaged over a few prompts -> ``magcache/data/demo.json`` (ratios interleaved, std, cos).
+3. Sweep of (thresh, K, retention) with the calibrated curves: computed transformer calls, wall time and PSNR/SSIM
+   against the uncached image, averaged over prompts and seeds; the defaults are picked from it by a stated rule.
+4. Naive baselines at equal computed-step counts (``handle.configure(computed_steps=...)``): uniform spacing and
+   random placement of the same number of computed steps, at several speed-up levels.
+Outputs: ``docs/img/demo_eval.json`` (every number), ``demo_calibration.png``, ``demo_sweep.png``,
+``demo_samples.png``; tables printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py: spinning OpenMP threads on a shared CPU
+
+import numpy as np
+import torch
+
+from . import data as D
+
+ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_MODEL = ROOT / "assets" / "demo_model"
+PRESET_PATH = ROOT / "magcache" / "data" / "demo.json"
+IMG_DIR = ROOT / "docs" / "img"
+
+# Choice rule for the preset defaults: the fastest setting (fewest computed transformer calls) whose mean
+# PSNR to the uncached image is >= MIN_PSNR and mean SSIM >= MIN_SSIM; ties -> higher PSNR.
+MIN_PSNR = 30.0
+MIN_SSIM = 0.95
+SWEEP_THRESH = (0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.24, 0.4, 0.6)
+SWEEP_K = (1, 2, 3, 4, 6)
+SWEEP_RETENTION = (0.1, 0.2, 0.3)
+BASELINE_TARGETS = (1.5, 2.0, 2.5, 3.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and generating
+# --------------------------------------------------------------------------------------------------
+def load_pipeline(path: str | Path = DEFAULT_MODEL):
+    """The saved demo ``FluxPipeline`` (offline) and its ``demo_settings.json``."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    settings = json.loads((Path(path) / "demo_settings.json").read_text())
+    return pipe, settings
+
+
+def call_kwargs(settings: dict, **overrides) -> dict:
+    s = dict(settings, **overrides)
+    kw = dict(height=s["height"], width=s["width"], num_inference_steps=s["num_inference_steps"],
+              max_sequence_length=s["max_sequence_length"])
+    if s["true_cfg_scale"] > 1:
+        kw.update(true_cfg_scale=s["true_cfg_scale"], negative_prompt=s["negative_prompt"])
+    return kw
+
+
+def generate(pipe, prompt: str, seed: int, settings: dict, **overrides) -> np.ndarray:
+    """One image as float32 ``(H, W, 3)`` in [0, 1]."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    with torch.inference_mode():
+        out = pipe(prompt, generator=gen, output_type="np", **call_kwargs(settings, **overrides))
+    return out.images[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Adherence
+# --------------------------------------------------------------------------------------------------
+def adherence(pipe, settings: dict, scenes, **overrides) -> dict:
+    """Check every held-out scene (seed = its index) -> counts and per-prompt verdicts."""
+    results, t0 = [], time.time()
+    for i, scene in enumerate(scenes):
+        image = generate(pipe, scene.caption, i, settings, **overrides)
+        results.append(D.check_adherence(image, scene))
+    n = len(results)
+    return {
+        "prompts": n,
+        "correct": sum(r["correct"] for r in results),
+        "background_ok": sum(r["background"]["ok"] for r in results),
+        "objects_ok": sum(r["objects_ok"] for r in results),
+        "object_phrases_ok": sum(o["ok"] for r in results for o in r["objects"]),
+        "object_phrases": sum(len(r["objects"]) for r in results),
+        "seconds_per_image": round((time.time() - t0) / n, 3),
+        "failures": [r for r in results if not r["correct"]],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Calibration
+# --------------------------------------------------------------------------------------------------
+def calibrate(pipe, settings: dict, prompts: list[tuple[str, int]]) -> dict:
+    import magcache
+
+    handle = magcache.apply(pipe, preset="flux", calibrate=True)
+    try:
+        for prompt, seed in prompts:
+            generate(pipe, prompt, seed, settings)
+        return handle.calibration()
+    finally:
+        handle.remove()
+
+
+def preset_entry(cal: dict, settings: dict, defaults: dict, n_prompts: int) -> dict:
+    names = list(cal["branches"])
+    interleaved = len(names) > 1
+
+    def merged(key: str) -> list[float]:
+        if not interleaved:
+            return cal["branches"][names[0]][key]
+        return [v for pair in zip(*(cal["branches"][b][key] for b in ("cond", "uncond"))) for v in pair]
+
+    return {
+        "model": "MagCache Studio demo (tiny FLUX, 128x128 shapes)",
+        "source": (f"magcache.apply(pipe, preset='flux', calibrate=True) + handle.calibration() on "
+                   f"assets/demo_model, {cal['num_steps']} steps, true_cfg_scale {settings['true_cfg_scale']}, "
+                   f"averaged over {n_prompts} held-out prompts (python -m magcache.studio.demo.evaluate)"),
+        "num_steps": cal["num_steps"],
+        "cfg_interleaved": interleaved,
+        "mag_ratios": merged("mag_ratios"),
+        "mag_std": merged("mag_std"),
+        "cos_dis": merged("cos_dis"),
+        "defaults": {"magcache_thresh": defaults["thresh"], "retention_ratio": defaults["retention_ratio"],
+                     "magcache_K": defaults["K"]},
+        "defaults_rule": f"fastest sweep setting with mean PSNR >= {MIN_PSNR} dB and SSIM >= {MIN_SSIM} "
+                         "to the uncached image (docs/demo_model.md)",
+        "skipped_part": "transformer_blocks + single_transformer_blocks; residual over the image tokens",
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# 3./4. Cached runs against the uncached reference
+# --------------------------------------------------------------------------------------------------
+class Bench:
+    """Uncached reference images for a fixed prompt set, and cached runs measured against them."""
+
+    def __init__(self, pipe, settings: dict, prompts: list[tuple[str, int]]):
+        self.pipe, self.settings, self.prompts = pipe, settings, prompts
+        self.reference, times = [], []
+        for prompt, seed in prompts:
+            t = time.perf_counter()
+            self.reference.append(generate(pipe, prompt, seed, settings))
+            times.append(time.perf_counter() - t)
+        self.reference_seconds = float(np.mean(times))
+
+    def run(self, handle, schedules: list[dict] | None = None) -> dict:
+        """Run every prompt with ``handle``'s current settings (or, per prompt, a forced schedule
+        ``{branch: computed steps}``) -> mean PSNR/SSIM, computed calls, seconds."""
+        from magcache.metrics import psnr, ssim
+
+        ps, ss, calls, secs, computed = [], [], [], [], []
+        for i, (prompt, seed) in enumerate(self.prompts):
+            if schedules is not None:
+                handle.configure(computed_steps=schedules[i])
+            t = time.perf_counter()
+            image = generate(self.pipe, prompt, seed, self.settings)
+            secs.append(time.perf_counter() - t)
+            run = handle.last_run
+            computed.append(run.computed)
+            calls.append(sum(len(v) for v in run.computed.values()))
+            ps.append(min(psnr(image, self.reference[i]), 100.0))
+            ss.append(ssim(image, self.reference[i]))
+        if schedules is not None:
+            handle.configure(computed_steps=None)
+        total_calls = self.settings["num_inference_steps"] * len(computed[0])
+        return {
+            "psnr": round(float(np.mean(ps)), 2),
+            "psnr_min": round(float(np.min(ps)), 2),
+            "ssim": round(float(np.mean(ss)), 4),
+            "ssim_min": round(float(np.min(ss)), 4),
+            "computed_calls": round(float(np.mean(calls)), 2),
+            "total_calls": total_calls,
+            "call_speedup": round(total_calls / float(np.mean(calls)), 3),
+            "seconds": round(float(np.mean(secs)), 4),
+            "time_speedup": round(self.reference_seconds / float(np.mean(secs)), 3),
+            "computed": computed,
+        }
+
+
+def sweep(bench: Bench, handle, quick: bool) -> list[dict]:
+    grid = [(t, k, r) for r in SWEEP_RETENTION for k in SWEEP_K for t in SWEEP_THRESH]
+    if quick:
+        grid = [(t, k, 0.2) for k in (2, 4) for t in (0.04, 0.24)]
+    rows, by_schedule = [], {}
+    branches = 2 if bench.settings["true_cfg_scale"] > 1 else 1
+    for thresh, K, retention in grid:
+        handle.configure(thresh=thresh, K=K, retention_ratio=retention, computed_steps=None)
+        # settings with the same schedule give the same images: measure each schedule once
+        predicted = handle.predict(bench.settings["num_inference_steps"], branches).computed
+        key = tuple(tuple(v) for _, v in sorted(predicted.items()))
+        if key not in by_schedule:
+            res = bench.run(handle)
+            assert res.pop("computed")[0] == predicted, "runtime schedule differs from the policy's prediction"
+            by_schedule[key] = res
+        res = dict(by_schedule[key])
+        rows.append({"thresh": thresh, "K": K, "retention_ratio": retention, **res})
+        print(f"  sweep thresh {thresh:<5} K {K} R {retention}: {res['computed_calls']:>5}/{res['total_calls']} calls "
+              f"x{res['call_speedup']:.2f} (time x{res['time_speedup']:.2f}) PSNR {res['psnr']:.2f} SSIM {res['ssim']:.4f}",
+              flush=True)
+    return rows
+
+
+def choose_defaults(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r["psnr"] >= MIN_PSNR and r["ssim"] >= MIN_SSIM]
+    if not ok:  # nothing meets the bar: take the most faithful setting
+        ok = [max(rows, key=lambda r: r["psnr"])]
+    best = max(ok, key=lambda r: (r["call_speedup"], r["psnr"]))
+    return {"thresh": best["thresh"], "K": best["K"], "retention_ratio": best["retention_ratio"], "row": best}
+
+
+def uniform_schedule(num_steps: int, count: int) -> list[int]:
+    """``count`` computed steps spread evenly over the run, first and last included (count = N/2 is
+    'reuse the residual every other step')."""
+    return sorted(set(int(round(v)) for v in np.linspace(0, num_steps - 1, count)))
+
+
+def random_schedule(num_steps: int, count: int, rng: random.Random) -> list[int]:
+    """Step 0 (no residual exists yet) plus ``count - 1`` steps drawn at random."""
+    return sorted([0] + rng.sample(range(1, num_steps), count - 1))
+
+
+def baselines(bench: Bench, handle, defaults: dict, targets, random_draws: int) -> list[dict]:
+    import magcache.policy as P
+
+    n = bench.settings["num_inference_steps"]
+    branches = 2 if bench.settings["true_cfg_scale"] > 1 else 1
+    base = replace(handle.settings, thresh=defaults["thresh"], K=defaults["K"], retention_ratio=defaults["retention_ratio"])
+    rows, seen = [], set()
+    for target in targets:
+        s, sched = P.solve_thresh_for_speedup(handle.curves, n, target, base, handle.rules, branches,
+                                              K_candidates=range(1, 9))
+        key = (s.thresh, s.K)
+        if key in seen:
+            continue
+        seen.add(key)
+        handle.configure(thresh=s.thresh, K=s.K, retention_ratio=s.retention_ratio, computed_steps=None)
+        mag = bench.run(handle)
+        counts = {b: len(v) for b, v in mag["computed"][0].items()}
+        uniform = [{b: uniform_schedule(n, c) for b, c in counts.items()} for _ in bench.prompts]
+        uni = bench.run(handle, uniform)
+        rnd_runs = []
+        for draw in range(random_draws):
+            rng = random.Random(1234 + draw)
+            rnd_runs.append(bench.run(handle, [{b: random_schedule(n, c, rng) for b, c in counts.items()}
+                                               for _ in bench.prompts]))
+        rnd = {k: round(float(np.mean([r[k] for r in rnd_runs])), 4) for k in ("psnr", "ssim", "computed_calls")}
+        row = {
+            "target": target, "thresh": s.thresh, "K": s.K, "retention_ratio": s.retention_ratio,
+            "computed_calls": mag["computed_calls"], "total_calls": mag["total_calls"],
+            "call_speedup": mag["call_speedup"], "time_speedup": mag["time_speedup"],
+            "magcache_steps": mag["computed"][0],
+            "magcache": {"psnr": mag["psnr"], "ssim": mag["ssim"]},
+            "uniform": {"psnr": uni["psnr"], "ssim": uni["ssim"], "computed_calls": uni["computed_calls"],
+                        "steps": uniform[0]},
+            "random": rnd,
+        }
+        rows.append(row)
+        print(f"  x{row['call_speedup']:.2f} ({mag['computed_calls']:.0f} calls): MagCache {mag['psnr']:.2f}/{mag['ssim']:.4f}"
+              f"  uniform {uni['psnr']:.2f}/{uni['ssim']:.4f}  random {rnd['psnr']:.2f}/{rnd['ssim']:.4f}", flush=True)
+    handle.configure(computed_steps=None)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots and tables
+# --------------------------------------------------------------------------------------------------
+def plot_calibration(cal: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, title in zip(axes, ("mag_ratios", "mag_std", "cos_dis"),
+                              ("magnitude ratio  mean ||r_t|| / ||r_t-1||", "ratio std over tokens",
+                               "cosine distance 1 - cos(r_t, r_t-1)")):
+        for name, curve in cal["branches"].items():
+            ax.plot(range(1, len(curve[key])), curve[key][1:], marker=".", label=name)
+        if key == "mag_ratios":
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Demo model calibration ({cal['num_steps']} steps, {cal['runs']} prompts)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], baseline_rows: list[dict], chosen: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r_ in sorted({r["retention_ratio"] for r in rows}):
+        sel = [r for r in rows if r["retention_ratio"] == r_]
+        ax.scatter([r["call_speedup"] for r in sel], [r["psnr"] for r in sel], s=14, label=f"MagCache sweep, R={r_}")
+    for name, marker in (("uniform", "s"), ("random", "x")):
+        ax.plot([b["call_speedup"] for b in baseline_rows], [b[name]["psnr"] for b in baseline_rows], marker=marker,
+                color="k" if name == "uniform" else "tab:red", label=f"{name} skipping (same count)")
+    c = chosen["row"]
+    ax.scatter([c["call_speedup"]], [c["psnr"]], s=120, facecolors="none", edgecolors="k", label="chosen default")
+    ax.set_xlabel("speed-up (transformer calls, uncached / cached)")
+    ax.set_ylabel("PSNR to uncached image (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_grid(pipe, settings: dict, handle, path: Path, n: int = 6) -> None:
+    from PIL import Image
+
+    from magcache.metrics import difference_heatmap
+
+    rows = [[], [], []]
+    for i, scene in enumerate(D.held_out_scenes()[:n]):
+        handle.configure(enabled=False)
+        plain = generate(pipe, scene.caption, i, settings)
+        handle.configure(enabled=True)
+        cached = generate(pipe, scene.caption, i, settings)
+        rows[0].append((plain * 255).round().astype(np.uint8))
+        rows[1].append((cached * 255).round().astype(np.uint8))
+        rows[2].append(difference_heatmap(plain, cached, gain=4.0))
+    pad = lambda a: np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255)  # noqa: E731
+    grid = np.concatenate([np.concatenate([pad(a) for a in r], axis=1) for r in rows], axis=0)
+    Image.fromarray(grid).save(path)
+
+
+def markdown_tables(report: dict) -> str:
+    out = []
+    a = report.get("adherence_by_cfg", {})
+    if a:
+        out.append("| true_cfg_scale | correct | background ok | all objects ok | object phrases ok | s/image |")
+        out.append("|---|---|---|---|---|---|")
+        for cfg, r in a.items():
+            out.append(f"| {cfg} | {r['correct']}/{r['prompts']} | {r['background_ok']}/{r['prompts']} | "
+                       f"{r['objects_ok']}/{r['prompts']} | {r['object_phrases_ok']}/{r['object_phrases']} | "
+                       f"{r['seconds_per_image']} |")
+        out.append("")
+    rows = report.get("sweep", [])
+    if rows:
+        out.append("| thresh | K | retention | computed calls | speed-up (calls) | speed-up (time) | PSNR | SSIM |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            out.append(f"| {r['thresh']} | {r['K']} | {r['retention_ratio']} | {r['computed_calls']:g}/{r['total_calls']} "
+                       f"| {r['call_speedup']:.2f} | {r['time_speedup']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+        out.append("")
+    rows = report.get("baselines", [])
+    if rows:
+        out.append("| speed-up (calls) | computed calls | MagCache PSNR / SSIM | uniform PSNR / SSIM | random PSNR / SSIM |")
+        out.append("|---|---|---|---|---|")
+        for r in rows:
+            out.append(f"| {r['call_speedup']:.2f} (thresh {r['thresh']}, K {r['K']}, R {r['retention_ratio']}) | "
+                       f"{r['computed_calls']:g}/{r['total_calls']} | {r['magcache']['psnr']:.2f} / {r['magcache']['ssim']:.4f} | "
+                       f"{r['uniform']['psnr']:.2f} / {r['uniform']['ssim']:.4f} | "
+                       f"{r['random']['psnr']:.2f} / {r['random']['ssim']:.4f} |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--out-dir", default=str(IMG_DIR), help="JSON + PNGs go here")
+    ap.add_argument("--cfg-scales", default="1,2,3,4,6", help="true-CFG scales for the adherence table")
+    ap.add_argument("--bench-prompts", type=int, default=8, help="prompts (x seeds) for sweep and baselines")
+    ap.add_argument("--calibration-prompts", type=int, default=4)
+    ap.add_argument("--random-draws", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="few prompts, small grids; writes to out/demo_eval_quick")
+    ap.add_argument("--no-write", action="store_true", help="do not update demo.json / demo_settings.json")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import magcache
+
+    out_dir = Path(args.out_dir) if not args.quick else ROOT / "out" / "demo_eval_quick"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write = not (args.quick or args.no_write)
+    pipe, settings = load_pipeline(args.model)
+    scenes = D.held_out_scenes()[: (6 if args.quick else D.NUM_HELD_OUT)]
+    report: dict = {"model": str(args.model), "settings_in": {k: settings[k] for k in ("num_inference_steps", "true_cfg_scale")}}
+    t_all = time.time()
+
+    # 1. adherence per CFG scale (no cache)
+    print("== adherence (no cache) ==", flush=True)
+    report["adherence_by_cfg"] = {}
+    for cfg in [float(c) for c in args.cfg_scales.split(",")]:
+        res = adherence(pipe, settings, scenes, true_cfg_scale=cfg)
+        report["adherence_by_cfg"][str(cfg)] = res
+        print(f"  true_cfg_scale {cfg}: {res['correct']}/{res['prompts']} correct (background {res['background_ok']}, "
+              f"objects {res['objects_ok']}), {res['seconds_per_image']} s/image", flush=True)
+    best_cfg = max(report["adherence_by_cfg"], key=lambda c: (report["adherence_by_cfg"][c]["correct"], -float(c)))
+    settings["true_cfg_scale"] = float(best_cfg)
+    report["adherence"] = {k: v for k, v in report["adherence_by_cfg"][best_cfg].items()}
+    report["adherence"]["true_cfg_scale"] = float(best_cfg)
+    print(f"  -> default true_cfg_scale {best_cfg}", flush=True)
+
+    # 2. calibration at the default settings
+    print("== calibration ==", flush=True)
+    cal_prompts = [(s.caption, 100 + i) for i, s in enumerate(D.held_out_scenes()[: args.calibration_prompts])]
+    cal = calibrate(pipe, settings, cal_prompts)
+    report["calibration"] = cal
+    for name, c in cal["branches"].items():
+        print(f"  {name}: ratios {c['mag_ratios']}", flush=True)
+    plot_calibration(cal, out_dir / "demo_calibration.png")
+
+    # 3. sweep with the calibrated curves
+    print("== sweep ==", flush=True)
+    names = list(cal["branches"])
+    curves = [cal["branches"][b]["mag_ratios"] for b in (["cond", "uncond"] if len(names) > 1 else names)]
+    n_bench = 3 if args.quick else args.bench_prompts
+    bench_prompts = [(s.caption, 1000 + i) for i, s in enumerate(D.held_out_scenes()[-n_bench:])]
+    bench = Bench(pipe, settings, bench_prompts)
+    handle = magcache.apply(pipe, preset="flux", curves=curves, rules=magcache.presets.CALIBRATED_FLUX)
+    report["reference_seconds_per_image"] = round(bench.reference_seconds, 4)
+    report["sweep"] = sweep(bench, handle, args.quick)
+    chosen = choose_defaults(report["sweep"])
+    report["defaults"] = chosen
+    print(f"  -> defaults thresh {chosen['thresh']} K {chosen['K']} retention {chosen['retention_ratio']} "
+          f"(x{chosen['row']['call_speedup']:.2f}, PSNR {chosen['row']['psnr']}, SSIM {chosen['row']['ssim']})", flush=True)
+
+    # 4. naive baselines at equal computed-step counts
+    print("== naive baselines ==", flush=True)
+    targets = BASELINE_TARGETS[:2] if args.quick else BASELINE_TARGETS
+    report["baselines"] = baselines(bench, handle, chosen, targets, 1 if args.quick else args.random_draws)
+    plot_sweep(report["sweep"], report["baselines"], chosen, out_dir / "demo_sweep.png")
+
+    # adherence with MagCache at the chosen defaults, and the sample grid
+    handle.configure(thresh=chosen["thresh"], K=chosen["K"], retention_ratio=chosen["retention_ratio"], computed_steps=None)
+    res = adherence(pipe, settings, scenes)
+    report["adherence_magcache"] = {k: v for k, v in res.items() if k != "failures"}
+    print(f"== adherence with MagCache defaults: {res['correct']}/{res['prompts']} ==", flush=True)
+    sample_grid(pipe, settings, handle, out_dir / "demo_samples.png")
+    handle.remove()
+
+    report["evaluate_minutes"] = round((time.time() - t_all) / 60, 1)
+    (out_dir / "demo_eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    if write:
+        entry = preset_entry(cal, settings, chosen, len(cal_prompts))
+        PRESET_PATH.write_text(json.dumps(entry, indent=1) + "\n")
+        settings_path = Path(args.model) / "demo_settings.json"
+        demo = json.loads(settings_path.read_text())
+        demo["true_cfg_scale"] = settings["true_cfg_scale"]
+        demo["magcache"] = {"preset": "demo", "thresh": chosen["thresh"], "K": chosen["K"],
+                            "retention_ratio": chosen["retention_ratio"]}
+        settings_path.write_text(json.dumps(demo, indent=2) + "\n")
+        print(f"wrote {PRESET_PATH} and {settings_path}")
+    print()
+    print(markdown_tables(report))
+
+
+if __name__ == "__main__":
+    main()

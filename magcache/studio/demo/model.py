@@ -1,0 +1,146 @@
+"""The demo model's components, built offline from configs: word-level tokenizers over the caption grammar, small
+CLIP and T5 text encoders, a small ``AutoencoderKL`` and a small ``FluxTransformer2DModel``, assembled into an
+ordinary ``FluxPipeline``.
+
+Shapes (at 128x128): VAE 8x downsampling -> 16x16x4 latents -> packed 2x2 by FluxPipeline into 64 tokens of
+16 channels. Text: T5 states (32 tokens x 64) feed the joint attention; the CLIP pooled output (64) feeds the
+timestep/text modulation, like FLUX.1's T5-XXL + CLIP-L.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from .data import IMAGE_SIZE, PUNCTUATION, VOCABULARY
+
+TEXT_LEN = 32  # tokens for both tokenizers == FluxPipeline's max_sequence_length for this model
+TEXT_DIM = 64  # T5 d_model == transformer joint_attention_dim; CLIP hidden == pooled_projection_dim
+LATENT_CHANNELS = 4
+VAE_CHANNELS = (16, 32, 64, 64)  # 4 levels -> vae_scale_factor 8
+
+TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=4 * LATENT_CHANNELS,  # FluxPipeline packs 2x2 latent patches into one token
+    num_layers=2,  # double-stream blocks
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,  # inner dim 128
+    joint_attention_dim=TEXT_DIM,
+    pooled_projection_dim=TEXT_DIM,
+    guidance_embeds=False,  # not guidance-distilled: true CFG (true_cfg_scale + negative_prompt) instead
+    axes_dims_rope=(8, 12, 12),
+)
+
+_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
+
+
+def build_t5_tokenizer():
+    """Unigram T5 tokenizer whose pieces are the caption words (one token each), with single characters as a
+    fallback so that any prompt tokenizes."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -8.0)]
+    vocab += [("\u2581" + w, -1.0) for w in VOCABULARY]
+    vocab += [(p, -1.0) for p in PUNCTUATION]
+    vocab += [(c, -10.0) for c in _CHARS if c not in PUNCTUATION]
+    vocab += [("\u2581" + c, -9.0) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LEN)
+
+
+def build_clip_tokenizer():
+    """CLIP BPE tokenizer whose merges assemble each caption word into one token (``word</w>``)."""
+    from transformers import CLIPTokenizer
+
+    # Learn BPE merges on the vocabulary itself (most frequent pair first, until every word is one symbol):
+    # applying merges in rank order then reproduces exactly this segmentation, one token per word.
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in VOCABULARY]
+    tokens: list[str] = [t for c in _CHARS for t in (c, c + "</w>")]
+    merges: list[tuple[str, str]] = []
+    while any(len(w) > 1 for w in words):
+        counts: dict[tuple[str, str], int] = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = max(counts, key=lambda p: (counts[p], p))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i: i + 2] = [w[i] + w[i + 1]]
+                i += 1
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_LEN)
+
+
+def build_text_encoders(clip_vocab_size: int, t5_vocab_size: int, clip_eos_id: int, clip_bos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip_vocab_size, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TEXT_LEN, hidden_act="gelu", projection_dim=TEXT_DIM,
+        bos_token_id=clip_bos_id, eos_token_id=clip_eos_id, pad_token_id=clip_eos_id,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab_size, d_model=TEXT_DIM, d_kv=16, d_ff=4 * TEXT_DIM, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, relative_attention_max_distance=TEXT_LEN, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+    ))
+    return clip, t5
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    n = len(VAE_CHANNELS)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=VAE_CHANNELS, layers_per_block=1,
+        latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE,
+        # few groups: with ~1 channel per group, GroupNorm acts as InstanceNorm and erases flat colours (measured)
+        norm_num_groups=2,
+        # set from the data's latent statistics after training (train.py)
+        scaling_factor=1.0, shift_factor=0.0,
+    )
+
+
+def build_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+
+
+def build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # Linear sigmas 1 -> 1/N (shift 1, no resolution-dependent shift): the same t the model was trained on.
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+
+
+def build_components() -> dict:
+    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
+    clip, t5 = build_text_encoders(len(clip_tok), len(t5_tok), clip_tok.eos_token_id, clip_tok.bos_token_id)
+    return dict(tokenizer=clip_tok, tokenizer_2=t5_tok, text_encoder=clip, text_encoder_2=t5, vae=build_vae(),
+                transformer=build_transformer(), scheduler=build_scheduler())
+
+
+def assemble_pipeline(components: dict):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(image_encoder=None, feature_extractor=None, **components)
+
+
+def encode_text(tokenizer, tokenizer_2, text_encoder, text_encoder_2, prompts: list[str]):
+    """Exactly what ``FluxPipeline.encode_prompt`` computes (``max_sequence_length=TEXT_LEN``), but with
+    gradients, for joint training: returns ``(t5 states (B, L, D), clip pooled (B, D))``."""
+    clip_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    t5_ids = tokenizer_2(prompts, padding="max_length", max_length=TEXT_LEN, truncation=True,
+                         return_tensors="pt").input_ids
+    pooled = text_encoder(clip_ids, output_hidden_states=False).pooler_output
+    states = text_encoder_2(t5_ids, output_hidden_states=False)[0]
+    return states, pooled
