@@ -763,7 +763,8 @@ def add_calibrate_arguments(parser: Any) -> None:
     src.add_argument("--model-path", metavar="DIR", help="a diffusers model folder or repo id (already downloaded)")
     parser.add_argument("--pipeline", metavar="CLASS", help="diffusers pipeline class (default: from model_index.json)")
     parser.add_argument("--preset", help="preset recorded with the calibration (default: the model's preset)")
-    parser.add_argument("--model", help="model name to key the calibration by (default: --model-path or tiny:KIND)")
+    parser.add_argument("--model", help="model name to key the calibration by "
+                        "(default: the resolved --model-path, or tiny:KIND)")
     parser.add_argument("--steps", type=int, required=True, help="number of inference steps")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
@@ -801,7 +802,7 @@ def _load_pipeline(args: Any) -> tuple[Any, dict, str]:
     kwargs: dict = {"prompt": "a photo of a cat sitting on a wooden table, detailed, natural light",
                     "num_inference_steps": args.steps,
                     "generator": torch.Generator(device="cpu").manual_seed(args.seed)}
-    return pipe, kwargs, args.model_path
+    return pipe, kwargs, model_id(pipe)  # the resolved path, as the app keys the same model
 
 
 def run_calibrate_command(args: Any) -> int:
