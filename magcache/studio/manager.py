@@ -313,7 +313,7 @@ class ModelManager:
         self._loader = loader or self._load
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()  # the model dict (short holds only)
-        self._load_lock = threading.Lock()  # loads and unloads happen one at a time
+        self._load_lock = threading.Lock()  # one load at a time (unload() needs only _lock: it never waits for a load)
         self._device_lock = FairDeviceLock()
         self._tokens: dict[str, threading.Event] = {}
         self._token_lock = threading.Lock()
