@@ -243,7 +243,9 @@ class MagCacheHandle:
         return self
 
     def predict(self, num_steps: int, num_branches: int = 1) -> P.Schedule:
-        """The schedule a run of ``num_steps`` will take with the current settings (no model is run)."""
+        """The schedule a run of ``num_steps`` will take with the current settings (no model is run). A fixed
+        schedule (``configure(computed_steps=...)``) or calibration mode overrides the policy at run time and is
+        not reflected here."""
         return P.simulate(self.curves, num_steps, self.settings, self.rules, num_branches)
 
     @property

@@ -21,6 +21,8 @@ No Gradio here: the UI, scripts and tests use the same object.
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import gc
 import importlib
@@ -317,7 +319,8 @@ class ModelManager:
         self._device_lock = FairDeviceLock()
         self._tokens: dict[str, threading.Event] = {}
         self._token_lock = threading.Lock()
-        self.events: list[str] = []  # load / unload log, newest last (shown in the app, checked by tests)
+        # load / unload log, newest last (shown in the app, checked by tests); bounded for long-running Spaces
+        self.events: collections.deque[str] = collections.deque(maxlen=500)
 
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, tab_id: str, variant: str | None = None, weights: str | None = None,
