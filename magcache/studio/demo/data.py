@@ -2,7 +2,8 @@
 
 A scene is a background colour and 1-3 objects (size x colour x shape), each in its own cell of a 3x3 grid.
 Captions name the background first, then every object with its position, in random order, e.g.
-``"yellow background, large red circle at top left, small blue diamond at center"``.
+``"yellow background, large red circle at northwest, small blue diamond at center"`` (positions are compass
+names of the 3x3 cells: northwest, north, northeast, west, center, east, southwest, south, southeast).
 
 The same module holds the held-out prompts (never used in training) and the automatic adherence checker: a prompt
 is followed when, in the generated image, the named colour dominates the centre of every named cell and the
@@ -37,10 +38,13 @@ COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 20, "large": 34}  # side of the shape's bounding box in pixels
 # (row, col) in the 3x3 grid -> words
+# One word per cell (compass names). Two-word names made the model confuse cells that share a word: with
+# "left" next to "top left", and then with "<row> <column>" ("top left" / "bottom left"), colours were swapped
+# between objects and objects drawn in every cell sharing a word (docs/demo_model.md, "what did not work").
 POSITIONS: dict[tuple[int, int], str] = {
-    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-    (1, 0): "left", (1, 1): "center", (1, 2): "right",
-    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+    (0, 0): "northwest", (0, 1): "north", (0, 2): "northeast",
+    (1, 0): "west", (1, 1): "center", (1, 2): "east",
+    (2, 0): "southwest", (2, 1): "south", (2, 2): "southeast",
 }
 MAX_OBJECTS = 3
 HELD_OUT_SEED = 20_250_609

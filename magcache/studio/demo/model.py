@@ -3,7 +3,7 @@ CLIP and T5 text encoders, a small ``AutoencoderKL`` and a small ``FluxTransform
 ordinary ``FluxPipeline``.
 
 Shapes (at 128x128): VAE 8x downsampling -> 16x16x4 latents -> packed 2x2 by FluxPipeline into 64 tokens of
-16 channels. Text: T5 states (32 tokens x 64) feed the joint attention; the CLIP pooled output (64) feeds the
+16 channels. Text: T5 states (32 tokens x 128) feed the joint attention; the CLIP pooled output (64) feeds the
 timestep/text modulation, like FLUX.1's T5-XXL + CLIP-L.
 """
 
@@ -16,7 +16,8 @@ import torch
 from .data import IMAGE_SIZE, PUNCTUATION, VOCABULARY
 
 TEXT_LEN = 32  # tokens for both tokenizers == FluxPipeline's max_sequence_length for this model
-TEXT_DIM = 64  # T5 d_model == transformer joint_attention_dim; CLIP hidden == pooled_projection_dim
+T5_DIM = 128  # T5 d_model == transformer joint_attention_dim (the T5 binds colours to positions: the wider one)
+CLIP_DIM = 64  # CLIP hidden == pooled_projection_dim
 LATENT_CHANNELS = 4
 VAE_CHANNELS = (16, 32, 64, 64)  # 4 levels -> vae_scale_factor 8
 
@@ -25,12 +26,15 @@ TRANSFORMER_CONFIG = dict(
     in_channels=4 * LATENT_CHANNELS,  # FluxPipeline packs 2x2 latent patches into one token
     num_layers=2,  # double-stream blocks
     num_single_layers=4,
-    attention_head_dim=32,
-    num_attention_heads=4,  # inner dim 128
-    joint_attention_dim=TEXT_DIM,
-    pooled_projection_dim=TEXT_DIM,
+    # Text tokens sit at RoPE position 0 (FluxPipeline's txt_ids are zeros), so an image token finds "its" cell
+    # words through the rotation of its query alone. With 12 RoPE dims per axis (theta 10000) only ~1.5 of the
+    # frequencies vary over the 8 token rows; 30 dims per axis give ~5, hence 2 heads of 64 rather than 4 of 32.
+    attention_head_dim=64,
+    num_attention_heads=2,  # inner dim 128
+    joint_attention_dim=T5_DIM,
+    pooled_projection_dim=CLIP_DIM,
     guidance_embeds=False,  # not guidance-distilled: true CFG (true_cfg_scale + negative_prompt) instead
-    axes_dims_rope=(8, 12, 12),
+    axes_dims_rope=(4, 30, 30),  # (image index: always 0 for text-to-image, row, column)
 )
 
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
@@ -81,12 +85,12 @@ def build_text_encoders(clip_vocab_size: int, t5_vocab_size: int, clip_eos_id: i
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=clip_vocab_size, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TEXT_LEN, hidden_act="gelu", projection_dim=TEXT_DIM,
+        vocab_size=clip_vocab_size, hidden_size=CLIP_DIM, intermediate_size=4 * CLIP_DIM, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TEXT_LEN, hidden_act="gelu", projection_dim=CLIP_DIM,
         bos_token_id=clip_bos_id, eos_token_id=clip_eos_id, pad_token_id=clip_eos_id,
     ))
     t5 = T5EncoderModel(T5Config(
-        vocab_size=t5_vocab_size, d_model=TEXT_DIM, d_kv=16, d_ff=4 * TEXT_DIM, num_layers=2, num_heads=4,
+        vocab_size=t5_vocab_size, d_model=T5_DIM, d_kv=32, d_ff=2 * T5_DIM, num_layers=3, num_heads=4,
         relative_attention_num_buckets=16, relative_attention_max_distance=TEXT_LEN, dropout_rate=0.0,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
     ))

@@ -38,6 +38,7 @@ from . import model as M
 
 LOG_EVERY = 25
 LATENT_NOISE = 0.1
+OBJECT_LOSS_WEIGHT = 4.0
 CHECKPOINT_EVERY = 200
 
 
@@ -140,10 +141,15 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | N
 @torch.no_grad()
 def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, chunk: int = 64) -> dict:
     path = work / "latents.pt"
-    if path.exists():
-        return torch.load(path)
-    t0 = time.time()
     scenes = D.training_scenes(count, seed=seed + 1)
+    if path.exists():
+        cached = torch.load(path)
+        if cached["latents"].shape[0] == count:
+            # captions always come from the current grammar (scenes, hence latents, do not depend on it)
+            cached["captions"] = [s.caption for s in scenes]
+            cached.update(scene_arrays(scenes, cached["latents"].shape[-1] // 2))
+            return cached
+    t0 = time.time()
     means = []
     for i in range(0, count, chunk):
         images = D.render_batch(scenes[i: i + chunk], seed=seed * 1_000_003 + i)
@@ -154,9 +160,24 @@ def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, chun
     shift = latents.mean().item()
     scale = 1.0 / (latents - shift).std().item()
     out = {"latents": latents, "captions": [s.caption for s in scenes], "shift_factor": shift, "scaling_factor": scale}
+    out.update(scene_arrays(scenes, latents.shape[-1] // 2))
     _save(out, path)
     log(f"latents: {tuple(latents.shape)} shift {shift:.4f} scale {scale:.4f} in {(time.time() - t0) / 60:.1f} min")
     return out
+
+
+def scene_arrays(scenes: list, tokens_per_side: int) -> dict:
+    """Per scene: its object count, and which packed latent tokens its objects cover (for the loss weights)."""
+    px = D.IMAGE_SIZE / tokens_per_side
+    masks = torch.zeros(len(scenes), tokens_per_side, tokens_per_side, dtype=torch.bool)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            half = D.SIZES[obj.size] * 1.1 / 2 + 3  # largest drawn size plus the position jitter
+            cy, cx = (obj.cell[0] + 0.5) * D.CELL, (obj.cell[1] + 0.5) * D.CELL
+            r0, r1 = int((cy - half) // px), int((cy + half) // px)
+            c0, c1 = int((cx - half) // px), int((cx + half) // px)
+            masks[i, max(0, r0): r1 + 1, max(0, c0): c1 + 1] = True
+    return {"object_tokens": masks.flatten(1), "num_objects": torch.tensor([len(s.objects) for s in scenes])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +233,10 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
     clip_all, t5_all = _tokenize(components, lat["captions"])
     clip_empty, t5_empty = _tokenize(components, [""])
     n = x0_all.shape[0]
+    # Binding colours to positions is what is hard (1-object prompts are learned first): scenes are drawn in
+    # proportion to their object count, and tokens covered by objects weigh more in the loss.
+    sample_weights = lat["num_objects"].float()
+    object_tokens = lat["object_tokens"]
     side = int(math.isqrt(x0_all.shape[1]))
     img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, "cpu", torch.float32)
     txt_ids = torch.zeros(M.TEXT_LEN, 3)
@@ -224,7 +249,7 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, 200)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 17 + step)
-        idx = torch.randint(0, n, (batch,), generator=gen)
+        idx = torch.multinomial(sample_weights, batch, replacement=True, generator=gen)
         x0 = x0_all[idx]
         clip_ids, t5_ids = clip_all[idx].clone(), t5_all[idx].clone()
         drop = torch.rand(batch, generator=gen) < 0.1  # empty caption -> unconditional branch for true CFG
@@ -233,7 +258,8 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
         noise = torch.randn(x0.shape, generator=gen)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         pred = net(x_t, t, clip_ids, t5_ids, img_ids, txt_ids)
-        loss = F.mse_loss(pred, noise - x0)
+        weights = 1.0 + OBJECT_LOSS_WEIGHT * object_tokens[idx].float()  # (B, tokens)
+        loss = ((pred - (noise - x0)).pow(2).mean(-1) * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
