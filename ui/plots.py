@@ -58,7 +58,7 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
     handles, _ = bottom.get_legend_handles_labels()
     handles = [Patch(facecolor=COMPUTED, edgecolor=EDGE, label="computed"),
                Patch(facecolor=SKIPPED, edgecolor=EDGE, label="skipped (cached residual reused)")] + handles
-    bottom.legend(handles=handles, fontsize=7, ncol=len(handles), frameon=False, loc="upper center",
+    bottom.legend(handles=handles, fontsize=7, ncol=min(len(handles), 4), frameon=False, loc="upper center",
                   bbox_to_anchor=(0.5, -0.18))
     bottom.grid(alpha=0.3)
     return fig

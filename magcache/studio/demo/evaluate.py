@@ -127,9 +127,9 @@ def preset_entry(cal: dict, settings: dict, defaults: dict, n_prompts: int) -> d
 
     return {
         "model": "MagCache Studio demo (tiny FLUX, 128x128 shapes)",
-        "source": (f"magcache.apply(pipe, preset='flux', calibrate=True) + handle.calibration() on "
-                   f"assets/demo_model, {cal['num_steps']} steps, true_cfg_scale {settings['true_cfg_scale']}, "
-                   f"averaged over {n_prompts} held-out prompts (python -m magcache.studio.demo.evaluate)"),
+        "source": (f"our calibration of assets/demo_model: {cal['num_steps']} steps, true CFG "
+                   f"{settings['true_cfg_scale']:g}, mean of {n_prompts} held-out prompts "
+                   "(python -m magcache.studio.demo.evaluate)"),
         "num_steps": cal["num_steps"],
         "cfg_interleaved": interleaved,
         "mag_ratios": merged("mag_ratios"),
