@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import string
 
-import torch
-
 from .data import IMAGE_SIZE, PUNCTUATION, VOCABULARY
 
 TEXT_LEN = 32  # tokens for both tokenizers == FluxPipeline's max_sequence_length for this model
