@@ -67,7 +67,7 @@ def test_output_is_deterministic_per_seed(demo):
 
 def test_adherence_on_held_out_sample(demo):
     """8 held-out prompts (never in training), default settings, no cache. The shipped model follows 5 of these 8
-    (30 of all 50, docs/demo_model.md): every background and every one-object prompt, about half of the
+    (30 of all 50, docs/demo_model.md): every background and every one-object prompt, 13 of the 33
     multi-object ones. The floor of 4 leaves room for float differences between CPUs; random weights score 0."""
     from magcache.studio.demo.evaluate import adherence
 
