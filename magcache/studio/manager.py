@@ -22,7 +22,6 @@ No Gradio here: the UI, scripts and tests use the same object.
 from __future__ import annotations
 
 import collections
-
 import contextlib
 import gc
 import importlib

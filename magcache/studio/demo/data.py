@@ -37,6 +37,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 20, "large": 34}  # side of the shape's bounding box in pixels
+# Training-data jitter (render with an rng): relative size, position offset in pixels, colour per channel.
+SIZE_JITTER = 0.1
+POSITION_JITTER = 3.0
+COLOUR_JITTER = 12
 # (row, col) in the 3x3 grid -> words
 # One word per cell (compass names). Two-word names made the model confuse cells that share a word: with
 # "left" next to "top left", and then with "<row> <column>" ("top left" / "bottom left"), colours were swapped
@@ -112,13 +116,14 @@ def render(scene: Scene, rng: random.Random | None = None, size: int = IMAGE_SIZ
         base = PALETTE[name]
         if rng is None:
             return base
-        return tuple(int(min(255, max(0, c + rng.randint(-12, 12)))) for c in base)
+        return tuple(int(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))) for c in base)
 
     img = Image.new("RGB", (s, s), jitter_colour(scene.background))
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        side = SIZES[obj.size] * (rng.uniform(0.9, 1.1) if rng else 1.0)
-        dx, dy = (rng.uniform(-3, 3), rng.uniform(-3, 3)) if rng else (0.0, 0.0)
+        side = SIZES[obj.size] * (rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER) if rng else 1.0)
+        dx, dy = ((rng.uniform(-POSITION_JITTER, POSITION_JITTER), rng.uniform(-POSITION_JITTER, POSITION_JITTER))
+                  if rng else (0.0, 0.0))
         cx, cy = (obj.cell[1] + 0.5) * CELL + dx, (obj.cell[0] + 0.5) * CELL + dy
         fill = jitter_colour(obj.colour)
         poly = _shape_polygon(obj.shape, cx * scale, cy * scale, side * scale)

@@ -135,14 +135,3 @@ def assemble_pipeline(components: dict):
 
     return FluxPipeline(image_encoder=None, feature_extractor=None, **components)
 
-
-def encode_text(tokenizer, tokenizer_2, text_encoder, text_encoder_2, prompts: list[str]):
-    """Exactly what ``FluxPipeline.encode_prompt`` computes (``max_sequence_length=TEXT_LEN``), but with
-    gradients, for joint training: returns ``(t5 states (B, L, D), clip pooled (B, D))``."""
-    clip_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    t5_ids = tokenizer_2(prompts, padding="max_length", max_length=TEXT_LEN, truncation=True,
-                         return_tensors="pt").input_ids
-    pooled = text_encoder(clip_ids, output_hidden_states=False).pooler_output
-    states = text_encoder_2(t5_ids, output_hidden_states=False)[0]
-    return states, pooled

@@ -85,12 +85,11 @@ def vae_batch(step: int, seed: int, steps: int, batch: int) -> torch.Tensor:
 
 def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | None) -> torch.nn.Module:
     final = work / "vae_final.pt"
+    torch.manual_seed(seed)  # seeded init (overwritten when a trained VAE is loaded)
     vae = M.build_vae()
     if final.exists():
         vae.load_state_dict(torch.load(final)["model"])
         return vae.eval()
-    torch.manual_seed(seed)
-    vae = M.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt_path, start = work / "vae_ckpt.pt", 0
     if ckpt_path.exists():
@@ -172,7 +171,7 @@ def scene_arrays(scenes: list, tokens_per_side: int) -> dict:
     masks = torch.zeros(len(scenes), tokens_per_side, tokens_per_side, dtype=torch.bool)
     for i, scene in enumerate(scenes):
         for obj in scene.objects:
-            half = D.SIZES[obj.size] * 1.1 / 2 + 3  # largest drawn size plus the position jitter
+            half = D.SIZES[obj.size] * (1 + D.SIZE_JITTER) / 2 + D.POSITION_JITTER  # largest drawn extent
             cy, cx = (obj.cell[0] + 0.5) * D.CELL, (obj.cell[1] + 0.5) * D.CELL
             r0, r1 = int((cy - half) // px), int((cy + half) // px)
             c0, c1 = int((cx - half) // px), int((cx + half) // px)
