@@ -178,6 +178,11 @@ def render_batch(scenes: list[Scene], seed: int) -> np.ndarray:
     return np.stack([render(s, rng) for s in scenes])
 
 
+def render_batch_job(job: tuple[list[Scene], int]) -> np.ndarray:
+    """``render_batch`` for a process pool (one picklable argument)."""
+    return render_batch(*job)
+
+
 # --------------------------------------------------------------------------------------------------
 # Automatic adherence checker
 # --------------------------------------------------------------------------------------------------

@@ -96,6 +96,9 @@ def adherence(pipe, settings: dict, scenes, **overrides) -> dict:
         "objects_ok": sum(r["objects_ok"] for r in results),
         "object_phrases_ok": sum(o["ok"] for r in results for o in r["objects"]),
         "object_phrases": sum(len(r["objects"]) for r in results),
+        "correct_by_objects": {str(k): f"{sum(r['correct'] for r in results if len(r['objects']) == k)}/"
+                                       f"{sum(len(r['objects']) == k for r in results)}"
+                               for k in sorted({len(r["objects"]) for r in results})},
         "seconds_per_image": round((time.time() - t0) / n, 3),
         "failures": [r for r in results if not r["correct"]],
     }
@@ -389,8 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="few prompts, small grids; writes to out/demo_eval_quick")
     ap.add_argument("--no-write", action="store_true", help="do not update demo.json / demo_settings.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--adherence-only", action="store_true",
+                    help="only the adherence table (e.g. right after training, on the training GPU); writes "
+                         "demo_adherence.json to --out-dir")
+    ap.add_argument("--device", default="cpu", help="cpu (the app's device; timings) or cuda (--adherence-only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device != "cpu" and not args.adherence_only:
+        ap.error("--device other than cpu needs --adherence-only: the timings and the preset are for the CPU demo")
 
     import magcache
 
@@ -398,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write = not (args.quick or args.no_write)
     pipe, settings = load_pipeline(args.model)
+    pipe.to(args.device)
     scenes = D.held_out_scenes()[: (6 if args.quick else D.NUM_HELD_OUT)]
     report: dict = {"model": str(args.model), "settings_in": {k: settings[k] for k in ("num_inference_steps", "true_cfg_scale")}}
     t_all = time.time()
@@ -409,7 +419,14 @@ def main(argv: list[str] | None = None) -> None:
         res = adherence(pipe, settings, scenes, true_cfg_scale=cfg)
         report["adherence_by_cfg"][str(cfg)] = res
         print(f"  true_cfg_scale {cfg}: {res['correct']}/{res['prompts']} correct (background {res['background_ok']}, "
-              f"objects {res['objects_ok']}), {res['seconds_per_image']} s/image", flush=True)
+              f"objects {res['objects_ok']}; by object count {res['correct_by_objects']}), {res['seconds_per_image']} s/image",
+              flush=True)
+    if args.adherence_only:
+        report["adherence_by_cfg"] = {c: {k: v for k, v in r.items() if k != "failures"}
+                                      for c, r in report["adherence_by_cfg"].items()}
+        report["device"] = args.device
+        (out_dir / "demo_adherence.json").write_text(json.dumps(report, indent=1) + "\n")
+        return
     best_cfg = max(report["adherence_by_cfg"], key=lambda c: (report["adherence_by_cfg"][c]["correct"], -float(c)))
     settings["true_cfg_scale"] = float(best_cfg)
     report["adherence"] = {k: v for k, v in report["adherence_by_cfg"][best_cfg].items()}

@@ -110,10 +110,11 @@ def build_vae():
     )
 
 
-def build_transformer():
+def build_transformer(**overrides):
+    """``overrides``: config keys to change (the training recipes set the block counts); None keeps the default."""
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+    return FluxTransformer2DModel(**dict(TRANSFORMER_CONFIG, **{k: v for k, v in overrides.items() if v is not None}))
 
 
 def build_scheduler():
@@ -123,11 +124,11 @@ def build_scheduler():
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
 
 
-def build_components() -> dict:
+def build_components(**transformer_overrides) -> dict:
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     clip, t5 = build_text_encoders(len(clip_tok), len(t5_tok), clip_tok.eos_token_id, clip_tok.bos_token_id)
     return dict(tokenizer=clip_tok, tokenizer_2=t5_tok, text_encoder=clip, text_encoder_2=t5, vae=build_vae(),
-                transformer=build_transformer(), scheduler=build_scheduler())
+                transformer=build_transformer(**transformer_overrides), scheduler=build_scheduler())
 
 
 def assemble_pipeline(components: dict):

@@ -1,7 +1,10 @@
-"""Train the demo model from scratch on CPU and save it as a diffusers ``FluxPipeline``.
+"""Train the demo model from scratch and save it as a diffusers ``FluxPipeline``.
 
-    python -m magcache.studio.demo.train --out assets/demo_model            # the shipped model (fixed seeds)
-    python -m magcache.studio.demo.train --export-only --out out/snapshot   # export the latest checkpoint
+    python -m magcache.studio.demo.train --recipe gpu --out assets/demo_model   # the shipped model (one GPU)
+    python -m magcache.studio.demo.train --recipe cpu --out out/demo_cpu        # the 2-core CPU recipe (~75 min)
+    python -m magcache.studio.demo.train --export-only --out out/snapshot       # export the latest checkpoint
+
+Recipes (``RECIPES``) fix the model size, data and optimisation; any flag overrides its recipe value.
 
 Stages, each resumed from its checkpoint in ``--work`` (default ``out/demo_train``) if interrupted:
 1. ``vae``: a small ``AutoencoderKL`` on rendered scenes (random 64x64 crops, then full 128x128 images).
@@ -39,7 +42,19 @@ from . import model as M
 LOG_EVERY = 25
 LATENT_NOISE = 0.1
 OBJECT_LOSS_WEIGHT = 4.0
-CHECKPOINT_EVERY = 200
+WARMUP_STEPS = 200
+# --fit-minutes measures the step rate over these transformer steps (inside the warm-up, whose learning rate does
+# not depend on the total), then fixes the total: the run equals one started with that --steps.
+FIT_WINDOW = (20, 100)
+
+RECIPES = {
+    # 2-core CPU, ~75 minutes (VAE 13.5, latents 14.2, transformer 46): adherence 30/50 (docs/demo_model.md)
+    "cpu": dict(double_blocks=2, single_blocks=4, num_latents=24_000, steps=4000, batch=64, lr=1e-3, bf16=False,
+                checkpoint_every=200),
+    # one GPU: 8x the latents, 16x the batch, bf16 autocast; --steps measured with --fit-minutes (see the docs)
+    "gpu": dict(double_blocks=4, single_blocks=4, num_latents=200_000, steps=16_000, batch=1024, lr=1e-3, bf16=True,
+                checkpoint_every=1000),
+}
 
 
 def log(msg: str) -> None:
@@ -59,8 +74,9 @@ def _save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
-def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def _images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    # uint8 travels to the device; the conversion runs there (4x fewer bytes, and no CPU float pass)
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,17 +99,19 @@ def vae_batch(step: int, seed: int, steps: int, batch: int) -> torch.Tensor:
     return _images_to_tensor(images)
 
 
-def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | None) -> torch.nn.Module:
+def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | None,
+              device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     final = work / "vae_final.pt"
     torch.manual_seed(seed)  # seeded init (overwritten when a trained VAE is loaded)
     vae = M.build_vae()
     if final.exists():
-        vae.load_state_dict(torch.load(final)["model"])
-        return vae.eval()
+        vae.load_state_dict(torch.load(final, map_location="cpu")["model"])
+        return vae.to(device).eval()
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt_path, start = work / "vae_ckpt.pt", 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path)
+        ckpt = torch.load(ckpt_path, map_location=device)
         vae.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
@@ -103,13 +121,13 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | N
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, 1e-3, 50)
-        x = vae_batch(step, seed, steps, batch)
+        x = vae_batch(step, seed, steps, batch).to(device)
         gen = torch.Generator().manual_seed(seed * 7919 + step)
         post = vae.encode(x).latent_dist
         # Decode the posterior mean plus a small fixed noise instead of sampling with the posterior std: with
         # ~1000 steps the sampled std stays near 1 and the decoder only learns blur (measured). The KL term
         # still bounds the latent scale; only the mean is ever used (latent caching, the pipeline decodes).
-        z = post.mean + LATENT_NOISE * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + LATENT_NOISE * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
         recon = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         loss = recon + 1e-6 * post.kl().mean()
@@ -124,7 +142,7 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | N
             log(f"vae step {done}/{steps} recon {np.mean(running):.4f} latent std {post.mean.std().item():.2f} "
                 f"{rate:.2f} steps/s")
             running = []
-        if done % CHECKPOINT_EVERY == 0 or done == steps:
+        if done % 200 == 0 or done == steps:
             _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt_path)
         if deadline is not None and time.time() > deadline:
             log(f"vae: time budget reached at step {done}")
@@ -137,8 +155,26 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, deadline: float | N
 # --------------------------------------------------------------------------------------------------
 # Stage 2: latents of the training scenes
 # --------------------------------------------------------------------------------------------------
+RENDER_CHUNK = 64  # scenes per render seed (the seeds, hence the images, do not depend on workers or devices)
+
+
+def _rendered_chunks(scenes: list, seed: int, workers: int):
+    """Yield ``(start, images)`` per chunk, rendered in ``workers`` processes (spawned: CUDA may be initialised)."""
+    jobs = [(scenes[i: i + RENDER_CHUNK], seed * 1_000_003 + i) for i in range(0, len(scenes), RENDER_CHUNK)]
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            yield i * RENDER_CHUNK, D.render_batch(*job)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for i, images in enumerate(pool.imap(D.render_batch_job, jobs, chunksize=4)):
+            yield i * RENDER_CHUNK, images
+
+
 @torch.no_grad()
-def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, chunk: int = 64) -> dict:
+def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, workers: int = 1,
+                   encode_batch: int = 64) -> dict:
     path = work / "latents.pt"
     scenes = D.training_scenes(count, seed=seed + 1)
     if path.exists():
@@ -149,12 +185,22 @@ def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, chun
             cached.update(scene_arrays(scenes, cached["latents"].shape[-1] // 2))
             return cached
     t0 = time.time()
-    means = []
-    for i in range(0, count, chunk):
-        images = D.render_batch(scenes[i: i + chunk], seed=seed * 1_000_003 + i)
-        means.append(vae.encode(_images_to_tensor(images)).latent_dist.mean)
-        if (i // chunk) % 50 == 0:
-            log(f"latents {i + len(means[-1])}/{count}")
+    device = next(vae.parameters()).device
+    means, pending = [], []
+
+    def flush() -> None:
+        batch = _images_to_tensor(np.concatenate(pending), device)
+        means.append(vae.encode(batch).latent_dist.mean.float().cpu())
+        pending.clear()
+
+    for start, images in _rendered_chunks(scenes, seed, workers):
+        pending.append(images)
+        if len(pending) * RENDER_CHUNK >= encode_batch:
+            flush()
+        if (start // RENDER_CHUNK) % 50 == 0:
+            log(f"latents {start + len(images)}/{count}")
+    if pending:
+        flush()
     latents = torch.cat(means)
     shift = latents.mean().item()
     scale = 1.0 / (latents - shift).std().item()
@@ -196,6 +242,12 @@ class Denoiser(torch.nn.Module):
                                 txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
 
+def build_denoiser(blocks: dict) -> Denoiser:
+    """Fresh trained parts; ``blocks`` = {"num_layers": double-stream, "num_single_layers": single-stream}."""
+    fresh = M.build_components(**blocks)
+    return Denoiser(fresh["transformer"], fresh["text_encoder"], fresh["text_encoder_2"])
+
+
 def _tokenize(components: dict, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     kw = dict(padding="max_length", max_length=M.TEXT_LEN, truncation=True, return_tensors="pt")
     return components["tokenizer"](captions, **kw).input_ids, components["tokenizer_2"](captions, **kw).input_ids
@@ -208,80 +260,113 @@ def pack(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
     return FluxPipeline._pack_latents((latents - shift) * scale, b, c, h, w)
 
 
+def save_ema(path: Path, ema: Denoiser, step: int, blocks: dict, lat: dict) -> None:
+    """The exported weights alone (a quarter of a full checkpoint): enough for ``--export-only``."""
+    _save({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}, "step": step, "blocks": blocks,
+           "shift_factor": lat["shift_factor"], "scaling_factor": lat["scaling_factor"]}, path)
+
+
 def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps: int, batch: int, lr: float,
-                      deadline: float | None) -> Denoiser:
+                      deadline: float | None, device: torch.device = torch.device("cpu"), blocks: dict | None = None,
+                      bf16: bool = False, checkpoint_every: int = 200,
+                      fit_seconds: float | None = None) -> tuple[Denoiser, int]:
+    """Returns the EMA weights (on the CPU) and the total step count (fixed by ``fit_seconds`` if given)."""
     from diffusers import FluxPipeline
 
+    blocks = blocks or {}
     torch.manual_seed(seed + 2)
-    fresh = M.build_components()  # seeded init of the trained parts
-    net = Denoiser(fresh["transformer"], fresh["text_encoder"], fresh["text_encoder_2"])
+    net = build_denoiser(blocks).to(device)  # seeded init of the trained parts
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99),
+                            fused=device.type == "cuda")
     ckpt_path, start = work / "transformer_ckpt.pt", 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path)
+        ckpt = torch.load(ckpt_path, map_location=device)
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
-        log(f"transformer: resumed at step {start}")
+        if fit_seconds is not None and start >= FIT_WINDOW[0]:  # the total was fitted before the interruption
+            steps, fit_seconds = ckpt.get("total_steps", steps), None
+        log(f"transformer: resumed at step {start} of {steps}")
     if start >= steps:
-        return ema
+        return ema.cpu(), steps
 
-    x0_all = pack(lat["latents"], lat["shift_factor"], lat["scaling_factor"])  # (N, 64, 16)
-    clip_all, t5_all = _tokenize(components, lat["captions"])
-    clip_empty, t5_empty = _tokenize(components, [""])
+    x0_all = pack(lat["latents"], lat["shift_factor"], lat["scaling_factor"]).to(device)  # (N, 64, 16)
+    clip_all, t5_all = (ids.to(device) for ids in _tokenize(components, lat["captions"]))
+    clip_empty, t5_empty = (ids.to(device) for ids in _tokenize(components, [""]))
     n = x0_all.shape[0]
     # Binding colours to positions is what is hard (1-object prompts are learned first): scenes are drawn in
     # proportion to their object count, and tokens covered by objects weigh more in the loss.
-    sample_weights = lat["num_objects"].float()
-    object_tokens = lat["object_tokens"]
+    sample_weights = lat["num_objects"].float().to(device)
+    object_tokens = lat["object_tokens"].to(device)
     side = int(math.isqrt(x0_all.shape[1]))
-    img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, "cpu", torch.float32)
-    txt_ids = torch.zeros(M.TEXT_LEN, 3)
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, device, torch.float32)
+    txt_ids = torch.zeros(M.TEXT_LEN, 3, device=device)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
     log(f"transformer: {sum(p.numel() for p in net.transformer.parameters()) / 1e6:.2f}M params, text encoders "
         f"{sum(p.numel() for p in net.text_encoder.parameters()) / 1e6:.2f}M + "
-        f"{sum(p.numel() for p in net.text_encoder_2.parameters()) / 1e6:.2f}M, {n} latents, batch {batch}")
+        f"{sum(p.numel() for p in net.text_encoder_2.parameters()) / 1e6:.2f}M, {n} latents, batch {batch}, "
+        f"{device}{' bf16 autocast' if bf16 else ''}")
+
+    def checkpoint(done: int) -> None:
+        _save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
+               "total_steps": steps}, ckpt_path)
+        save_ema(work / "ema.pt", ema, done, blocks, lat)
+
     net.train()
-    t0, running = time.time(), []
-    for step in range(start, steps):
+    t0, running, t_window = time.time(), [], None
+    step = start
+    while step < steps:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, 200)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 17 + step)
+            g["lr"] = _lr(step, steps, lr, WARMUP_STEPS)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + 17 + step)
         idx = torch.multinomial(sample_weights, batch, replacement=True, generator=gen)
         x0 = x0_all[idx]
         clip_ids, t5_ids = clip_all[idx].clone(), t5_all[idx].clone()
-        drop = torch.rand(batch, generator=gen) < 0.1  # empty caption -> unconditional branch for true CFG
+        drop = torch.rand(batch, generator=gen, device=device) < 0.1  # empty caption -> uncond branch for true CFG
         clip_ids[drop], t5_ids[drop] = clip_empty, t5_empty
-        t = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(batch, generator=gen, device=device))  # logit-normal(0, 1)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        pred = net(x_t, t, clip_ids, t5_ids, img_ids, txt_ids)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = net(x_t, t, clip_ids, t5_ids, img_ids, txt_ids)
         weights = 1.0 + OBJECT_LOSS_WEIGHT * object_tokens[idx].float()  # (B, tokens)
-        loss = ((pred - (noise - x0)).pow(2).mean(-1) * weights).sum() / weights.sum()
+        loss = ((pred.float() - (noise - x0)).pow(2).mean(-1) * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
-        running.append(loss.item())
-        done = step + 1
-        if done % LOG_EVERY == 0 or done == steps:
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+        running.append(loss.detach())  # no .item() per step: it would make the CPU wait for the GPU
+        step += 1
+        if fit_seconds is not None and step in FIT_WINDOW:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step == FIT_WINDOW[0]:
+                t_window = time.time()
+            else:
+                rate = (FIT_WINDOW[1] - FIT_WINDOW[0]) / (time.time() - t_window)
+                budget = fit_seconds - (time.time() - t0)
+                if deadline is not None:
+                    budget = min(budget, deadline - time.time() - 30)
+                steps = max(step, step + int(rate * budget))
+                log(f"transformer: {rate:.1f} steps/s -> --steps {steps} fits {fit_seconds / 60:.1f} minutes")
+        if step % LOG_EVERY == 0 or step == steps:
             elapsed = time.time() - t0
-            log(f"transformer step {done}/{steps} loss {np.mean(running):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(done - start) / elapsed:.2f} steps/s, {elapsed / 60:.1f} min")
+            log(f"transformer step {step}/{steps} loss {torch.stack(running).mean().item():.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {(step - start) / elapsed:.2f} steps/s, {elapsed / 60:.1f} min")
             running = []
-        if done % CHECKPOINT_EVERY == 0 or done == steps:
-            _save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt_path)
+        if step % checkpoint_every == 0 or step == steps:
+            checkpoint(step)
         if deadline is not None and time.time() > deadline:
-            _save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt_path)
-            log(f"transformer: time budget reached at step {done}")
+            checkpoint(step)
+            log(f"transformer: time budget reached at step {step}")
             break
     log(f"transformer: stage took {(time.time() - t0) / 60:.1f} min")
-    return ema
+    return ema.cpu(), steps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,12 +383,12 @@ DEFAULT_SETTINGS = {
 }
 
 
-def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, lat: dict, ema: Denoiser,
+def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, shift: float, scale: float, ema: Denoiser,
            settings: dict | None = None) -> None:
     comps = dict(components)
     comps.update(transformer=ema.transformer.eval(), text_encoder=ema.text_encoder.eval(),
-                 text_encoder_2=ema.text_encoder_2.eval(), vae=vae.eval())
-    vae.register_to_config(shift_factor=round(lat["shift_factor"], 5), scaling_factor=round(lat["scaling_factor"], 5))
+                 text_encoder_2=ema.text_encoder_2.eval(), vae=vae.cpu().eval())
+    vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scale, 5))
     pipe = M.assemble_pipeline(comps)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -324,33 +409,53 @@ def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, lat: d
     log(f"exported FluxPipeline to {out} ({size / 1e6:.1f} MB)")
 
 
-def _load_ema_from_checkpoint(work: Path) -> Denoiser:
-    fresh = M.build_components()
-    net = Denoiser(fresh["transformer"], fresh["text_encoder"], fresh["text_encoder_2"])
-    ckpt = torch.load(work / "transformer_ckpt.pt")
+def _load_ema(work: Path) -> tuple[Denoiser, dict]:
+    """EMA weights from ``ema.pt`` (or, for older runs, the full checkpoint) and what export needs beside them."""
+    lean = work / "ema.pt"
+    ckpt = torch.load(lean if lean.exists() else work / "transformer_ckpt.pt", map_location="cpu")
+    net = build_denoiser(ckpt.get("blocks", {}))
     net.load_state_dict(ckpt["ema"])
     log(f"EMA weights of step {ckpt['step']}")
-    return net.eval()
+    return net.eval(), ckpt
+
+
+def _resolve_recipe(args: argparse.Namespace) -> None:
+    """Fill every flag left unset from the chosen recipe."""
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="assets/demo_model", help="where the FluxPipeline is saved")
     ap.add_argument("--work", default="out/demo_train", help="checkpoints and cached latents")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="cpu", help="model size, data and optimisation")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=1600)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--num-latents", type=int, default=24000)
-    ap.add_argument("--steps", type=int, default=4000, help="transformer steps")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--num-latents", type=int, default=None)
+    ap.add_argument("--double-blocks", type=int, default=None)
+    ap.add_argument("--single-blocks", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="transformer steps")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
+    ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--fit-minutes", type=float, default=None,
+                    help="measure the step rate early and set --steps so that the transformer stage takes this long")
     ap.add_argument("--minutes", type=float, default=None,
                     help="wall-clock cap for the whole run; training stops early (and exports) when it is reached")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and exit")
+    ap.add_argument("--render-workers", type=int, default=1, help="processes rendering the training scenes")
+    ap.add_argument("--export-only", action="store_true", help="export the latest EMA weights and exit")
     args = ap.parse_args(argv)
+    _resolve_recipe(args)
 
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else None
@@ -358,29 +463,38 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.export_only:
         vae = train_vae(work, args.seed, 0, 1, None)  # loads vae_final.pt
-        lat = encode_latents(work, vae, args.seed, args.num_latents)
-        export(work, out, components, vae, lat, _load_ema_from_checkpoint(work))
+        ema, saved = _load_ema(work)
+        if "shift_factor" not in saved:  # older checkpoints: the statistics live with the cached latents
+            saved = encode_latents(work, vae, args.seed, args.num_latents)
+        export(work, out, components, vae, saved["shift_factor"], saved["scaling_factor"], ema)
         return
 
     t_start = time.time()
     meta_path = work / "train_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.update(args={k: v for k, v in vars(args).items() if k not in ("export_only",)})
+    meta["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    meta.setdefault("vae_reused", (work / "vae_final.pt").exists() and not (work / "vae_ckpt.pt").exists())
 
     t = time.time()
-    vae = train_vae(work, args.seed, args.vae_steps, args.vae_batch, deadline)
+    vae = train_vae(work, args.seed, args.vae_steps, args.vae_batch, deadline, device)
     meta.setdefault("vae_minutes", round((time.time() - t) / 60, 2))
     t = time.time()
-    lat = encode_latents(work, vae, args.seed, args.num_latents)
+    lat = encode_latents(work, vae, args.seed, args.num_latents, args.render_workers,
+                         encode_batch=1024 if device.type == "cuda" else 64)
     meta.setdefault("latents_minutes", round((time.time() - t) / 60, 2))
     meta_path.write_text(json.dumps(meta, indent=2))
     t = time.time()
-    ema = train_transformer(work, components, lat, args.seed, args.steps, args.batch, args.lr, deadline)
+    blocks = {"num_layers": args.double_blocks, "num_single_layers": args.single_blocks}
+    ema, steps = train_transformer(work, components, lat, args.seed, args.steps, args.batch, args.lr, deadline, device,
+                                   blocks, args.bf16, args.checkpoint_every,
+                                   60 * args.fit_minutes if args.fit_minutes else None)
+    meta["transformer_steps"] = meta["args"]["steps"] = steps  # the args now reproduce the run without fitting
     meta["transformer_minutes"] = round(meta.get("transformer_minutes_before_resume", 0) + (time.time() - t) / 60, 2)
     meta["total_minutes_this_invocation"] = round((time.time() - t_start) / 60, 2)
     meta["torch_threads"] = args.threads
     meta_path.write_text(json.dumps(meta, indent=2))
-    export(work, out, components, vae, lat, ema)
+    export(work, out, components, vae, lat["shift_factor"], lat["scaling_factor"], ema)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The demo model's GPU recipe in one device call (docs/demo_model.md): train (python -m magcache.studio.demo.train
+# --recipe gpu), then score adherence on the 50 held-out prompts on the same GPU. Results in $OUT: train.log,
+# train_meta.json, ema.pt split in 15 MB parts (join them with cat and export here with --export-only), the
+# adherence log and JSON.
+#
+# Carried: .whl/perf (diffusers 0.42.1 + importlib_metadata), .whl/demo (transformers 5.24.0, the version the
+# tokenizers were built with here), and optionally a trained VAE ($VAE, e.g. out/demo_train5/vae_final.pt: the
+# VAE stage is the same in both recipes; without it the VAE is trained on the GPU first).
+# Env: FIT_MINUTES (transformer stage, default 6.3), MINUTES (hard cap of the training run, default 8), TRAIN_LIMIT
+# and EVAL_LIMIT (seconds; EVAL_LIMIT=0 skips the adherence pass), DEVICE (cuda), TRAIN_ARGS (extra flags, e.g. for
+# a dry run on the CPU).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out/demo_gpu}
+WORK=${WORK:-/tmp/demo_train}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT" "$WORK"
+SITE=/tmp/site_demo
+EVAL_LIMIT=${EVAL_LIMIT:-60}
+
+install() {  # install <wheel dirs...>: into $SITE, replacing what is there
+  rm -rf "$SITE" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    $(for d in "$@"; do ls "$d"/*.whl; done)
+}
+preflight() {  # the tokenizers give one token per caption word, and the pipeline classes import
+  python3 - <<'PY'
+import diffusers, transformers
+from magcache.studio.demo import data as D, model as M
+clip, t5 = M.build_clip_tokenizer(), M.build_t5_tokenizer()
+caption = D.held_out_scenes()[2].caption
+words = caption.replace(",", " ,").split()
+n_clip = len(clip(caption).input_ids) - 2  # <|startoftext|> ... <|endoftext|>
+n_t5 = len(t5(caption).input_ids) - 1  # ... </s>
+assert n_clip == n_t5 == len(words), (n_clip, n_t5, len(words), caption)
+print("preflight ok: transformers", transformers.__version__, "diffusers", diffusers.__version__)
+PY
+}
+
+export PYTHONPATH=$SITE:$PWD
+if [ -d .whl/demo ]; then install .whl/perf .whl/demo; preflight || { echo "carried transformers failed; the machine's"; install .whl/perf; preflight; } || exit 1
+elif ! preflight; then install .whl/perf && preflight || exit 1; fi
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
+[ -n "${VAE:-}" ] && [ -f "$VAE" ] && cp "$VAE" "$WORK/vae_final.pt" && echo "VAE from $VAE"
+
+timeout "${TRAIN_LIMIT:-520}" python3 -m magcache.studio.demo.train --recipe gpu --device "$DEVICE" --work "$WORK" \
+  --out "$WORK/model" --render-workers "${RENDER_WORKERS:-14}" --threads "${THREADS:-8}" \
+  --fit-minutes "${FIT_MINUTES:-6.3}" --minutes "${MINUTES:-8}" ${TRAIN_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/train.log"
+cp "$WORK/train_meta.json" "$OUT/" 2>/dev/null
+[ -f "$WORK/ema.pt" ] && split -b 15M "$WORK/ema.pt" "$OUT/ema.pt.part-"
+[ -d "$WORK/model" ] && [ "$EVAL_LIMIT" -gt 0 ] && timeout "$EVAL_LIMIT" python3 -m magcache.studio.demo.evaluate --adherence-only \
+  --device "$DEVICE" --model "$WORK/model" --cfg-scales "${CFG_SCALES:-3}" --out-dir "$OUT" --threads "${THREADS:-8}" \
+  2>&1 | grep -v -i -E "warn|loading|torchvision" | tee "$OUT/adherence.log"
+ls -la "$OUT"
