@@ -7,9 +7,9 @@
 # Carried: .whl/perf (diffusers 0.42.1 + importlib_metadata), .whl/demo (transformers 5.24.0, the version the
 # tokenizers were built with here), and optionally a trained VAE ($VAE, e.g. out/demo_train5/vae_final.pt: the
 # VAE stage is the same in both recipes; without it the VAE is trained on the GPU first).
-# Env: FIT_MINUTES (transformer stage, default 6.3), MINUTES (hard cap of the training run, default 8), TRAIN_LIMIT
-# and EVAL_LIMIT (seconds; EVAL_LIMIT=0 skips the adherence pass), DEVICE (cuda), TRAIN_ARGS (extra flags, e.g. for
-# a dry run on the CPU).
+# Env: TOTAL (seconds for the whole script, default 560: training gets what the set-up leaves), FIT_MINUTES (a
+# shorter transformer stage), EVAL_LIMIT (seconds for the adherence pass on the GPU, default 0: none; the CPU
+# evaluation is the reference), DEVICE (cuda), TRAIN_ARGS / SMOKE_ARGS (extra flags, e.g. for a dry run on a CPU).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/demo_gpu}
@@ -17,7 +17,8 @@ WORK=${WORK:-/tmp/demo_train}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT" "$WORK"
 SITE=/tmp/site_demo
-EVAL_LIMIT=${EVAL_LIMIT:-60}
+TOTAL=$((${TOTAL:-560} - ${EVAL_LIMIT:-0}))  # seconds for everything before the adherence pass
+EVAL_LIMIT=${EVAL_LIMIT:-0}
 
 install() {  # install <wheel dirs...>: into $SITE, replacing what is there
   rm -rf "$SITE" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
@@ -44,9 +45,24 @@ elif ! preflight; then install .whl/perf && preflight || exit 1; fi
 python3 -c "import torch; print('torch', torch.__version__)"
 [ -n "${VAE:-}" ] && [ -f "$VAE" ] && cp "$VAE" "$WORK/vae_final.pt" && echo "VAE from $VAE"
 
-timeout "${TRAIN_LIMIT:-520}" python3 -m magcache.studio.demo.train --recipe gpu --device "$DEVICE" --work "$WORK" \
-  --out "$WORK/model" --render-workers "${RENDER_WORKERS:-14}" --threads "${THREADS:-8}" \
-  --fit-minutes "${FIT_MINUTES:-6.3}" --minutes "${MINUTES:-8}" ${TRAIN_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/train.log"
+# A training step that fails on the device (a first run here died in a bf16 GEMM of the backward pass with
+# CUBLAS_STATUS_EXECUTION_FAILED) is found in seconds, not after the data stage: a smoke test runs the recipe's steps
+# on random latents first; on failure (of the smoke test or of the run) the next configuration is tried.
+for flags in "--bf16" "--bf16 --blas cublaslt" "--no-bf16" "--bf16 --batch 256" "--no-bf16 --batch 256"; do
+  echo "== smoke test: $flags"
+  CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 -m magcache.studio.demo.train --recipe gpu --device "$DEVICE" --smoke \
+    $flags ${SMOKE_ARGS:-} 2>&1 | grep -v -i warn | tee -a "$OUT/smoke.log" | tail -6 || continue
+  left=$((TOTAL - SECONDS))  # the rest of the time budget goes to training: --minutes caps it, --fit-minutes fills it
+  echo "== training with $flags, $left s left"
+  timeout $((left - 5)) python3 -m magcache.studio.demo.train --recipe gpu --device "$DEVICE" --work "$WORK" \
+    --out "$WORK/model" --render-workers "${RENDER_WORKERS:-14}" --threads "${THREADS:-8}" $flags \
+    --fit-minutes "${FIT_MINUTES:-99}" --minutes "$(python3 -c "print(round(($left - 25) / 60, 2))")" ${TRAIN_ARGS:-} \
+    2>&1 | grep -v -i warn | tee -a "$OUT/train.log"
+  rc=$?
+  [ $rc -eq 0 ] || [ $rc -eq 124 ] && break
+  echo "== training failed (exit $rc)"; rm -f "$WORK/transformer_ckpt.pt" "$WORK/ema.pt"
+  [ $((TOTAL - SECONDS)) -gt 150 ] || break
+done
 cp "$WORK/train_meta.json" "$OUT/" 2>/dev/null
 [ -f "$WORK/ema.pt" ] && split -b 15M "$WORK/ema.pt" "$OUT/ema.pt.part-"
 [ -d "$WORK/model" ] && [ "$EVAL_LIMIT" -gt 0 ] && timeout "$EVAL_LIMIT" python3 -m magcache.studio.demo.evaluate --adherence-only \

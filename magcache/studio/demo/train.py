@@ -266,6 +266,40 @@ def save_ema(path: Path, ema: Denoiser, step: int, blocks: dict, lat: dict) -> N
            "shift_factor": lat["shift_factor"], "scaling_factor": lat["scaling_factor"]}, path)
 
 
+def make_optimizer(net: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+
+def optimise_step(net: Denoiser, opt: torch.optim.Optimizer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  weights: torch.Tensor, inputs: tuple, bf16: bool) -> torch.Tensor:
+    """One rectified-flow step: x_t = (1-t) x0 + t noise, target noise - x0, token-weighted MSE. Returns the loss."""
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = net(x_t, t, *inputs)
+    loss = ((pred.float() - (noise - x0)).pow(2).mean(-1) * weights).sum() / weights.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def smoke_test(device: torch.device, components: dict, blocks: dict, batch: int, bf16: bool, steps: int = 3) -> None:
+    """``steps`` of ``train_transformer`` itself on random latents, at the recipe's shapes and batch: does this
+    device run them? (bench/demo_gpu.sh tries bf16 first and falls back on failure.) Raises on failure."""
+    import tempfile
+
+    scenes = D.training_scenes(256, seed=1)
+    side = D.IMAGE_SIZE // 8
+    lat = {"latents": torch.randn(len(scenes), M.LATENT_CHANNELS, side, side), "captions": [s.caption for s in scenes],
+           "shift_factor": 0.0, "scaling_factor": 1.0}
+    lat.update(scene_arrays(scenes, side // 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        train_transformer(Path(tmp), components, lat, 0, steps, batch, 1e-4, None, device, blocks, bf16,
+                          checkpoint_every=steps)
+    log(f"smoke test: {steps} steps at batch {batch}, {'bf16 autocast' if bf16 else 'fp32'} on {device}: ok")
+
+
 def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps: int, batch: int, lr: float,
                       deadline: float | None, device: torch.device = torch.device("cpu"), blocks: dict | None = None,
                       bf16: bool = False, checkpoint_every: int = 200,
@@ -277,8 +311,7 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
     torch.manual_seed(seed + 2)
     net = build_denoiser(blocks).to(device)  # seeded init of the trained parts
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99),
-                            fused=device.type == "cuda")
+    opt = make_optimizer(net, lr, device)
     ckpt_path, start = work / "transformer_ckpt.pt", 0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device)
@@ -328,19 +361,12 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
         clip_ids[drop], t5_ids[drop] = clip_empty, t5_empty
         t = torch.sigmoid(torch.randn(batch, generator=gen, device=device))  # logit-normal(0, 1)
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = net(x_t, t, clip_ids, t5_ids, img_ids, txt_ids)
         weights = 1.0 + OBJECT_LOSS_WEIGHT * object_tokens[idx].float()  # (B, tokens)
-        loss = ((pred.float() - (noise - x0)).pow(2).mean(-1) * weights).sum() / weights.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        loss = optimise_step(net, opt, x0, noise, t, weights, (clip_ids, t5_ids, img_ids, txt_ids), bf16)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, net_params, 1 - decay)
-        running.append(loss.detach())  # no .item() per step: it would make the CPU wait for the GPU
+        running.append(loss)  # no .item() per step: it would make the CPU wait for the GPU
         step += 1
         if fit_seconds is not None and step in FIT_WINDOW:
             if device.type == "cuda":
@@ -450,16 +476,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render-workers", type=int, default=1, help="processes rendering the training scenes")
     ap.add_argument("--export-only", action="store_true", help="export the latest EMA weights and exit")
+    ap.add_argument("--smoke", action="store_true", help="a few training steps on random data at the recipe's "
+                    "shapes (checks the device and precision), then exit")
+    ap.add_argument("--blas", choices=("default", "cublaslt"), default="default",
+                    help="GEMM library for CUDA (torch.backends.cuda.preferred_blas_library)")
     args = ap.parse_args(argv)
     _resolve_recipe(args)
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    blocks = {"num_layers": args.double_blocks, "num_single_layers": args.single_blocks}
+    components = M.build_components()  # tokenizers and scheduler are used as built; models get replaced
+    if args.smoke:
+        smoke_test(device, components, blocks, args.batch, args.bf16)
+        return
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else None
-    components = M.build_components()  # tokenizers and scheduler are used as built; models get replaced
 
     if args.export_only:
         vae = train_vae(work, args.seed, 0, 1, None)  # loads vae_final.pt
@@ -485,7 +521,6 @@ def main(argv: list[str] | None = None) -> None:
     meta.setdefault("latents_minutes", round((time.time() - t) / 60, 2))
     meta_path.write_text(json.dumps(meta, indent=2))
     t = time.time()
-    blocks = {"num_layers": args.double_blocks, "num_single_layers": args.single_blocks}
     ema, steps = train_transformer(work, components, lat, args.seed, args.steps, args.batch, args.lr, deadline, device,
                                    blocks, args.bf16, args.checkpoint_every,
                                    60 * args.fit_minutes if args.fit_minutes else None)
