@@ -136,3 +136,11 @@ def test_magcache_demo_preset_skips_and_stays_close(demo):
         handle.remove()
     assert sum(len(v) for v in run.skipped.values()) > 0
     assert psnr(plain, cached) > 25
+
+
+def test_cfg_scale_choice_prefers_true_cfg_on_a_tie():
+    from magcache.studio.demo.evaluate import choose_cfg_scale
+
+    assert choose_cfg_scale({"1.0": 49, "2.0": 49, "3.0": 49}) == "2.0"  # tie: the smallest true-CFG scale
+    assert choose_cfg_scale({"1.0": 30, "3.0": 28}) == "1.0"  # adherence first
+    assert choose_cfg_scale({"1.0": 26, "3.0": 30, "4.0": 30}) == "3.0"
