@@ -79,6 +79,11 @@ def build_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_LEN)
 
 
+def one_token_per_word(tokenizer, caption: str) -> bool:
+    """What both tokenizers are built for: each caption word (and comma) is a single token."""
+    return len(tokenizer.tokenize(caption)) == len(caption.replace(",", " ,").split())
+
+
 def build_text_encoders(clip_vocab_size: int, t5_vocab_size: int, clip_eos_id: int, clip_bos_id: int):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 

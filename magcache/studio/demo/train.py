@@ -487,8 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     _resolve_recipe(args)
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     blocks = {"num_layers": args.double_blocks, "num_single_layers": args.single_blocks}
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     ema, steps = train_transformer(work, components, lat, args.seed, args.steps, args.batch, args.lr, deadline, device,
                                    blocks, args.bf16, args.checkpoint_every,
                                    60 * args.fit_minutes if args.fit_minutes else None)
-    meta["transformer_steps"] = meta["args"]["steps"] = steps  # the args now reproduce the run without fitting
+    meta["transformer_steps"] = meta["args"]["steps"] = steps  # the fitted total: drop --fit-minutes to repeat it
     meta["transformer_minutes"] = round(meta.get("transformer_minutes_before_resume", 0) + (time.time() - t) / 60, 2)
     meta["total_minutes_this_invocation"] = round((time.time() - t_start) / 60, 2)
     meta["torch_threads"] = args.threads
