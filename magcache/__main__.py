@@ -18,13 +18,25 @@ from .presets import get_preset, list_presets
 
 def _schedule(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
+    preset.require_curves()
     steps = preset.calibrated_steps if args.steps is None else args.steps
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     settings = preset.settings(thresh=args.thresh, retention_ratio=args.retention, K=args.K,
                                protect_last_steps=args.protect_last or None, sqrt_ratios=args.sqrt or None)
-    branches = 1 if args.no_cfg else len(preset.curves) if args.cfg is None else (2 if args.cfg else 1)
-    sched = P.simulate(preset.curves, steps, settings, preset.rules, branches)
+    curves = preset.curves_for(steps)
+    branches = 1 if args.no_cfg else len(curves) if args.cfg is None else (2 if args.cfg else 1)
+    split = args.split_step if args.split_step is not None else preset.split_step(steps)
+    sched = P.simulate(curves, steps, settings, preset.rules, branches, split)
+    notes = P.fallback_notes(sched, preset.rules)
+    if curves is not preset.curves:
+        notes.append(f"more than {preset.long_curves_above} steps: the {len(curves[0])}-step curve is used, as "
+                     "ComfyUI-MagCache does")
+    if split is not None:
+        origin = "--split-step" if args.split_step is not None else (
+            f"the reference sampler: flow shift {preset.experts.flow_shift:g}, boundary {preset.experts.boundary_ratio:g}")
+        notes.append(f"expert switch: the high-noise expert runs {split} step(s), the low-noise one "
+                     f"{steps - split} ({origin})")
     if args.json:
         out = {
             "preset": preset.id,
@@ -36,7 +48,11 @@ def _schedule(args: argparse.Namespace) -> int:
             "skipped": sched.skipped,
             "computed_per_branch": {b: len(v) for b, v in sched.computed.items()},
             "predicted_speedup": round(sched.predicted_speedup(), 4),
+            "reasons": {b: [d.reason for d in ds] for b, ds in sched.decisions.items()},
+            "notes": notes,
         }
+        if split is not None:
+            out["split_step"] = split
         print(json.dumps(out))
         return 0
     print(f"{preset.id}: {preset.model}")
@@ -44,9 +60,14 @@ def _schedule(args: argparse.Namespace) -> int:
           f"(rules: {preset.rules_source})")
     for branch, decisions in sched.decisions.items():
         line = "".join("#" if not d.skip else "." for d in decisions)
+        if split is not None:
+            line = line[:split] + "|" + line[split:]
         n = len(sched.computed[branch])
         print(f"  {branch:>6} {line}  computed {n}/{steps}")
-    print(f"  (# computed, . skipped)  predicted block speed-up {sched.predicted_speedup():.2f}x")
+    print(f"  (# computed, . skipped{', | expert switch' if split is not None else ''})  "
+          f"predicted block speed-up {sched.predicted_speedup():.2f}x")
+    for note in notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -80,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--K", type=int, help="max consecutive skipped steps")
     s.add_argument("--protect-last", type=int, default=0, help="always compute the last N steps (our option)")
     s.add_argument("--sqrt", action="store_true", help="sqrt-smoothed ratios as in the paper's evaluation")
+    s.add_argument("--split-step", type=int, help="two-expert presets (Wan2.2 A14B): steps run by the high-noise "
+                                                  "expert (default: where the reference sampler switches)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--cfg", action="store_true", default=None, help="two branches (cond + uncond)")
     g.add_argument("--no-cfg", action="store_true", help="one branch even for CFG presets")

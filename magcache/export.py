@@ -127,9 +127,9 @@ _COMFYUI_TYPES: dict[str, tuple[str, str]] = {
     "wan2.1_i2v_720p_14B": ("wan2.1_i2v_720p_14B", ""),
     "wan2.1_vace_1.3B": ("wan2.1_vace_1.3B", ""),
     "wan2.1_vace_14B": ("wan2.1_vace_14B", ""),
-    "qwen_image": ("qwen_image", ""),
-    "qwen_image_diffusers": ("qwen_image", "the node's qwen_image curve is the ComfyUI calibration, not the "
-                                           "diffusers one used here"),
+    "qwen_image_comfyui": ("qwen_image", ""),
+    "qwen_image": ("qwen_image", "the node's qwen_image curve is the ComfyUI calibration, not the research code's "
+                                 "diffusers one used here"),
     "hunyuan_video1.5": ("hunyuan_video1.5", ""),
     "hunyuan_video1.5_40steps": ("hunyuan_video1.5", "the node switches to its 40-step curve above 20 steps"),
 }

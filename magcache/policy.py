@@ -16,6 +16,7 @@ Vocabulary
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -43,16 +44,30 @@ def nearest_interp(src: Sequence[float], n: int) -> list[float]:
 
 def resample(src: Sequence[float], n: int, mapping: str = "nearest") -> list[float]:
     """Resample a curve to ``n`` steps: ``"nearest"`` is :func:`nearest_interp` (research code, diffusers);
-    ``"floor"`` is ComfyUI-MagCache's index map ``int(i * ((L - 1) / (n - 1)))`` (identity when ``n == L``)."""
+    ``"linspace"`` is the research Qwen-Image code's variant (the same indices for ``n >= 2``, the first entry for
+    ``n == 1``); ``"floor"`` is ComfyUI-MagCache's index map ``int(i * ((L - 1) / (n - 1)))`` (identity when
+    ``n == L``); ``"raw"`` is ComfyUI-MagCache's Qwen-Image forward, which indexes the curve by its call counter: a
+    run of fewer steps uses the curve's first ``n`` entries, and a longer run is refused (ComfyUI-MagCache fails
+    there with an IndexError)."""
     if mapping == "nearest":
         return nearest_interp(src, n)
     if n < 1 or not src:
         raise ValueError(f"cannot resample a ratio curve of {len(src)} values to {n} steps")
+    if mapping == "linspace":
+        return [float(src[0])] if n == 1 else nearest_interp(src, n)
+    if mapping == "raw":
+        if n > len(src):
+            raise ValueError(
+                f"this curve has {len(src)} steps and ComfyUI-MagCache indexes it by its call counter without "
+                f"resampling, so a {n}-step run would index past its end (an IndexError there); refused: use at most "
+                f"{len(src)} steps, or a calibration for {n} steps")
+        return [float(v) for v in src[:n]]
     return [float(src[floor_index(i, n, len(src))]) for i in range(n)]
 
 
 def floor_index(step: int, num_steps: int, length: int) -> int:
-    """ComfyUI-MagCache's calibrated index of ``step`` in a run of ``num_steps`` steps."""
+    """ComfyUI-MagCache's calibrated index of ``step`` in a run of ``num_steps`` steps. A 1-step run divides by
+    zero there; we map its only step to calibrated step 0 instead."""
     if num_steps == length or num_steps == 1:
         return step
     return int(step * ((length - 1) / (num_steps - 1)))
@@ -93,7 +108,21 @@ class Rules:
     guard_accumulates:  True (research code): a guarded step's ratio is accumulated and, being computed, resets
                         the accumulators. False (ComfyUI FLUX): the guarded step is computed without touching them.
     step_mapping:       how a run of N steps indexes a curve of another length: ``"nearest"`` (``nearest_interp``,
-                        research code and diffusers) or ``"floor"`` (ComfyUI-MagCache's ``int(i*(L-1)/(N-1))``).
+                        research code and diffusers), ``"linspace"`` (research Qwen-Image code), ``"floor"``
+                        (ComfyUI-MagCache's ``int(i*(L-1)/(N-1))``) or ``"raw"`` (ComfyUI Qwen-Image: no mapping).
+    expert_retention:   research Wan2.2 A14B, whose two experts split a run at ``split_step`` (the number of steps
+                        the high-noise expert runs), counted in calls like ``retention_per_call``. ``"each_phase"``
+                        (T2V): the first R of each expert phase is computed, i.e. call ``c`` with
+                        ``c < int(S*R)`` or ``S <= c <= (B*N - S)*R + S`` (S = B*split_step). ``"high_phase"``
+                        (I2V): calls ``c < int(S + (B*N - S)*R)``, the whole high-noise phase and the first R of
+                        the low-noise one. One state spans both experts, as in the research code.
+    uncond_lags_one_step: ComfyUI Qwen-Image: with separate calls (uncond first) and the per-call reset at step 0,
+                        the uncond call of step ``i`` reads the curve entry of step ``i - 1`` (its call counter is
+                        one behind the cond call's).
+    uncond_loses_first_residual: ComfyUI-MagCache resets its state on every call of step 0; the uncond call comes
+                        first, so the cond call's reset wipes the uncond residual of step 0. Until uncond computes
+                        again it has no residual (ComfyUI-MagCache would fail on a skip there; we compute).
+    float32:            accumulate in float32 (ComfyUI-MagCache passes the curve as a float32 tensor).
     """
 
     compare: str = "<="
@@ -105,14 +134,20 @@ class Rules:
     guard_reference_steps: int = 28
     guard_accumulates: bool = True
     step_mapping: str = "nearest"
+    expert_retention: str | None = None
+    uncond_lags_one_step: bool = False
+    uncond_loses_first_residual: bool = False
+    float32: bool = False
 
     def __post_init__(self) -> None:
         if self.compare not in ("<", "<="):
             raise ValueError(f"compare must be '<' or '<=', got {self.compare!r}")
         if self.retention_rounding not in ("floor", "half_up"):
             raise ValueError(f"retention_rounding must be 'floor' or 'half_up', got {self.retention_rounding!r}")
-        if self.step_mapping not in ("nearest", "floor"):
-            raise ValueError(f"step_mapping must be 'nearest' or 'floor', got {self.step_mapping!r}")
+        if self.step_mapping not in ("nearest", "linspace", "floor", "raw"):
+            raise ValueError(f"step_mapping must be 'nearest', 'linspace', 'floor' or 'raw', got {self.step_mapping!r}")
+        if self.expert_retention not in (None, "each_phase", "high_phase"):
+            raise ValueError(f"expert_retention must be None, 'each_phase' or 'high_phase', got {self.expert_retention!r}")
 
 
 @dataclass(frozen=True)
@@ -169,9 +204,19 @@ def retention_boundary(num_steps: int, retention_ratio: float, rounding: str, un
     return int(x + 0.5) if rounding == "half_up" else int(x)
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # The per-branch decision rule
 # --------------------------------------------------------------------------------------------------
+# A skip was due but the branch holds no residual: the research code and ComfyUI-MagCache fail there (they add a
+# None residual); we compute the step instead.
+NO_RESIDUAL = "no residual yet"
+
+
 @dataclass
 class Decision:
     step: int
@@ -194,14 +239,23 @@ class BranchPolicy:
     acc_ratio: float = 1.0
     acc_steps: int = 0
     acc_err: float = 0.0
+    split_step: int | None = None  # steps run by the first (high-noise) expert; rules with expert_retention need it
     _retain_until: int = field(init=False, default=0)
     _end: int = field(init=False, default=0)
+    _first_residual_lost: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if len(self.ratios) != self.num_steps:
             raise ValueError(f"ratio curve has {len(self.ratios)} entries for {self.num_steps} steps")
         s = self.settings
         self._end = s.end_step if s.end_step >= 0 else self.num_steps + s.end_step
+        if self.rules.expert_retention is not None:
+            if self.split_step is None:
+                raise ValueError("these rules protect each expert phase of a two-expert model and need split_step, the "
+                                 "number of steps the high-noise expert runs")
+            if not 0 <= self.split_step <= self.num_steps:
+                raise ValueError(f"split_step must be between 0 and {self.num_steps}, got {self.split_step}")
+        self._first_residual_lost = self.rules.uncond_loses_first_residual and self.branch_index == 1
         self.set_num_branches(self.num_branches)
 
     def set_num_branches(self, num_branches: int) -> None:
@@ -218,7 +272,10 @@ class BranchPolicy:
         if not s.enabled:
             return "cache off"
         position = step * self.num_branches + self.branch_index if r.retention_per_call else step
-        if position < self._retain_until:
+        if r.expert_retention is not None:
+            if self._expert_protected(position):
+                return "retention"
+        elif position < self._retain_until:
             return "retention"
         if r.first_step_computed and step < 1:
             return "first step"
@@ -227,6 +284,15 @@ class BranchPolicy:
         if step >= self.num_steps - s.protect_last_steps:
             return "last steps"
         return None
+
+    def _expert_protected(self, call: int) -> bool:
+        """The research Wan2.2 A14B retention windows, in calls over all branches (same float expressions)."""
+        split = self.split_step * self.num_branches
+        total = self.num_steps * self.num_branches
+        R = self.settings.retention_ratio
+        if self.rules.expert_retention == "high_phase":
+            return call < int(split + (total - split) * R)
+        return call < int(split * R) or split <= call <= (total - split) * R + split
 
     def _guarded_step(self, step: int) -> bool:
         r = self.rules
@@ -250,6 +316,12 @@ class BranchPolicy:
 
     def decide(self, step: int, has_residual: bool) -> Decision:
         """Decide whether ``step`` of this branch reuses the cached residual. Mutates the accumulators."""
+        decision = self._decide(step, has_residual)
+        if step > 0 and not decision.skip:
+            self._first_residual_lost = False  # computed after step 0: a residual of its own again
+        return decision
+
+    def _decide(self, step: int, has_residual: bool) -> Decision:
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} outside a run of {self.num_steps} steps")
         ratio = self.ratios[step]
@@ -258,17 +330,24 @@ class BranchPolicy:
             return Decision(step, False, ratio, 0.0, reason)
         if not self.rules.guard_accumulates and self._guarded_step(step):
             return Decision(step, False, ratio, self.acc_err, "guarded step")  # accumulators carry over
-        self.acc_ratio *= ratio
+        thresh = self.settings.thresh
+        if self.rules.float32:
+            self.acc_ratio = _f32(self.acc_ratio * _f32(ratio))
+            self.acc_err = _f32(self.acc_err + _f32(abs(1.0 - self.acc_ratio)))
+            thresh = _f32(thresh)
+        else:
+            self.acc_ratio *= ratio
+            self.acc_err += abs(1.0 - self.acc_ratio)
         self.acc_steps += 1
-        self.acc_err += abs(1.0 - self.acc_ratio)
         err = self.acc_err
-        under = err < self.settings.thresh if self.rules.compare == "<" else err <= self.settings.thresh
+        under = err < thresh if self.rules.compare == "<" else err <= thresh
         if not under:
             reason = "error over thresh"
         elif self.acc_steps > self.settings.K:
             reason = "K reached"
         else:
-            reason = self._guarded(step, ratio) or (None if has_residual else "no residual yet")
+            reason = self._guarded(step, ratio) or (None if has_residual and not self._first_residual_lost
+                                                    else NO_RESIDUAL)
         if reason is None:
             return Decision(step, True, ratio, err, "skipped")
         self.acc_ratio, self.acc_steps, self.acc_err = 1.0, 0, 0.0
@@ -293,15 +372,30 @@ def prepare_curves(
     return out
 
 
+def branch_ratios(
+    curves: Sequence[Sequence[float]], num_steps: int, branch_index: int, settings: Settings, rules: Rules
+) -> list[float]:
+    """The ratio a branch reads at each step of a run of ``num_steps``: its curve resampled by the rules' step
+    mapping (optionally square-rooted), one step late for ComfyUI Qwen-Image's uncond call, float32 where the
+    rules accumulate in float32."""
+    prepared = prepare_curves(curves, num_steps, settings.sqrt_ratios, rules.step_mapping)
+    ratios = branch_curve(prepared, branch_index)
+    if rules.uncond_lags_one_step and branch_index == 1:
+        ratios = [prepared[0][0]] + ratios[:-1]  # step 0 reads the first call's padding entry
+    return [_f32(v) for v in ratios] if rules.float32 else ratios
+
+
 def make_branch_policies(
-    curves: Sequence[Sequence[float]], num_steps: int, num_branches: int, settings: Settings, rules: Rules
+    curves: Sequence[Sequence[float]], num_steps: int, num_branches: int, settings: Settings, rules: Rules,
+    split_step: int | None = None,
 ) -> list[BranchPolicy]:
-    """One fresh ``BranchPolicy`` per branch for a run of ``num_steps`` steps."""
+    """One fresh ``BranchPolicy`` per branch for a run of ``num_steps`` steps (``split_step``: see
+    :class:`BranchPolicy`)."""
     if num_branches < 1:
         raise ValueError("num_branches must be >= 1")
-    prepared = prepare_curves(curves, num_steps, settings.sqrt_ratios, rules.step_mapping)
     return [
-        BranchPolicy(branch_curve(prepared, b), settings, rules, num_steps, b, num_branches)
+        BranchPolicy(branch_ratios(curves, num_steps, b, settings, rules), settings, rules, num_steps, b, num_branches,
+                     split_step=split_step)
         for b in range(num_branches)
     ]
 
@@ -338,10 +432,12 @@ class Schedule:
 
 
 def simulate(
-    curves: Sequence[Sequence[float]], num_steps: int, settings: Settings, rules: Rules, num_branches: int = 1
+    curves: Sequence[Sequence[float]], num_steps: int, settings: Settings, rules: Rules, num_branches: int = 1,
+    split_step: int | None = None,
 ) -> Schedule:
-    """Predict the schedule of one run, calling the very ``decide`` the runtime calls."""
-    policies = make_branch_policies(curves, num_steps, num_branches, settings, rules)
+    """Predict the schedule of one run, calling the very ``decide`` the runtime calls. ``split_step``: the number
+    of steps a two-expert model's first expert runs (rules with ``expert_retention`` need it)."""
+    policies = make_branch_policies(curves, num_steps, num_branches, settings, rules, split_step)
     decisions: dict[str, list[Decision]] = {branch_name(b): [] for b in range(num_branches)}
     has_residual = [False] * num_branches
     for step in range(num_steps):
@@ -382,6 +478,7 @@ def scan_thresh_for_speedup(
     num_branches: int = 1,
     max_thresh: float = math.inf,
     overhead_fraction: float = 0.0,
+    split_step: int | None = None,
 ) -> tuple[bool, float, Schedule]:
     """For ``settings.K``, visit every distinct schedule in order of growing threshold until one reaches
     ``target``: ``(reached, thresh, schedule)`` with the smallest reaching threshold, else the threshold of the
@@ -391,7 +488,7 @@ def scan_thresh_for_speedup(
     def simulate_at(thresh: float) -> Schedule:
         # here 0 is just the smallest threshold, not the "cache off" switch
         return simulate(curves, num_steps, replace(settings, thresh=thresh, zero_thresh_disables=False), rules,
-                        num_branches)
+                        num_branches, split_step)
 
     thresh = 0.0
     fastest: tuple[float, float, Schedule] | None = None  # (speed-up, thresh, schedule)
@@ -421,11 +518,12 @@ def solve_thresh_for_speedup(
     K_candidates: Iterable[int] | None = None,
     overhead_fraction: float = 0.0,
     max_thresh: float = math.inf,
+    split_step: int | None = None,
 ) -> tuple[Settings, Schedule]:
     """The smallest K (of ``K_candidates``, default ``settings.K``) that reaches ``target``, with the smallest
     threshold that does (the gentlest schedule fast enough); if none reaches it, the fastest setting found."""
     chosen, schedule, _ = search_speedup_settings(curves, num_steps, target, settings, rules, num_branches,
-                                                  K_candidates, overhead_fraction, max_thresh)
+                                                  K_candidates, overhead_fraction, max_thresh, split_step)
     return chosen, schedule
 
 
@@ -439,6 +537,7 @@ def search_speedup_settings(
     K_candidates: Iterable[int] | None = None,
     overhead_fraction: float = 0.0,
     max_thresh: float = math.inf,
+    split_step: int | None = None,
 ) -> tuple[Settings, Schedule, list[tuple[int, float | None, float]]]:
     """:func:`solve_thresh_for_speedup`, plus each K tried in order as ``(K, smallest reaching threshold or None,
     best predicted speed-up)``; the target was reached iff the last entry has a threshold."""
@@ -450,7 +549,7 @@ def search_speedup_settings(
     for K in Ks:
         trial = replace(settings, K=K)
         reached, thresh, schedule = scan_thresh_for_speedup(
-            curves, num_steps, target, trial, rules, num_branches, max_thresh, overhead_fraction)
+            curves, num_steps, target, trial, rules, num_branches, max_thresh, overhead_fraction, split_step)
         speedup = schedule.predicted_speedup(overhead_fraction)
         tried.append((K, thresh if reached else None, speedup))
         chosen = replace(trial, thresh=thresh)
@@ -472,3 +571,42 @@ def schedule_summary(schedule: Schedule) -> Mapping[str, object]:
         "predicted_speedup": round(schedule.predicted_speedup(), 4),
         "acc_err": {b: [round(d.acc_err, 6) for d in ds] for b, ds in schedule.decisions.items()},
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Two-expert models (Wan2.2 A14B): where the pipeline switches experts
+# --------------------------------------------------------------------------------------------------
+def flow_unipc_timesteps(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> list[int]:
+    """The timesteps of diffusers' ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)`` (the
+    scheduler of the Wan pipelines, and the grid of Wan2.2's own sampler) for ``num_steps`` steps, with the same
+    float64 arithmetic: sigmas ``linspace(1, 1/T, N + 1)[:-1]``, shifted, the first nudged below 1, times T,
+    truncated to integers."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    step = (1 / num_train_timesteps - 1.0) / num_steps
+    sigmas = [i * step + 1.0 for i in range(num_steps)]
+    sigmas = [shift * s / (1 + (shift - 1) * s) for s in sigmas]
+    if abs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    return [int(s * num_train_timesteps) for s in sigmas]
+
+
+def high_noise_steps(timesteps: Iterable[float], boundary_ratio: float, num_train_timesteps: int = 1000) -> int:
+    """How many steps diffusers' Wan pipelines run on the first (high-noise) expert: those whose timestep is at or
+    above ``boundary_ratio * num_train_timesteps`` (the pipeline's own test)."""
+    boundary = boundary_ratio * num_train_timesteps
+    return sum(1 for t in timesteps if t >= boundary)
+
+
+def fallback_notes(schedule: Schedule, rules: Rules) -> list[str]:
+    """Where the reference implementation would fail on this schedule and what we do instead, one sentence each."""
+    notes = []
+    for branch, decisions in schedule.decisions.items():
+        steps = [d.step for d in decisions if d.reason == NO_RESIDUAL]
+        if steps:
+            notes.append(f"{branch}: step(s) {steps} were due to be skipped before this branch had a residual; the "
+                         "reference implementation fails there (it adds a missing residual), we compute them")
+    if rules.step_mapping == "floor" and schedule.num_steps == 1:
+        notes.append("1-step run: ComfyUI-MagCache's step mapping divides by zero here; we map the step to "
+                     "calibrated step 0")
+    return notes

@@ -1,20 +1,24 @@
 """Published MagCache ratio curves, their reference defaults and the rule set each reference applies.
 
-The curves live in ``magcache/data/mag_ratios.json`` (copied verbatim, sources included, from the research notes
-in ``shared/reference``). Preset ids equal the keys of that file, except ``flux_kontext``, which names the 28-step
-diffusers curve (``flux_kontext_diffusers``) because our runtime drives diffusers pipelines. Extra curves (the demo
-model's calibration) live next to it as ``magcache/data/<id>.json`` in the same format.
+The curves live in ``magcache/data/mag_ratios.json`` (copied verbatim, sources included, from the research notes).
+Preset ids equal the keys of that file, except where our runtime drives the diffusers pipeline a curve was not
+calibrated with: ``flux_kontext`` names the 28-step diffusers curve (``flux_kontext_diffusers``), ``qwen_image`` the
+research code's diffusers curve (``qwen_image_diffusers``) and ``qwen_image_comfyui`` ComfyUI-MagCache's
+(``qwen_image``); the Wan2.2 A14B presets use ComfyUI-MagCache's names (``wan2.2_t2v_14B``, ``wan2.2_i2v_14B``).
+Extra curves (the demo model's calibration) live next to it as ``magcache/data/<id>.json`` in the same format.
+FLUX.2 and Z-Image have no published curve: their presets carry only rules and starting values, and MagCache stays
+off on them until a calibration exists.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from typing import Mapping
 
-from .policy import Rules, Settings, split_branches
+from .policy import Rules, Settings, flow_unipc_timesteps, high_noise_steps, split_branches
 
 # Rule sets of the reference implementations (shared/reference/magcache.md §1.3-1.6).
 MC_FLUX = Rules(compare="<=", retention_rounding="half_up", guarded_steps=(11,), guard_reference_steps=28)
@@ -28,6 +32,19 @@ COMFYUI_FLUX_KONTEXT = Rules(compare="<", retention_rounding="floor", guarded_st
                              guard_accumulates=False, step_mapping="floor")
 # Our own calibrations: FLUX-style rules without the step-11 guard (that guard is specific to FLUX.1-dev's curve).
 CALIBRATED_FLUX = Rules(compare="<=", retention_rounding="half_up")
+# The research Wan2.2 code: Wan's call-counted rule, with the retention window per expert phase (T2V A14B) or over
+# the whole high-noise phase (I2V A14B); TI2V-5B is one model and uses MC_WAN.
+MC_WAN22_T2V = replace(MC_WAN, expert_retention="each_phase")
+MC_WAN22_I2V = replace(MC_WAN, expert_retention="high_phase")
+# The research Qwen-Image / Qwen-Image-Edit code: Wan's call-counted rule, its own resampling.
+MC_QWEN = replace(MC_WAN, step_mapping="linspace")
+# ComfyUI-MagCache with separate cond/uncond calls, uncond first (the only mode its Qwen-Image and HunyuanVideo-1.5
+# curves were calibrated in): float32 accumulation, the uncond residual of step 0 wiped by the per-call reset.
+# Qwen-Image indexes its curve by the raw call counter (uncond one step behind); HunyuanVideo-1.5 maps steps with
+# the floor map.
+COMFYUI_QWEN = replace(COMFYUI, step_mapping="raw", uncond_lags_one_step=True, uncond_loses_first_residual=True,
+                       float32=True)
+COMFYUI_HUNYUAN15 = replace(COMFYUI, step_mapping="floor", uncond_loses_first_residual=True, float32=True)
 
 # preset id -> (key in mag_ratios.json, adapter family, rules, rules' source). Families name the adapters in
 # magcache/adapters; None means we ship the curve but have no adapter for that architecture yet.
@@ -46,14 +63,53 @@ _CATALOG: dict[str, tuple[str, str | None, Rules, str]] = {
     "wan2.1_vace_14B": ("wan2.1_vace_14B", "wan_vace", MC_WAN, "MagCache4Wan2.1 VACE (research code)"),
     "framepack": ("framepack", "framepack", MC_FRAMEPACK, "MagCache4FramePack (research code)"),
     "framepack_f1": ("framepack_f1", "framepack", MC_FRAMEPACK, "MagCache4FramePack F1 (research code)"),
-    "qwen_image": ("qwen_image", None, COMFYUI, "ComfyUI-MagCache"),
-    "qwen_image_diffusers": ("qwen_image_diffusers", None, MC_WAN, "MagCache4QwenImage (research code)"),
-    "hunyuan_video1.5": ("hunyuan_video1.5", None, COMFYUI, "ComfyUI-MagCache"),
-    "hunyuan_video1.5_40steps": ("hunyuan_video1.5_40steps", None, COMFYUI, "ComfyUI-MagCache"),
-    "wan2.2_t2v_A14B": ("wan2.2_t2v_A14B", None, MC_WAN, "MagCache4Wan2.2 (research code)"),
-    "wan2.2_ti2v_5B": ("wan2.2_ti2v_5B", None, MC_WAN, "MagCache4Wan2.2 (research code)"),
-    "wan2.2_ti2v_5B_i2v": ("wan2.2_ti2v_5B_i2v", None, MC_WAN, "MagCache4Wan2.2 (research code)"),
-    "wan2.2_i2v_A14B": ("wan2.2_i2v_A14B", None, MC_WAN, "MagCache4Wan2.2 (research code)"),
+    "qwen_image": ("qwen_image_diffusers", "qwen_image", MC_QWEN, "MagCache4QwenImage (research code)"),
+    "qwen_image_edit": ("qwen_image_edit", "qwen_image", MC_QWEN, "MagCache4QwenImageEdit (research code)"),
+    "qwen_image_comfyui": ("qwen_image", "qwen_image", COMFYUI_QWEN,
+                           "ComfyUI-MagCache (Qwen-Image forward; separate calls, uncond first)"),
+    "hunyuan_video1.5": ("hunyuan_video1.5", "hunyuan_video15", COMFYUI_HUNYUAN15,
+                         "ComfyUI-MagCache (HunyuanVideo-1.5 forward; separate calls, uncond first)"),
+    "hunyuan_video1.5_40steps": ("hunyuan_video1.5_40steps", "hunyuan_video15", COMFYUI_HUNYUAN15,
+                                 "ComfyUI-MagCache (HunyuanVideo-1.5 forward; separate calls, uncond first)"),
+    "wan2.2_t2v_14B": ("wan2.2_t2v_A14B", "wan", MC_WAN22_T2V, "MagCache4Wan2.2 T2V-A14B (research code)"),
+    "wan2.2_i2v_14B": ("wan2.2_i2v_A14B", "wan", MC_WAN22_I2V, "MagCache4Wan2.2 I2V-A14B (research code)"),
+    "wan2.2_ti2v_5B": ("wan2.2_ti2v_5B", "wan", MC_WAN, "MagCache4Wan2.2 TI2V-5B (research code)"),
+    "wan2.2_ti2v_5B_i2v": ("wan2.2_ti2v_5B_i2v", "wan", MC_WAN, "MagCache4Wan2.2 TI2V-5B with an image (research code)"),
+}
+
+# Reference values that differ from the curve file's entry: the 40-step HunyuanVideo-1.5 workflow ComfyUI-MagCache
+# links from its README (the file's entry repeats the 20-step README row), and both HunyuanVideo-1.5 workflows'
+# end_step -2 (a ComfyUI-only knob).
+_DEFAULTS: dict[str, dict[str, float]] = {"hunyuan_video1.5_40steps": {"thresh": 0.06, "retention_ratio": 0.2, "K": 2}}
+_OPTIONS: dict[str, dict[str, int]] = {"hunyuan_video1.5": {"end_step": -2}, "hunyuan_video1.5_40steps": {"end_step": -2}}
+# ComfyUI-MagCache's HunyuanVideo-1.5 node replaces the 20-step curve by the 40-step one above 20 steps.
+_LONG_CURVES: dict[str, tuple[str, int]] = {"hunyuan_video1.5": ("hunyuan_video1.5_40steps", 20)}
+
+
+@dataclass(frozen=True)
+class ExpertSplit:
+    """Where a two-expert model (Wan2.2 A14B) switches from the high-noise to the low-noise expert: at the first
+    timestep below ``boundary_ratio * 1000``. ``flow_shift`` is the reference sampler's shift (Wan2.2's configs),
+    used to predict the switch when no pipeline is at hand; a pipeline's own scheduler decides at run time."""
+
+    boundary_ratio: float
+    flow_shift: float
+
+    def split_step(self, num_steps: int) -> int:
+        return high_noise_steps(flow_unipc_timesteps(num_steps, self.flow_shift), self.boundary_ratio)
+
+
+_EXPERTS: dict[str, ExpertSplit] = {
+    "wan2.2_t2v_14B": ExpertSplit(boundary_ratio=0.875, flow_shift=12.0),
+    "wan2.2_i2v_14B": ExpertSplit(boundary_ratio=0.900, flow_shift=5.0),
+}
+
+# Models without a published curve: MagCache stays off on them until a calibration of that model exists (see
+# magcache.calibration). id -> (model, family, rules, starting thresh / retention_ratio / K for a calibrated curve).
+_CALIBRATE_FIRST: dict[str, tuple[str, str, Rules, tuple[float, float, int]]] = {
+    "flux2": ("FLUX.2-dev (no published curve: calibrate first)", "flux2", CALIBRATED_FLUX, (0.1, 0.2, 2)),
+    "flux2_klein": ("FLUX.2-klein (no published curve: calibrate first)", "flux2", CALIBRATED_FLUX, (0.1, 0.2, 2)),
+    "z_image": ("Z-Image (no published curve: calibrate first)", "z_image", CALIBRATED_FLUX, (0.1, 0.2, 2)),
 }
 
 # Presets stored as their own files in magcache/data (calibrated by us), with their family and rules.
@@ -75,16 +131,39 @@ class Preset:
     source: str
     notes: str = ""
     extra: Mapping[str, object] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)  # reference values of other Settings fields
+    long_curves: tuple[tuple[float, ...], ...] = ()  # replaces ``curves`` for runs longer than long_curves_above
+    long_curves_above: int = 0
+    experts: ExpertSplit | None = None
 
     @property
     def interleaved(self) -> bool:
         return len(self.curves) > 1
 
+    @property
+    def calibrate_first(self) -> bool:
+        """No published curve: MagCache is off on this model until a calibration of it exists."""
+        return not self.curves
+
     def settings(self, **overrides) -> Settings:
         """Reference defaults, with any non-None overrides."""
-        values = {"thresh": self.thresh, "retention_ratio": self.retention_ratio, "K": self.K}
+        values = {"thresh": self.thresh, "retention_ratio": self.retention_ratio, "K": self.K, **self.options}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)
+
+    def require_curves(self) -> None:
+        if self.calibrate_first:
+            raise ValueError(f"preset {self.id!r} has no published ratio curve: calibrate the model first "
+                             "(python -m magcache calibrate, or magcache.calibration.calibrate)")
+
+    def curves_for(self, num_steps: int) -> tuple[tuple[float, ...], ...]:
+        """The curve a run of ``num_steps`` uses (HunyuanVideo-1.5 switches to its 40-step curve above 20)."""
+        self.require_curves()
+        return self.long_curves if self.long_curves and num_steps > self.long_curves_above else self.curves
+
+    def split_step(self, num_steps: int) -> int | None:
+        """Steps the high-noise expert runs with the reference sampler (two-expert presets), else None."""
+        return self.experts.split_step(num_steps) if self.experts else None
 
     def summary(self) -> dict:
         return {
@@ -92,6 +171,7 @@ class Preset:
             "model": self.model,
             "family": self.family,
             "calibrated_steps": self.calibrated_steps,
+            "calibrate_first": self.calibrate_first,
             "cfg_branches": len(self.curves),
             "defaults": {"thresh": self.thresh, "retention_ratio": self.retention_ratio, "K": self.K},
             "rules_source": self.rules_source,
@@ -124,10 +204,35 @@ def _preset_from_entry(pid: str, entry: Mapping, family: str | None, rules: Rule
     )
 
 
+def _published_preset(pid: str, data: Mapping) -> Preset:
+    key, family, rules, source = _CATALOG[pid]
+    p = _preset_from_entry(pid, data[key], family, rules, source)
+    changes: dict = {"options": _OPTIONS.get(pid, {}), "experts": _EXPERTS.get(pid)}
+    if pid in _DEFAULTS:
+        changes.update(thresh=_DEFAULTS[pid]["thresh"], retention_ratio=_DEFAULTS[pid]["retention_ratio"],
+                       K=int(_DEFAULTS[pid]["K"]))
+    if pid in _LONG_CURVES:
+        long_id, above = _LONG_CURVES[pid]
+        long_entry = data[_CATALOG[long_id][0]]
+        changes.update(long_curves=tuple(tuple(c) for c in split_branches(long_entry["mag_ratios"], True)),
+                       long_curves_above=above)
+    return replace(p, **changes)
+
+
+def _calibrate_first_preset(pid: str) -> Preset:
+    model, family, rules, (thresh, retention, K) = _CALIBRATE_FIRST[pid]
+    return Preset(id=pid, model=model, family=family, curves=(), calibrated_steps=0, thresh=thresh,
+                  retention_ratio=retention, K=K, rules=rules,
+                  rules_source="MagCache Studio calibration (FLUX rules without the step-11 guard)", source="",
+                  notes="No published MagCache curve exists for this model; the thresh/retention/K are starting "
+                        "values for a calibrated curve, to be tuned.")
+
+
 @lru_cache(maxsize=1)
 def _all_presets() -> dict[str, Preset]:
     data = _read_json("mag_ratios.json")
-    out = {pid: _preset_from_entry(pid, data[key], fam, rules, src) for pid, (key, fam, rules, src) in _CATALOG.items()}
+    out = {pid: _published_preset(pid, data) for pid in _CATALOG}
+    out.update({pid: _calibrate_first_preset(pid) for pid in _CALIBRATE_FIRST})
     for pid, (fam, rules) in _EXTRA_FILES.items():
         try:
             entry = _read_json(f"{pid}.json")

@@ -96,7 +96,7 @@ def test_unknown_preset_error_lists_the_known_ones():
 def test_list_presets_with_adapter_only():
     with_adapter = set(list_presets(with_adapter_only=True))
     assert set(SEED_PRESETS) <= with_adapter
-    assert "qwen_image" in list_presets() and "qwen_image" not in with_adapter  # curve shipped, no adapter yet
+    assert set(list_presets()) == with_adapter  # every shipped curve has an adapter
 
 
 def test_settings_take_reference_defaults_and_overrides():
