@@ -106,6 +106,7 @@ class _Run:
     calibrating: bool
     stats: RunStats
     forced: Mapping[str, frozenset] | None = None
+    split_step: int | None = None  # two-expert pipelines: steps run by the first expert
     branches: dict[str, _Branch] = field(default_factory=dict)
     num_branches: int = 1  # grows as branches appear; known for sure from step 1 on
     last_step: int = -1
@@ -183,18 +184,25 @@ class MagCacheHandle:
         adapter: Adapter,
         preset: Preset,
         settings: P.Settings,
-        curves: Sequence[Sequence[float]],
+        curves: Sequence[Sequence[float]] | None,
         rules: P.Rules,
         clock: _Clock,
         calibrate: bool = False,
         keep_runs: int = 64,
+        experts: Sequence[torch.nn.Module] = (),
+        pipe: Any = None,
     ):
         self.transformer = transformer
+        # every transformer of the pipeline that shares this handle's state (Wan2.2 A14B: both experts)
+        self.transformers = [transformer, *(e for e in experts if e is not transformer)]
         self.adapter = adapter
         self.preset = preset
         self.settings = settings
-        self.curves = [list(map(float, c)) for c in curves]
+        # None: the preset's published curve for the run's length (HunyuanVideo-1.5 switches curves above 20 steps)
+        self._preset_curves = curves is None
+        self.curves = [list(map(float, c)) for c in (preset.curves if curves is None else curves)]
         self.rules = rules
+        self._pipe = weakref.ref(pipe) if pipe is not None else None
         self.calibrate = calibrate
         # Optional fixed schedule {branch: steps to compute}, bypassing the policy: for naive baselines
         # (uniform / random skipping at the same computed-step count) and benchmarks.
@@ -233,6 +241,7 @@ class MagCacheHandle:
             self.settings = replace(self.settings, **changes)
         if curves is not None:
             self.curves = _validated_curves(curves)
+            self._preset_curves = False
         if calibrate:
             self._calibration_start = len(self.runs)  # a new calibration: earlier runs are not averaged in
         if calibrate is not None:
@@ -245,8 +254,31 @@ class MagCacheHandle:
     def predict(self, num_steps: int, num_branches: int = 1) -> P.Schedule:
         """The schedule a run of ``num_steps`` will take with the current settings (no model is run). A fixed
         schedule (``configure(computed_steps=...)``) or calibration mode overrides the policy at run time and is
-        not reflected here."""
-        return P.simulate(self.curves, num_steps, self.settings, self.rules, num_branches)
+        not reflected here. Two-expert pipelines: the expert switch is the pipeline's own, for its scheduler."""
+        return P.simulate(self.curves_for(num_steps), num_steps, self.settings, self.rules, num_branches,
+                          self.split_step(num_steps))
+
+    def curves_for(self, num_steps: int) -> list[list[float]]:
+        """The per-branch curves a run of ``num_steps`` uses."""
+        if not self.curves:
+            raise ValueError(f"no ratio curve for {self.preset.id!r}: MagCache is off until this model is calibrated "
+                             "(magcache.calibration.calibrate, then apply_best or apply(curves=...))")
+        if self._preset_curves:
+            return [list(c) for c in self.preset.curves_for(num_steps)]
+        return self.curves
+
+    def split_step(self, num_steps: int, timesteps: Any = None) -> int | None:
+        """Two-expert pipelines: how many of ``num_steps`` steps the first expert runs, from the pipeline's scheduler
+        (``timesteps``, else a copy of the scheduler set to ``num_steps``). Without the pipeline, rules that need
+        the switch use the preset's reference sampler. None for one-model pipelines."""
+        pipe = self._pipe() if self._pipe is not None else None
+        if len(self.transformers) > 1 and pipe is not None and self.adapter.expert_split is not None:
+            if timesteps is None:
+                scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+                scheduler.set_timesteps(num_steps)
+                timesteps = scheduler.timesteps
+            return self.adapter.expert_split(pipe, timesteps)
+        return self.preset.split_step(num_steps) if self.rules.expert_retention else None
 
     @property
     def last_run(self) -> RunStats | None:
@@ -284,7 +316,6 @@ class MagCacheHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        t = self.transformer
         for (owner_ref, name), (previous, ours) in self._saved.items():
             owner = owner_ref()
             if owner is None or owner.__dict__.get(name) is not ours:
@@ -297,8 +328,9 @@ class MagCacheHandle:
                 owner.__dict__[name] = previous
         self._saved.clear()
         self.enabled = False
-        if t.__dict__.get("_magcache_handle") is self:
-            del t.__dict__["_magcache_handle"]
+        for t in self.transformers:
+            if t.__dict__.get("_magcache_handle") is self:
+                del t.__dict__["_magcache_handle"]
         self.reset()
         self._attached = False
 
@@ -310,44 +342,14 @@ class MagCacheHandle:
 
     # ---- attaching -------------------------------------------------------------------------------
     def _attach(self, pipe: Any = None) -> None:
-        t, a = self.transformer, self.adapter
-        for name in a.block_lists:
-            if not isinstance(getattr(t, name, None), torch.nn.ModuleList):
-                raise TypeError(f"{type(t).__name__} has no ModuleList {name!r}; adapter {a.family!r} does not fit it")
-        entry, exit_ = t.get_submodule(a.entry_module), t.get_submodule(a.exit_module)
-        self._hooks.append(entry.register_forward_hook(self._on_entry))
-        self._hooks.append(exit_.register_forward_pre_hook(self._on_exit))
-        original_forward = t.forward
+        a = self.adapter
+        for t in self.transformers:
+            for name in a.block_lists:
+                if not isinstance(getattr(t, name, None), torch.nn.ModuleList):
+                    raise TypeError(f"{type(t).__name__} has no ModuleList {name!r}; adapter {a.family!r} does not fit it")
+        for t in self.transformers:
+            self._attach_transformer(t)
         handle = self
-
-        def forward(*args, **kwargs):
-            if not (handle.enabled and handle._attached):
-                return original_forward(*args, **kwargs)
-            return handle._cached_forward(original_forward, args, kwargs)
-
-        self._patch("forward", forward)
-        original_context = getattr(t, "cache_context", None)
-        if original_context is not None:
-
-            @contextlib.contextmanager
-            def cache_context(name: str, **kwargs):
-                handle._context_name = name if handle._attached else None
-                try:
-                    with original_context(name, **kwargs):
-                        yield
-                finally:
-                    handle._context_name = None
-
-            self._patch("cache_context", cache_context)
-        original_reset = getattr(t, "_reset_stateful_cache", None)
-        if original_reset is not None:
-            # pipelines call this at the end of __call__ (also when interrupted): free the cached residuals
-            def _reset_stateful_cache(*args, **kwargs):
-                if handle._attached:
-                    handle._free_tensors()
-                return original_reset(*args, **kwargs)
-
-            self._patch("_reset_stateful_cache", _reset_stateful_cache)
         original_progress_bar = getattr(pipe, "progress_bar", None)
         if callable(original_progress_bar):
             # Every diffusers pipeline runs its denoising loop inside ``with self.progress_bar(...)``: leaving that
@@ -357,8 +359,47 @@ class MagCacheHandle:
                 return _FreeOnExit(bar, handle) if handle._attached else bar
 
             self._patch("progress_bar", progress_bar, owner=pipe)
-        t.__dict__["_magcache_handle"] = self
+        for t in self.transformers:
+            t.__dict__["_magcache_handle"] = self
         self._attached = True
+
+    def _attach_transformer(self, t: torch.nn.Module) -> None:
+        """Hooks and patches on one transformer; with two experts both feed the same run state."""
+        a = self.adapter
+        entry, exit_ = t.get_submodule(a.entry_module), t.get_submodule(a.exit_module)
+        self._hooks.append(entry.register_forward_hook(self._on_entry))
+        self._hooks.append(exit_.register_forward_pre_hook(self._on_exit))
+        original_forward = t.forward
+        handle = self
+
+        def forward(*args, **kwargs):
+            if not (handle.enabled and handle._attached) or not (handle.curves or handle.calibrate):
+                return original_forward(*args, **kwargs)  # no curve yet (calibrate-first models): uncached
+            return handle._cached_forward(t, original_forward, args, kwargs)
+
+        self._patch("forward", forward, owner=t)
+        original_context = getattr(t, "cache_context", None)
+        if original_context is not None:
+
+            @contextlib.contextmanager
+            def cache_context(name: str, **kwargs):
+                handle._context_name = _BRANCH_ALIASES.get(name, name) if handle._attached else None
+                try:
+                    with original_context(name, **kwargs):
+                        yield
+                finally:
+                    handle._context_name = None
+
+            self._patch("cache_context", cache_context, owner=t)
+        original_reset = getattr(t, "_reset_stateful_cache", None)
+        if original_reset is not None:
+            # pipelines call this at the end of __call__ (also when interrupted): free the cached residuals
+            def _reset_stateful_cache(*args, **kwargs):
+                if handle._attached:
+                    handle._free_tensors()
+                return original_reset(*args, **kwargs)
+
+            self._patch("_reset_stateful_cache", _reset_stateful_cache, owner=t)
 
     def _patch(self, name: str, value: Any, owner: Any = None) -> None:
         owner = self.transformer if owner is None else owner
@@ -366,11 +407,11 @@ class MagCacheHandle:
         owner.__dict__[name] = value
 
     # ---- per call --------------------------------------------------------------------------------
-    def _cached_forward(self, original_forward, args, kwargs):
+    def _cached_forward(self, transformer, original_forward, args, kwargs):
         call = self._begin_call()
         try:
             if call.skip:
-                with _blocks_left_out(self.transformer, self.adapter.block_lists):
+                with _blocks_left_out(transformer, self.adapter.block_lists):
                     out = original_forward(*args, **kwargs)
             else:
                 out = original_forward(*args, **kwargs)
@@ -426,12 +467,17 @@ class MagCacheHandle:
         forced = None
         if self.computed_steps is not None:
             forced = {b: frozenset(v) for b, v in self.computed_steps.items()}
-        self._run = _Run(token, num_steps, self.settings, self.curves, self.calibrate, stats, forced)
+        # calibrating a model without a curve: the run reads nothing from it
+        curves = [[1.0] * num_steps] if self.calibrate and not self.curves else self.curves_for(num_steps)
+        timesteps = token[len(token) - num_steps:] if isinstance(self._clock, _SchedulerClock) else None
+        split = self.split_step(num_steps, timesteps)
+        self._run = _Run(token, num_steps, self.settings, curves, self.calibrate, stats, forced, split)
         return self._run
 
     def _new_branch(self, run: _Run, index: int) -> _Branch:
-        prepared = P.prepare_curves(run.curves, run.num_steps, run.settings.sqrt_ratios, self.rules.step_mapping)
-        pol = P.BranchPolicy(P.branch_curve(prepared, index), run.settings, self.rules, run.num_steps, index, run.num_branches)
+        ratios = P.branch_ratios(run.curves, run.num_steps, index, run.settings, self.rules)
+        pol = P.BranchPolicy(ratios, run.settings, self.rules, run.num_steps, index, run.num_branches,
+                             split_step=run.split_step)
         return _Branch(pol, BranchStats())
 
     def _end_call(self, call: _Call) -> None:
@@ -504,6 +550,8 @@ class MagCacheHandle:
 
 
 _MISSING = object()
+# cache_context names some pipelines use for the CFG branches (HunyuanVideo-1.5's guider)
+_BRANCH_ALIASES = {"pred_cond": "cond", "pred_uncond": "uncond"}
 
 
 class _FreeOnExit:
@@ -619,15 +667,26 @@ def apply(
         clock = _CounterClock(num_inference_steps, num_branches)
     else:
         raise ValueError("a bare transformer needs num_inference_steps (and num_branches for CFG); or pass the pipeline")
+    experts = adapter.experts(pipe) if pipe is not None else [transformer]
+    for expert in experts[1:]:
+        previous = expert.__dict__.get("_magcache_handle")
+        if previous is not None:
+            previous.remove()
+    if p.calibrate_first and curves is None and not calibrate:
+        logger.warning("MagCache: %s has no published ratio curve, so the pipeline runs uncached until a calibration "
+                       "exists: run magcache.calibration.calibrate(pipe, call_kwargs) and save it, then "
+                       "magcache.calibration.apply_best(pipe, call_kwargs) uses it", p.model)
     handle = MagCacheHandle(
         transformer,
         adapter,
         p,
         settings,
-        _validated_curves(curves) if curves is not None else [list(c) for c in p.curves],
+        _validated_curves(curves) if curves is not None else None,
         rules or p.rules,
         clock,
         calibrate=calibrate,
+        experts=experts,
+        pipe=pipe,
     )
     handle._attach(pipe)
     return handle

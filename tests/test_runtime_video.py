@@ -529,7 +529,10 @@ def test_wan_default_presets_from_checkpoint_name_and_width():
     assert wan._wan_preset(None, Model(**i2v, _name_or_path="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers")) == "wan2.1_i2v_720p_14B"
     with pytest.raises(ValueError, match="width 3072"):  # Wan2.2 TI2V-5B has no Wan2.1 curve
         wan._wan_preset(None, Model(in_channels=16, num_attention_heads=24, attention_head_dim=128))
-    with pytest.raises(ValueError, match="two-expert"):
-        pipe = type("Pipe", (), {"transformer_2": object()})()
-        wan._wan_preset(pipe, Model(**{**t2v, "num_attention_heads": 40}))
+    # Wan2.2: two experts (transformer_2 + boundary_ratio) and TI2V-5B (expand_timesteps) have their own presets
+    a14b = type("Pipe", (), {"transformer_2": object(), "config": Cfg(boundary_ratio=0.875)})()
+    assert wan._wan_preset(a14b, Model(**{**t2v, "num_attention_heads": 40})) == "wan2.2_t2v_14B"
+    assert wan._wan_preset(a14b, Model(**i2v)) == "wan2.2_i2v_14B"
+    ti2v = type("Pipe", (), {"transformer_2": None, "config": Cfg(expand_timesteps=True)})()
+    assert wan._wan_preset(ti2v, Model(in_channels=48, num_attention_heads=24, attention_head_dim=128)) == "wan2.2_ti2v_5B"
     assert wan._vace_preset(None, Model(**t2v)) == "wan2.1_vace_1.3B"

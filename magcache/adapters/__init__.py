@@ -24,10 +24,20 @@ class Adapter:
     exit_module: str = "norm_out"  # its first argument is the block stack's output (image tokens)
     entry_to_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
     default_preset: Callable[[Any, torch.nn.Module], str] | None = None
+    # Two-expert pipelines (Wan2.2 A14B): the pipeline attribute holding the second expert, and how many of a run's
+    # steps (given the scheduler's timesteps) go to the first expert.
+    second_expert: str | None = None
+    expert_split: Callable[[Any, Any], int | None] | None = None
     notes: str = ""
 
     def stack_input(self, entry_output: torch.Tensor) -> torch.Tensor:
         return self.entry_to_tokens(entry_output) if self.entry_to_tokens else entry_output
+
+    def experts(self, pipe: Any) -> list[torch.nn.Module]:
+        """The pipeline's transformers that share one MagCache state: ``[transformer]``, plus the second expert of
+        a two-expert pipeline."""
+        second = getattr(pipe, self.second_expert, None) if self.second_expert and pipe is not None else None
+        return [pipe.transformer] + ([second] if isinstance(second, torch.nn.Module) else [])
 
     def preset_for(self, pipe: Any, transformer: torch.nn.Module) -> str:
         if self.default_preset is None:
@@ -36,9 +46,10 @@ class Adapter:
 
 
 def _registry() -> dict[str, Adapter]:
-    from . import chroma, flux, framepack, hunyuan_video, wan
+    from . import chroma, flux, framepack, hunyuan_video, hunyuan_video15, qwen_image, wan
 
-    adapters = [flux.ADAPTER, chroma.ADAPTER, hunyuan_video.ADAPTER, wan.ADAPTER, wan.VACE_ADAPTER, framepack.ADAPTER]
+    adapters = [flux.ADAPTER, chroma.ADAPTER, hunyuan_video.ADAPTER, wan.ADAPTER, wan.VACE_ADAPTER, framepack.ADAPTER,
+                qwen_image.ADAPTER, hunyuan_video15.ADAPTER]
     return {name: a for a in adapters for name in a.transformer_classes}
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-TINY_KINDS = ("flux", "flux_kontext", "chroma", "hunyuan_video", "wan_t2v", "wan_i2v", "wan_vace", "framepack")
+TINY_KINDS = ("flux", "flux_kontext", "chroma", "hunyuan_video", "wan_t2v", "wan_i2v", "wan_vace", "framepack",
+              "wan22_t2v", "wan22_i2v", "wan22_ti2v", "wan22_ti2v_i2v")
 
 
 def _t5_tokenizer():
@@ -206,6 +207,46 @@ def build_wan_vace(layers: int = 4):
     )
 
 
+def _wan_unipc(flow_shift: float):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+
+
+def build_wan22_t2v(layers: int = 4):
+    """Two experts (``transformer`` high-noise, ``transformer_2`` low-noise) with Wan2.2 T2V-A14B's boundary and
+    shift, so a run switches experts part-way (after 6 of 8 steps)."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(
+        tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=_wan_vae(), scheduler=_wan_unipc(12.0),
+        transformer=_wan_transformer(layers=layers), transformer_2=_wan_transformer(layers=layers), boundary_ratio=0.875,
+    )
+
+
+def build_wan22_i2v(layers: int = 4):
+    """Wan2.2 I2V-A14B: two 36-channel experts, no CLIP image encoder, boundary 0.9, shift 5."""
+    from diffusers import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline(
+        tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=_wan_vae(), scheduler=_wan_unipc(5.0),
+        image_processor=None, image_encoder=None, transformer=_wan_transformer(in_channels=36, layers=layers),
+        transformer_2=_wan_transformer(in_channels=36, layers=layers), boundary_ratio=0.900,
+    )
+
+
+def build_wan22_ti2v(image: bool = False, layers: int = 4):
+    """Wan2.2 TI2V-5B's pipeline mode (``expand_timesteps``: per-token timesteps, the input image as the first
+    latent frame) on the Wan2.1-sized tiny VAE."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    parts = dict(tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=_wan_vae(),
+                 scheduler=_wan_unipc(5.0), transformer=_wan_transformer(layers=layers), expand_timesteps=True)
+    if image:
+        return WanImageToVideoPipeline(image_processor=None, image_encoder=None, **parts)
+    return WanPipeline(**parts)
+
+
 BUILDERS: dict[str, Callable[[], object]] = {
     "flux": build_flux,
     "flux_kontext": lambda: build_flux(kontext=True),
@@ -215,6 +256,10 @@ BUILDERS: dict[str, Callable[[], object]] = {
     "wan_i2v": build_wan_i2v,
     "wan_vace": build_wan_vace,
     "framepack": build_framepack,
+    "wan22_t2v": build_wan22_t2v,
+    "wan22_i2v": build_wan22_i2v,
+    "wan22_ti2v": build_wan22_ti2v,
+    "wan22_ti2v_i2v": lambda: build_wan22_ti2v(image=True),
 }
 
 
@@ -247,9 +292,9 @@ def tiny_call_kwargs(kind: str, num_inference_steps: int = 8, seed: int = 0) -> 
     elif kind == "framepack":
         kw.update(image=image, height=32, width=32, num_frames=9, latent_window_size=3,
                   prompt_template={"template": "{}", "crop_start": 0})
-    elif kind == "wan_t2v":
+    elif kind in ("wan_t2v", "wan22_t2v", "wan22_ti2v"):
         kw.update(height=16, width=16, num_frames=9)
-    elif kind == "wan_i2v":
+    elif kind in ("wan_i2v", "wan22_i2v", "wan22_ti2v_i2v"):
         kw.update(image=image, height=16, width=16, num_frames=9)
     elif kind == "wan_vace":
         frames = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(9)]
