@@ -367,7 +367,10 @@ class MagCacheHandle:
         """Hooks and patches on one transformer; with two experts both feed the same run state."""
         a = self.adapter
         entry, exit_ = t.get_submodule(a.entry_module), t.get_submodule(a.exit_module)
-        self._hooks.append(entry.register_forward_hook(self._on_entry))
+        if a.entry_is_block_input:
+            self._hooks.append(entry.register_forward_pre_hook(lambda m, args: self._on_entry(m, args, args[0])))
+        else:
+            self._hooks.append(entry.register_forward_hook(self._on_entry))
         self._hooks.append(exit_.register_forward_pre_hook(self._on_exit))
         original_forward = t.forward
         handle = self
@@ -526,6 +529,8 @@ class MagCacheHandle:
         call = self._call
         if call is None:
             return None
+        if call.skip and call.entry is None and self.adapter.entry_is_block_input:
+            call.entry = args[0]  # the stack was left out: what reaches the exit is the stack's input
         if call.entry is None and not call.folded:
             raise RuntimeError(
                 f"MagCache: {self.adapter.entry_module!r} did not run before {self.adapter.exit_module!r} in "

@@ -21,6 +21,9 @@ class Adapter:
     transformer_classes: tuple[str, ...]
     block_lists: tuple[str, ...]  # ModuleLists left out on a skipped step
     entry_module: str  # its output is the block stack's input (image tokens)
+    # True: ``entry_module`` is the stack's first block and its *input* is the stack's input (Z-Image: the sequence
+    # entering the stack is built inside ``forward``, not by a module).
+    entry_is_block_input: bool = False
     exit_module: str = "norm_out"  # its first argument is the block stack's output (image tokens)
     entry_to_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
     default_preset: Callable[[Any, torch.nn.Module], str] | None = None
@@ -46,10 +49,10 @@ class Adapter:
 
 
 def _registry() -> dict[str, Adapter]:
-    from . import chroma, flux, framepack, hunyuan_video, hunyuan_video15, qwen_image, wan
+    from . import chroma, flux, flux2, framepack, hunyuan_video, hunyuan_video15, qwen_image, wan, z_image
 
     adapters = [flux.ADAPTER, chroma.ADAPTER, hunyuan_video.ADAPTER, wan.ADAPTER, wan.VACE_ADAPTER, framepack.ADAPTER,
-                qwen_image.ADAPTER, hunyuan_video15.ADAPTER]
+                qwen_image.ADAPTER, hunyuan_video15.ADAPTER, flux2.ADAPTER, z_image.ADAPTER]
     return {name: a for a in adapters for name in a.transformer_classes}
 
 

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 TINY_KINDS = ("flux", "flux_kontext", "chroma", "hunyuan_video", "wan_t2v", "wan_i2v", "wan_vace", "framepack",
-              "wan22_t2v", "wan22_i2v", "wan22_ti2v", "wan22_ti2v_i2v")
+              "wan22_t2v", "wan22_i2v", "wan22_ti2v", "wan22_ti2v_i2v", "qwen_image", "hunyuan_video15", "flux2_klein",
+              "z_image")
 
 
 def _t5_tokenizer():
@@ -42,6 +43,20 @@ def _llama_tokenizer():
     chars = ["\u2581"] + list(string.ascii_letters + string.digits + ".,!?'-<>|_\n:")
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: 3 + i for i, c in enumerate(chars)}
     return LlamaTokenizer(vocab=vocab, merges=[], model_max_length=256, padding_side="right", pad_token="<unk>")
+
+
+def _qwen_tokenizer():
+    """Byte-level BPE without merges (one token per byte), the tokenizer class the Qwen-based pipelines use."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokenizer = Qwen2Tokenizer(vocab={ch: i for i, ch in enumerate(bytes_to_unicode().values())}, merges=[])
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tokenizer
+
+
+_QWEN_VOCAB = 300  # 256 bytes + the tokenizer's special tokens
 
 
 def _t5_encoder(d_model: int, umt5: bool = False):
@@ -207,6 +222,99 @@ def build_wan_vace(layers: int = 4):
     )
 
 
+def build_qwen_image(layers: int = 4):
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "rope_theta": 1000000.0,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=_QWEN_VOCAB,
+    )
+    return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=_qwen_tokenizer())
+
+
+def build_hunyuan_video15(layers: int = 3):
+    from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                           HunyuanVideo15Transformer3DModel)
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=layers,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32,
+        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
+                                      layers_per_block=1, spatial_compression_ratio=4, temporal_compression_ratio=2,
+                                      downsample_match_channel=False, upsample_match_channel=False).eval()
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        rope_theta=1000000.0, vocab_size=_QWEN_VOCAB,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})).eval()
+    byt5 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0)).eval()
+    pipe = HunyuanVideo15Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder=qwen,
+        tokenizer=_qwen_tokenizer(), text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    # the real lengths (1000 text + 256 glyph + 729 image tokens) would make every tiny step take seconds
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 64, 16, 16
+    return pipe
+
+
+def build_flux2_klein(layers: int = 2, single_layers: int = 2):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
+    ).eval()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(intermediate_size=16, hidden_size=16, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=2, vocab_size=_QWEN_VOCAB,
+                                                max_position_embeddings=512)).eval()
+    vae = AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                             up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
+                             latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
+                              tokenizer=_qwen_tokenizer(), transformer=transformer, vae=vae)
+
+
+def build_z_image(layers: int = 3):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=layers, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    ).eval()
+    with torch.no_grad():  # created with torch.empty: fix them so runs are reproducible
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[32, 64],
+                        layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159).eval()
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=_QWEN_VOCAB,
+                                          max_position_embeddings=512)).eval()
+    return ZImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                          text_encoder=text_encoder, tokenizer=_qwen_tokenizer())
+
+
 def _wan_unipc(flow_shift: float):
     from diffusers import UniPCMultistepScheduler
 
@@ -260,6 +368,10 @@ BUILDERS: dict[str, Callable[[], object]] = {
     "wan22_i2v": build_wan22_i2v,
     "wan22_ti2v": build_wan22_ti2v,
     "wan22_ti2v_i2v": lambda: build_wan22_ti2v(image=True),
+    "qwen_image": build_qwen_image,
+    "hunyuan_video15": build_hunyuan_video15,
+    "flux2_klein": build_flux2_klein,
+    "z_image": build_z_image,
 }
 
 
@@ -285,6 +397,12 @@ def tiny_call_kwargs(kind: str, num_inference_steps: int = 8, seed: int = 0) -> 
                     generator=torch.Generator().manual_seed(seed))
     if kind in ("flux", "chroma"):
         kw.update(height=32, width=32)
+    elif kind == "flux2_klein":
+        kw.update(height=32, width=32, text_encoder_out_layers=(1,), max_sequence_length=64)
+    elif kind in ("qwen_image", "z_image"):
+        kw.update(height=32, width=32, max_sequence_length=64)
+    elif kind == "hunyuan_video15":
+        kw.update(height=16, width=16, num_frames=9)
     elif kind == "flux_kontext":
         kw.update(image=image, height=32, width=32, _auto_resize=False, max_area=32 * 32)
     elif kind == "hunyuan_video":
