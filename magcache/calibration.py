@@ -530,9 +530,14 @@ def choose_curves(
     store: CalibrationStore | None = None,
 ) -> CurveChoice:
     """The best calibration of ``model`` in ``store`` (default store if ``None``), else the preset's published
-    curve."""
+    curve; for a calibrate-first preset (no published curve) without a calibration, no curve (``curves == []``:
+    MagCache stays off)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     match = (store if store is not None else CalibrationStore()).best_match(model, num_steps, resolution, scheduler, cfg)
+    if match.calibration is None and p.calibrate_first:
+        label = (f"no calibration of {model} for {num_steps} steps at this resolution, and {p.model.split(' (')[0]} "
+                 "has no published curve: MagCache is off until you calibrate it")
+        return CurveChoice(p.id, [], p.rules, label)
     if match.calibration is None:
         steps = "" if p.calibrated_steps == num_steps else f", resampled from {p.calibrated_steps} steps"
         label = f"preset {p.id!r} curve ({p.source or p.rules_source}{steps})"
@@ -648,7 +653,7 @@ def apply_best(
     key = run_key(pipe, call_kwargs, model)
     preset_id = preset or adapter_for(pipe.transformer).preset_for(pipe, pipe.transformer)
     choice = choose_curves(preset_id, key.model, key.num_steps, key.resolution, key.scheduler, key.cfg, store)
-    handle = apply(pipe, preset_id, curves=choice.curves, rules=choice.rules, **apply_kwargs)
+    handle = apply(pipe, preset_id, curves=choice.curves or None, rules=choice.rules, **apply_kwargs)
     return handle, choice
 
 

@@ -18,7 +18,9 @@ from magcache.studio.manager import (GB, Cancelled, FairDeviceLock, LoadedModel,
 def test_catalog_matches_presets_and_adapters():
     catalog = load_catalog()
     assert [t.label for t in catalog.tabs] == ["Demo", "FLUX", "FLUX-Kontext", "Chroma", "HunyuanVideo", "Wan2.1 T2V",
-                                               "Wan2.1 I2V", "Wan2.1 VACE", "FramePack"]
+                                               "Wan2.1 I2V", "Wan2.1 VACE", "FramePack", "Wan2.2 T2V", "Wan2.2 I2V",
+                                               "Wan2.2 TI2V", "Wan2.2 TI2V (image)", "Qwen-Image", "Qwen-Image-Edit",
+                                               "HunyuanVideo-1.5", "FLUX.2", "Z-Image"]
     assert [v.label for v in catalog.tab("wan_t2v").variants] == ["1.3B (480p)", "14B (720p)"]
     assert [v.label for v in catalog.tab("wan_i2v").variants] == ["480P", "720P"]
     assert [v.label for v in catalog.tab("framepack").variants] == ["FramePack", "FramePack-F1"]

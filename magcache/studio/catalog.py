@@ -96,7 +96,9 @@ class Tab:
     tiny: str
     variants: tuple[Variant, ...]
     fps: int | None = None
-    guidance_arg: str = "guidance_scale"  # the pipeline argument the Guidance input sets (Demo: true_cfg_scale)
+    # the pipeline argument the Guidance input sets (Demo: true_cfg_scale); None where the pipeline takes none
+    # (HunyuanVideo-1.5: its guider component holds the scale)
+    guidance_arg: str | None = "guidance_scale"
 
     @property
     def is_video(self) -> bool:

@@ -334,7 +334,8 @@ def build_call_kwargs(tab: Tab, variant: Variant, loaded: LoadedModel, req: Gene
     if "frames" in tab.inputs:
         kw["num_frames"] = int(req.num_frames)
     kw["num_inference_steps"] = int(req.num_inference_steps)
-    kw[tab.guidance_arg] = float(req.guidance_scale)
+    if tab.guidance_arg:
+        kw[tab.guidance_arg] = float(req.guidance_scale)
     if tab.task == "vace":
         size = (int(req.width), int(req.height))
         if req.control_video is not None:

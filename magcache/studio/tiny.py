@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 TINY_KINDS = ("flux", "flux_kontext", "chroma", "hunyuan_video", "wan_t2v", "wan_i2v", "wan_vace", "framepack",
-              "wan22_t2v", "wan22_i2v", "wan22_ti2v", "wan22_ti2v_i2v", "qwen_image", "hunyuan_video15", "flux2_klein",
-              "z_image")
+              "wan22_t2v", "wan22_i2v", "wan22_ti2v", "wan22_ti2v_i2v", "qwen_image", "qwen_image_edit",
+              "hunyuan_video15", "flux2_klein", "z_image")
 
 
 def _t5_tokenizer():
@@ -222,8 +222,11 @@ def build_wan_vace(layers: int = 4):
     )
 
 
-def build_qwen_image(layers: int = 4):
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_image_parts(layers: int, tokenizer) -> dict:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     transformer = QwenImageTransformer2DModel(
@@ -232,15 +235,48 @@ def build_qwen_image(layers: int = 4):
     ).eval()
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    start, end, image, video = tokenizer.convert_tokens_to_ids(_VISION_TOKENS)
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "rope_theta": 1000000.0,
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        hidden_size=16, vocab_size=_QWEN_VOCAB,
+        hidden_size=16, vocab_size=_QWEN_VOCAB, vision_start_token_id=start, vision_end_token_id=end,
+        image_token_id=image, video_token_id=video,
     )
-    return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                             text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=_qwen_tokenizer())
+    return dict(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer)
+
+
+def _qwen_vl_tokenizer():
+    tokenizer = _qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": _VISION_TOKENS})
+    return tokenizer
+
+
+def build_qwen_image(layers: int = 4):
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(**_qwen_image_parts(layers, _qwen_vl_tokenizer()))
+
+
+def build_qwen_image_edit(layers: int = 2):
+    """Slow for a tiny model (about a minute for 12 steps on a busy CPU): the pipeline resizes the input image to
+    a 1024x1024-pixel area before encoding it, whatever the output size."""
+    from diffusers import QwenImageEditPipeline
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        """Qwen2VLProcessor without its video processor, which needs torchvision."""
+
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    tokenizer = _qwen_vl_tokenizer()
+    return QwenImageEditPipeline(processor=ImageOnlyProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer),
+                                 **_qwen_image_parts(layers, tokenizer))
 
 
 def build_hunyuan_video15(layers: int = 3):
@@ -369,6 +405,7 @@ BUILDERS: dict[str, Callable[[], object]] = {
     "wan22_ti2v": build_wan22_ti2v,
     "wan22_ti2v_i2v": lambda: build_wan22_ti2v(image=True),
     "qwen_image": build_qwen_image,
+    "qwen_image_edit": build_qwen_image_edit,
     "hunyuan_video15": build_hunyuan_video15,
     "flux2_klein": build_flux2_klein,
     "z_image": build_z_image,
@@ -403,6 +440,8 @@ def tiny_call_kwargs(kind: str, num_inference_steps: int = 8, seed: int = 0) -> 
         kw.update(height=32, width=32, max_sequence_length=64)
     elif kind == "hunyuan_video15":
         kw.update(height=16, width=16, num_frames=9)
+    elif kind == "qwen_image_edit":
+        kw.update(image=image, height=32, width=32)
     elif kind == "flux_kontext":
         kw.update(image=image, height=32, width=32, _auto_resize=False, max_area=32 * 32)
     elif kind == "hunyuan_video":
