@@ -51,7 +51,9 @@ class SettingsSnapshot:
 
     @property
     def effective_curves(self) -> list[list[float]]:
-        return [list(c) for c in (self.curves if self.curves is not None else self.preset_record.curves)]
+        if self.curves is not None:
+            return [list(c) for c in self.curves]
+        return [list(c) for c in self.preset_record.curves_for(self.num_steps)]
 
     @property
     def effective_rules(self) -> P.Rules:
@@ -70,7 +72,9 @@ class SettingsSnapshot:
         return self.rules is not None and self.rules != self.preset_record.rules
 
     def schedule(self) -> P.Schedule:
-        return P.simulate(self.effective_curves, self.num_steps, self.settings, self.effective_rules, self.branches)
+        rules = self.effective_rules
+        split = self.preset_record.split_step(self.num_steps) if rules.expert_retention else None  # reference sampler
+        return P.simulate(self.effective_curves, self.num_steps, self.settings, rules, self.branches, split)
 
     def apply_kwargs(self) -> dict:
         """Keyword arguments for ``magcache.apply(pipe, **snapshot.apply_kwargs())``."""

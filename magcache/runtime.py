@@ -255,17 +255,22 @@ class MagCacheHandle:
         """The schedule a run of ``num_steps`` will take with the current settings (no model is run). A fixed
         schedule (``configure(computed_steps=...)``) or calibration mode overrides the policy at run time and is
         not reflected here. Two-expert pipelines: the expert switch is the pipeline's own, for its scheduler."""
-        return P.simulate(self.curves_for(num_steps), num_steps, self.settings, self.rules, num_branches,
-                          self.split_step(num_steps))
+        curves, settings = self._policy_inputs(num_steps)
+        return P.simulate(curves, num_steps, settings, self.rules, num_branches, self.split_step(num_steps))
 
     def curves_for(self, num_steps: int) -> list[list[float]]:
-        """The per-branch curves a run of ``num_steps`` uses."""
-        if not self.curves:
-            raise ValueError(f"no ratio curve for {self.preset.id!r}: MagCache is off until this model is calibrated "
-                             "(magcache.calibration.calibrate, then apply_best or apply(curves=...))")
-        if self._preset_curves:
+        """The per-branch curves a run of ``num_steps`` uses; ``[]`` while a calibrate-first model has none."""
+        if self._preset_curves and self.curves:
             return [list(c) for c in self.preset.curves_for(num_steps)]
         return self.curves
+
+    def _policy_inputs(self, num_steps: int) -> tuple[list[list[float]], P.Settings]:
+        """Curves and settings of a run. Without a curve (a calibrate-first model before its calibration) every step
+        is computed and nothing is cached: the policy runs with caching off (K = 0), so runs are still recorded."""
+        curves = self.curves_for(num_steps)
+        if curves:
+            return curves, self.settings
+        return [[1.0] * num_steps], replace(self.settings, K=0)
 
     def split_step(self, num_steps: int, timesteps: Any = None) -> int | None:
         """Two-expert pipelines: how many of ``num_steps`` steps the first expert runs, from the pipeline's scheduler
@@ -376,8 +381,8 @@ class MagCacheHandle:
         handle = self
 
         def forward(*args, **kwargs):
-            if not (handle.enabled and handle._attached) or not (handle.curves or handle.calibrate):
-                return original_forward(*args, **kwargs)  # no curve yet (calibrate-first models): uncached
+            if not (handle.enabled and handle._attached):
+                return original_forward(*args, **kwargs)
             return handle._cached_forward(t, original_forward, args, kwargs)
 
         self._patch("forward", forward, owner=t)
@@ -461,7 +466,8 @@ class MagCacheHandle:
     def _start_run(self, token: Any, num_steps: int) -> _Run:
         if self._run is not None:
             self._free_tensors()
-        stats = RunStats(num_steps, self.settings, self.calibrate)
+        curves, settings = self._policy_inputs(num_steps)
+        stats = RunStats(num_steps, settings, self.calibrate)
         self.runs.append(stats)
         dropped = max(0, len(self.runs) - self.keep_runs)
         if dropped:
@@ -470,11 +476,9 @@ class MagCacheHandle:
         forced = None
         if self.computed_steps is not None:
             forced = {b: frozenset(v) for b, v in self.computed_steps.items()}
-        # calibrating a model without a curve: the run reads nothing from it
-        curves = [[1.0] * num_steps] if self.calibrate and not self.curves else self.curves_for(num_steps)
         timesteps = token[len(token) - num_steps:] if isinstance(self._clock, _SchedulerClock) else None
         split = self.split_step(num_steps, timesteps)
-        self._run = _Run(token, num_steps, self.settings, curves, self.calibrate, stats, forced, split)
+        self._run = _Run(token, num_steps, settings, curves, self.calibrate, stats, forced, split)
         return self._run
 
     def _new_branch(self, run: _Run, index: int) -> _Branch:
@@ -686,7 +690,7 @@ def apply(
         adapter,
         p,
         settings,
-        _validated_curves(curves) if curves is not None else None,
+        _validated_curves(curves) if curves is not None and len(curves) else None,  # [] = no curve yet
         rules or p.rules,
         clock,
         calibrate=calibrate,

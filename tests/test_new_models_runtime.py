@@ -232,8 +232,10 @@ def test_calibrate_first_models_run_uncached_then_follow_their_calibration(kind,
         handle = magcache.apply(pipe)
     assert "no published ratio curve" in caplog.text and "calibrate" in caplog.text
     assert torch.equal(output(pipe(**call_kwargs(kind))), plain), "without a curve the model runs uncached"
-    with pytest.raises(ValueError, match="calibrated"):
-        handle.predict(STEPS, 1)
+    run = handle.last_run  # still recorded: every step computed, caching off
+    predicted = handle.predict(STEPS, len(run.branches))
+    assert run.computed == predicted.computed == {b: list(range(STEPS)) for b in run.branches}
+    assert {d.reason for d in predicted.decisions["cond"]} == {"cache off"}
     choice = choose_curves(preset_id, model_id(pipe), STEPS, (32, 32, 1), store=store)
     assert choice.curves == [] and "MagCache is off" in choice.label
     handle.remove()

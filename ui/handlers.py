@@ -62,10 +62,13 @@ def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any,
         settings = preset.settings(thresh=float(thresh), retention_ratio=float(retention_ratio), K=int(K),
                                    **(curve.options if curve is not None else {}))
         branches = tab.num_branches(float(guidance) if guidance not in (None, "") else defaults.get("guidance_scale"))
+        curves, rules = (preset.curves_for(steps), preset.rules) if curve is None else (curve.curves, curve.rules)
+        if not curves:
+            raise ValueError(f"{preset.id!r} has no published ratio curve: calibrate the model first")
+        split = preset.split_step(steps) if rules.expert_retention else None
+        schedule = P.simulate(curves, steps, settings, rules, branches, split)
     except (TypeError, ValueError) as e:
         return None, f"⚠️ {e}"
-    curves, rules = (preset.curves, preset.rules) if curve is None else (curve.curves, curve.rules)
-    schedule = P.simulate(curves, steps, settings, rules, branches)
     computed, total = schedule.computed_count(), steps * branches
     source = f"{preset.id!r} ratios" if curve is None else f"ratio curve: {curve.label}"
     text = (f"**Predicted schedule** ({source}): {computed}/{total} transformer passes computed → "
@@ -74,8 +77,11 @@ def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any,
     if tab.task == "framepack" and num_frames:
         n = framepack_sections(int(num_frames), defaults.get("latent_window_size", 9))
         text += f" FramePack runs this schedule once per section ({n} section{'s' if n > 1 else ''})."
-    if steps != preset.calibrated_steps and curve is None:  # a chosen curve's label says how it was resampled
-        text += f" The ratios were calibrated for {preset.calibrated_steps} steps and are resampled to {steps}."
+    if split is not None:
+        text += (f" Expert switch after step {split - 1}: steps 0–{split - 1} run the high-noise expert, "
+                 f"{split}–{steps - 1} the low-noise one; the retention windows are placed by this switch.")
+    if steps != len(curves[0]) and curve is None:  # a chosen curve's label says how it was resampled
+        text += f" The ratios were calibrated for {len(curves[0])} steps and are resampled to {steps}."
     return schedule_figure(schedule, settings.thresh), text
 
 

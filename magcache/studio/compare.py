@@ -16,6 +16,7 @@ No Gradio here: ``ui/`` turns a :class:`ComparisonResult` into images, videos, t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import threading
@@ -29,6 +30,7 @@ import torch
 import magcache
 from magcache import metrics
 from magcache import policy as P
+from magcache.adapters import adapter_for
 from magcache.presets import get_preset
 from magcache.runtime import RunStats
 
@@ -486,16 +488,23 @@ def _timed_run(pipe: Any, call: dict[str, Any], label: str, seed: int, total: in
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"stopped before the {label} run")
     progress(label, 0, total)
-    hook = pipe.transformer.register_forward_pre_hook(count_call)
+    # every transformer the pipeline calls (Wan2.2 A14B has two experts)
+    hooks = [t.register_forward_pre_hook(count_call) for t in adapter_for(pipe.transformer).experts(pipe)]
+    # HunyuanVideo-1.5's pipelines take no step callback: no per-step progress or stop there
+    per_step = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
     generator = torch.Generator("cpu").manual_seed(int(seed))
     try:
         _sync(device)
         t0 = time.perf_counter()
-        out = pipe(**call, generator=generator, callback_on_step_end=on_step_end)
+        out = pipe(**call, generator=generator, **({"callback_on_step_end": on_step_end} if per_step else {}))
         _sync(device)
         seconds = time.perf_counter() - t0
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    if not per_step:
+        done = total
+        progress(label, done, total)
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"stopped during the {label} run after step {done} of {total}")
     output = out.frames[0] if video else out.images[0]
