@@ -34,7 +34,8 @@ def _schedule(args: argparse.Namespace) -> int:
                      "ComfyUI-MagCache does")
     if split is not None:
         origin = "--split-step" if args.split_step is not None else (
-            f"the reference sampler: flow shift {preset.experts.flow_shift:g}, boundary {preset.experts.boundary_ratio:g}")
+            f"the reference sampler: flow shift {preset.rules.expert_flow_shift:g}, "
+            f"boundary {preset.rules.expert_boundary:g}")
         notes.append(f"expert switch: the high-noise expert runs {split} step(s), the low-noise one "
                      f"{steps - split} ({origin})")
     if args.json:

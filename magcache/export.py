@@ -72,9 +72,7 @@ class SettingsSnapshot:
         return self.rules is not None and self.rules != self.preset_record.rules
 
     def schedule(self) -> P.Schedule:
-        rules = self.effective_rules
-        split = self.preset_record.split_step(self.num_steps) if rules.expert_retention else None  # reference sampler
-        return P.simulate(self.effective_curves, self.num_steps, self.settings, rules, self.branches, split)
+        return P.simulate(self.effective_curves, self.num_steps, self.settings, self.effective_rules, self.branches)
 
     def apply_kwargs(self) -> dict:
         """Keyword arguments for ``magcache.apply(pipe, **snapshot.apply_kwargs())``."""

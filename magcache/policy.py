@@ -116,6 +116,9 @@ class Rules:
                         ``c < int(S*R)`` or ``S <= c <= (B*N - S)*R + S`` (S = B*split_step). ``"high_phase"``
                         (I2V): calls ``c < int(S + (B*N - S)*R)``, the whole high-noise phase and the first R of
                         the low-noise one. One state spans both experts, as in the research code.
+    expert_boundary, expert_flow_shift: where a two-expert model switches when no pipeline says so: at the first
+                        timestep below ``expert_boundary * 1000`` of the reference sampler (UniPC flow sigmas with
+                        this shift; Wan2.2's configs). A run passes the pipeline's real switch as ``split_step``.
     uncond_lags_one_step: ComfyUI Qwen-Image: with separate calls (uncond first) and the per-call reset at step 0,
                         the uncond call of step ``i`` reads the curve entry of step ``i - 1`` (its call counter is
                         one behind the cond call's).
@@ -135,6 +138,8 @@ class Rules:
     guard_accumulates: bool = True
     step_mapping: str = "nearest"
     expert_retention: str | None = None
+    expert_boundary: float | None = None
+    expert_flow_shift: float | None = None
     uncond_lags_one_step: bool = False
     uncond_loses_first_residual: bool = False
     float32: bool = False
@@ -250,6 +255,8 @@ class BranchPolicy:
         s = self.settings
         self._end = s.end_step if s.end_step >= 0 else self.num_steps + s.end_step
         if self.rules.expert_retention is not None:
+            if self.split_step is None:
+                self.split_step = reference_split_step(self.rules, self.num_steps)
             if self.split_step is None:
                 raise ValueError("these rules protect each expert phase of a two-expert model and need split_step, the "
                                  "number of steps the high-noise expert runs")
@@ -596,6 +603,13 @@ def high_noise_steps(timesteps: Iterable[float], boundary_ratio: float, num_trai
     above ``boundary_ratio * num_train_timesteps`` (the pipeline's own test)."""
     boundary = boundary_ratio * num_train_timesteps
     return sum(1 for t in timesteps if t >= boundary)
+
+
+def reference_split_step(rules: Rules, num_steps: int) -> int | None:
+    """Steps the high-noise expert runs with the rules' reference sampler; None for one-model rules."""
+    if rules.expert_retention is None or rules.expert_boundary is None or rules.expert_flow_shift is None:
+        return None
+    return high_noise_steps(flow_unipc_timesteps(num_steps, rules.expert_flow_shift), rules.expert_boundary)
 
 
 def fallback_notes(schedule: Schedule, rules: Rules) -> list[str]:

@@ -18,7 +18,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Mapping
 
-from .policy import Rules, Settings, flow_unipc_timesteps, high_noise_steps, split_branches
+from .policy import Rules, Settings, reference_split_step, split_branches
 
 # Rule sets of the reference implementations (shared/reference/magcache.md §1.3-1.6).
 MC_FLUX = Rules(compare="<=", retention_rounding="half_up", guarded_steps=(11,), guard_reference_steps=28)
@@ -34,8 +34,8 @@ COMFYUI_FLUX_KONTEXT = Rules(compare="<", retention_rounding="floor", guarded_st
 CALIBRATED_FLUX = Rules(compare="<=", retention_rounding="half_up")
 # The research Wan2.2 code: Wan's call-counted rule, with the retention window per expert phase (T2V A14B) or over
 # the whole high-noise phase (I2V A14B); TI2V-5B is one model and uses MC_WAN.
-MC_WAN22_T2V = replace(MC_WAN, expert_retention="each_phase")
-MC_WAN22_I2V = replace(MC_WAN, expert_retention="high_phase")
+MC_WAN22_T2V = replace(MC_WAN, expert_retention="each_phase", expert_boundary=0.875, expert_flow_shift=12.0)
+MC_WAN22_I2V = replace(MC_WAN, expert_retention="high_phase", expert_boundary=0.900, expert_flow_shift=5.0)
 # The research Qwen-Image / Qwen-Image-Edit code: Wan's call-counted rule, its own resampling.
 MC_QWEN = replace(MC_WAN, step_mapping="linspace")
 # ComfyUI-MagCache with separate cond/uncond calls, uncond first (the only mode its Qwen-Image and HunyuanVideo-1.5
@@ -86,24 +86,6 @@ _OPTIONS: dict[str, dict[str, int]] = {"hunyuan_video1.5": {"end_step": -2}, "hu
 _LONG_CURVES: dict[str, tuple[str, int]] = {"hunyuan_video1.5": ("hunyuan_video1.5_40steps", 20)}
 
 
-@dataclass(frozen=True)
-class ExpertSplit:
-    """Where a two-expert model (Wan2.2 A14B) switches from the high-noise to the low-noise expert: at the first
-    timestep below ``boundary_ratio * 1000``. ``flow_shift`` is the reference sampler's shift (Wan2.2's configs),
-    used to predict the switch when no pipeline is at hand; a pipeline's own scheduler decides at run time."""
-
-    boundary_ratio: float
-    flow_shift: float
-
-    def split_step(self, num_steps: int) -> int:
-        return high_noise_steps(flow_unipc_timesteps(num_steps, self.flow_shift), self.boundary_ratio)
-
-
-_EXPERTS: dict[str, ExpertSplit] = {
-    "wan2.2_t2v_14B": ExpertSplit(boundary_ratio=0.875, flow_shift=12.0),
-    "wan2.2_i2v_14B": ExpertSplit(boundary_ratio=0.900, flow_shift=5.0),
-}
-
 # Models without a published curve: MagCache stays off on them until a calibration of that model exists (see
 # magcache.calibration). id -> (model, family, rules, starting thresh / retention_ratio / K for a calibrated curve).
 _CALIBRATE_FIRST: dict[str, tuple[str, str, Rules, tuple[float, float, int]]] = {
@@ -134,7 +116,6 @@ class Preset:
     options: Mapping[str, object] = field(default_factory=dict)  # reference values of other Settings fields
     long_curves: tuple[tuple[float, ...], ...] = ()  # replaces ``curves`` for runs longer than long_curves_above
     long_curves_above: int = 0
-    experts: ExpertSplit | None = None
 
     @property
     def interleaved(self) -> bool:
@@ -163,7 +144,7 @@ class Preset:
 
     def split_step(self, num_steps: int) -> int | None:
         """Steps the high-noise expert runs with the reference sampler (two-expert presets), else None."""
-        return self.experts.split_step(num_steps) if self.experts else None
+        return reference_split_step(self.rules, num_steps)
 
     def summary(self) -> dict:
         return {
@@ -207,7 +188,7 @@ def _preset_from_entry(pid: str, entry: Mapping, family: str | None, rules: Rule
 def _published_preset(pid: str, data: Mapping) -> Preset:
     key, family, rules, source = _CATALOG[pid]
     p = _preset_from_entry(pid, data[key], family, rules, source)
-    changes: dict = {"options": _OPTIONS.get(pid, {}), "experts": _EXPERTS.get(pid)}
+    changes: dict = {"options": _OPTIONS.get(pid, {})}
     if pid in _DEFAULTS:
         changes.update(thresh=_DEFAULTS[pid]["thresh"], retention_ratio=_DEFAULTS[pid]["retention_ratio"],
                        K=int(_DEFAULTS[pid]["K"]))

@@ -283,7 +283,7 @@ class MagCacheHandle:
                 scheduler.set_timesteps(num_steps)
                 timesteps = scheduler.timesteps
             return self.adapter.expert_split(pipe, timesteps)
-        return self.preset.split_step(num_steps) if self.rules.expert_retention else None
+        return P.reference_split_step(self.rules, num_steps)
 
     @property
     def last_run(self) -> RunStats | None:

@@ -8,6 +8,7 @@ it), over a grid of step counts and settings, and with the schedules the researc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -295,8 +296,11 @@ def test_wan22_t2v_protects_the_start_of_each_expert_phase():
     sched = _policy_schedule("wan2.2_t2v_14B", 40, 100.0, 0.4, 100)  # large thresh/K: only retention computes
     assert sched.computed["cond"] == list(range(10)) + list(range(26, 32))
     assert sched.computed["uncond"] == list(range(10)) + list(range(26, 32))
+    # without a pipeline the switch is the reference sampler's; rules without one need it spelled out
+    p = get_preset("wan2.2_t2v_14B")
+    assert P.simulate(p.curves, 40, p.settings(), p.rules, 2).computed == {"cond": _T2V, "uncond": _T2V}
     with pytest.raises(ValueError, match="split_step"):
-        P.simulate(get_preset("wan2.2_t2v_14B").curves, 40, P.Settings(0.06, 0.4, 2), get_preset("wan2.2_t2v_14B").rules, 2)
+        P.simulate(p.curves, 40, p.settings(), dataclasses.replace(p.rules, expert_boundary=None), 2)
 
 
 def test_calibrate_first_presets_refuse_a_schedule_with_a_clear_message():

@@ -65,7 +65,7 @@ def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any,
         curves, rules = (preset.curves_for(steps), preset.rules) if curve is None else (curve.curves, curve.rules)
         if not curves:
             raise ValueError(f"{preset.id!r} has no published ratio curve: calibrate the model first")
-        split = preset.split_step(steps) if rules.expert_retention else None
+        split = P.reference_split_step(rules, steps)  # Wan2.2 A14B: the reference sampler's expert switch
         schedule = P.simulate(curves, steps, settings, rules, branches, split)
     except (TypeError, ValueError) as e:
         return None, f"⚠️ {e}"
