@@ -539,9 +539,10 @@ def choose_curves(
                  "has no published curve: MagCache is off until you calibrate it")
         return CurveChoice(p.id, [], p.rules, label)
     if match.calibration is None:
-        steps = "" if p.calibrated_steps == num_steps else f", resampled from {p.calibrated_steps} steps"
+        curves = [list(c) for c in p.curves_for(num_steps)]  # HunyuanVideo-1.5: its 40-step curve above 20 steps
+        steps = "" if len(curves[0]) == num_steps else f", resampled from {len(curves[0])} steps"
         label = f"preset {p.id!r} curve ({p.source or p.rules_source}{steps})"
-        return CurveChoice(p.id, [list(c) for c in p.curves], p.rules, label)
+        return CurveChoice(p.id, curves, p.rules, label)
     cal = match.calibration
     label = f"calibration {cal.id} ({match.how}): {cal.label()}"
     return CurveChoice(p.id, cal.curves_for(cfg), rules_for_calibration(p.rules), label, cal, match.how)
