@@ -252,3 +252,19 @@ def test_calibrate_first_models_run_uncached_then_follow_their_calibration(kind,
     assert handle.curves == [list(c) for c in cal.curves_for(len(run.branches) > 1)]
     handle.remove()
     del kw
+
+
+# --------------------------------------------------------------------------------------------------
+# Default presets by pipeline (no model run)
+# --------------------------------------------------------------------------------------------------
+def test_default_presets_follow_the_pipeline_class():
+    from magcache.adapters import flux2, qwen_image
+
+    named = lambda name: type(name, (), {})()  # noqa: E731 - a stand-in pipeline of that class name
+    assert qwen_image._default_preset(named("QwenImagePipeline"), None) == "qwen_image"
+    assert qwen_image._default_preset(named("QwenImageEditPipeline"), None) == "qwen_image_edit"
+    assert qwen_image._default_preset(named("QwenImageEditPlusPipeline"), None) == "qwen_image_edit"
+    assert flux2._default_preset(named("Flux2Pipeline"), None) == "flux2"
+    assert flux2._default_preset(named("Flux2KleinPipeline"), None) == "flux2_klein"
+    with pytest.raises(ValueError, match="KV cache"):
+        flux2._default_preset(named("Flux2KleinKVPipeline"), None)
