@@ -2,6 +2,9 @@
 
 ``schedule`` prints the steps each branch computes (0-based) as the runtime would take them, without a model.
 ``presets`` lists the shipped presets.
+``generate --tab TAB --prompt P [--tiny] [--baseline]`` runs one app tab and writes its output and a JSON summary;
+under ``torchrun --nproc_per_node N`` with context parallelism over the N processes (``--cp ulysses|ring``; see
+``docs/scaling.md``).
 ``calibrate --tiny KIND | --model-path DIR --steps N [--height H --width W] [--out FILE] [--save]`` measures a
 model's ratio curves (see ``docs/tuning.md``).
 """
@@ -93,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="run one uncached calibration and print / save its ratio curves")
     add_calibrate_arguments(c)
     c.set_defaults(func=_calibrate)
+    from .studio.generate import add_generate_arguments, run_generate_command
+
+    g = sub.add_parser("generate", help="run one app tab (on N processes under torchrun) and write its output")
+    add_generate_arguments(g)
+    g.set_defaults(func=run_generate_command)
     return parser
 
 

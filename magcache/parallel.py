@@ -53,9 +53,16 @@ class RunStopped(RuntimeError):
 
 
 def timeout_seconds() -> float:
-    """``MAGCACHE_CP_TIMEOUT`` (seconds), else :data:`DEFAULT_TIMEOUT_S`."""
+    """``MAGCACHE_CP_TIMEOUT`` (seconds), else :data:`DEFAULT_TIMEOUT_S`: how long a collective of the model waits
+    for the other ranks."""
     value = os.environ.get("MAGCACHE_CP_TIMEOUT")
     return float(value) if value else DEFAULT_TIMEOUT_S
+
+
+def control_timeout_seconds() -> float:
+    """How long the ranks wait for each other in the agreements: twice a model collective's timeout, so a rank that
+    failed is still waiting when the others' collective has timed out and they come to the same agreement."""
+    return 2 * timeout_seconds()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,23 +127,24 @@ def enable_context_parallel(transformer: torch.nn.Module, kind: str = "ulysses",
         transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": degree}))
 
 
-def init_process_group(timeout_s: float | None = None) -> tuple[int, int, str]:
-    """Join the process group torchrun (or the caller) described in the environment: NCCL with one GPU per local
-    rank where CUDA exists, else gloo on CPUs. Returns ``(rank, world_size, device)``; collectives time out after
-    ``timeout_s`` (default :func:`timeout_seconds`) instead of waiting forever for a rank that died."""
+def init_process_group(store: Any = None, rank: int | None = None, world_size: int | None = None) -> tuple[int, int, str]:
+    """Join the process group that torchrun's environment describes (or ``store``, ``rank`` and ``world_size``): NCCL
+    with one GPU per local rank where CUDA exists, else gloo on CPUs. Returns ``(rank, world_size, device)``.
+    Collectives time out after :func:`timeout_seconds` instead of waiting forever for a rank that died."""
     import torch.distributed as dist
 
-    timeout = timedelta(seconds=timeout_s or timeout_seconds())
+    given = {} if store is None else dict(store=store, rank=rank, world_size=world_size)
+    timeout = timedelta(seconds=timeout_seconds())
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if store is None else rank
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
         if not dist.is_initialized():
-            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device), **given)
     else:
         device = "cpu"
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo", timeout=timeout, **given)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -146,7 +154,7 @@ def init_process_group(timeout_s: float | None = None) -> tuple[int, int, str]:
 _CONTROL_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
-def control_group(ranks: Sequence[int], timeout_s: float | None = None) -> Any:
+def control_group(ranks: Sequence[int]) -> Any:
     """A gloo group of ``ranks`` for the small host-side agreements (created once per set of ranks; only those
     ranks take part in creating it). Host-side on purpose: checking a decision never waits for the GPU."""
     import torch.distributed as dist
@@ -154,7 +162,7 @@ def control_group(ranks: Sequence[int], timeout_s: float | None = None) -> Any:
     key = tuple(sorted(ranks))
     group = _CONTROL_GROUPS.get(key)
     if group is None:
-        timeout = timedelta(seconds=timeout_s or timeout_seconds())
+        timeout = timedelta(seconds=control_timeout_seconds())
         group = dist.new_group(list(key), backend="gloo", timeout=timeout, use_local_synchronization=True)
         _CONTROL_GROUPS[key] = group
     return group
@@ -164,7 +172,7 @@ class Lockstep:
     """The ranks of one context-parallel transformer: agreements before each call, reduced calibration statistics,
     and the stack input's shard where the model splits tokens inside the block stack."""
 
-    def __init__(self, transformer: torch.nn.Module, block_lists: Sequence[str], timeout_s: float | None = None):
+    def __init__(self, transformer: torch.nn.Module, block_lists: Sequence[str]):
         import torch.distributed as dist
 
         config = transformer._parallel_config.context_parallel_config
@@ -172,8 +180,8 @@ class Lockstep:
         self.group = config._flattened_mesh.get_group()
         self.ranks = dist.get_process_group_ranks(self.group)
         self.rank = dist.get_rank()
-        self.timeout = timedelta(seconds=timeout_s or timeout_seconds())
-        self.control = control_group(self.ranks, timeout_s)
+        self.timeout = timedelta(seconds=control_timeout_seconds())
+        self.control = control_group(self.ranks)
         self.stop_requested: Callable[[], bool] = lambda: False
         self._split = _split_inside_stack(transformer, block_lists)
 
@@ -276,11 +284,13 @@ def lockstep_for(transformer: torch.nn.Module, block_lists: Sequence[str]) -> Lo
 
 def run_in_lockstep(pipe: Any, lockstep: Lockstep, call: dict[str, Any],
                     on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
-                    stop_requested: Callable[[], bool] | None = None) -> Any:
+                    stop_requested: Callable[[], bool] | None = None,
+                    call_with: Callable[..., Any] | None = None) -> Any:
     """``pipe(**call)`` on this rank of a context-parallel run, in step with the other ranks: they agree at every
     step end (so a stop on any rank stops all of them at the same step) and, when the run ends, wait for each other
     and learn whether any rank failed (:class:`PeerFailed` then, on the ranks that did not fail themselves).
-    ``on_step_end`` is the caller's own ``callback_on_step_end``; setting ``pipe._interrupt`` in it stops every rank."""
+    ``on_step_end`` is the caller's own ``callback_on_step_end``; setting ``pipe._interrupt`` in it stops every rank.
+    ``call_with`` calls the pipeline instead of ``pipe`` itself (a subclass calling its base class's ``__call__``)."""
 
     def step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
         out = on_step_end(p, i, t, kwargs) if on_step_end is not None else {}
@@ -292,7 +302,7 @@ def run_in_lockstep(pipe: Any, lockstep: Lockstep, call: dict[str, Any],
     failed = True
     try:
         try:
-            output = pipe(**call, callback_on_step_end=step_end)
+            output = (call_with or pipe)(**call, callback_on_step_end=step_end)
         except RunStopped:
             failed = False
             raise
