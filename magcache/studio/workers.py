@@ -25,6 +25,7 @@ import pickle
 import socket
 import sys
 import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from .manager import Cancelled, LoadedModel, LoadPlan, ModelLoadError, ModelMana
 
 logger = logging.getLogger("magcache.studio")
 
-_POLL_S = 2.0  # a follower checks this often that rank 0 is still there while it waits for a request
+_POLL_S = 0.02  # how often a waiting follower looks for a request (and checks that rank 0 is still there)
 
 
 def gpu_count() -> int:
@@ -83,13 +84,10 @@ class Channel:
     def receive(self, leader_alive: Callable[[], bool]) -> tuple[int, dict]:
         """The next request (followers), waiting as long as rank 0 is alive."""
         key = f"request/{self.sent + 1}"
-        while True:
-            try:
-                self.store.wait([key], timedelta(seconds=_POLL_S))
-                break
-            except RuntimeError:
-                if not leader_alive():
-                    raise SystemExit(0) from None
+        while not self.store.check([key]):  # polled: a blocking wait with a timeout logs a warning each time
+            if not leader_alive():
+                raise SystemExit(0)
+            time.sleep(_POLL_S)
         self.sent += 1
         return self.sent, pickle.loads(self.store.get(key))
 
@@ -199,9 +197,9 @@ class _LeaderCalls:
         message = {"kind": "run", "key": self._magcache_key, "keep": manager._keys(),
                    "call": call, "generator": _generator_state(generator),
                    "magcache": _handle_state(self)}
-        lockstep = parallel.lockstep_for(self.transformer, _block_lists(self))
         with manager.lock:
-            number = manager.channel.send(message)
+            number = manager.channel.send(message)  # first: making the lockstep may need the followers
+            lockstep = parallel.lockstep_for(self.transformer, _block_lists(self))
             output, failure = None, None
             try:
                 output = parallel.run_in_lockstep(self, lockstep, dict(call, generator=generator),
@@ -338,6 +336,7 @@ def connect(rank: int, world_size: int, port: int) -> tuple[Channel, str]:
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
                           timeout=timedelta(seconds=parallel.control_timeout_seconds()))
     _, _, device = parallel.init_process_group(store, rank, world_size)
+    parallel.control_group(range(world_size))  # now, while every rank is here: later only the runs are in step
     return Channel(dist.PrefixStore("magcache", store), rank, world_size, parallel.control_timeout_seconds()), device
 
 
