@@ -16,40 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-WORLD = 2
+from bench.parallel_cpu import STEPS, WORLD, library_cases, spawn_ranks
+
 COLLECTIVE_TIMEOUT_S = 10  # MAGCACHE_CP_TIMEOUT in the ranks: a model collective gives up after this
 SPAWN_TIMEOUT_S = 240  # the whole spawn; the test fails (and kills its ranks) instead of hanging CI
-STEPS = 8
 FAILING_CALL = 3  # the transformer call during which rank 1 raises in the failure case
-
-
-def _library_cases(context_parallel: bool) -> dict:
-    """FLUX (true CFG) and Wan (CFG) with MagCache skipping, then a calibration run of each."""
-    import magcache
-    from magcache import parallel
-    from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
-
-    out = {}
-    for kind in ("flux", "wan_t2v"):
-        pipe = build_tiny_pipeline(kind)
-        if context_parallel:
-            parallel.enable_context_parallel(pipe.transformer, "ulysses")
-        call = tiny_call_kwargs(kind, num_inference_steps=STEPS)
-        if kind == "flux":
-            call.update(negative_prompt="blurry", true_cfg_scale=2.0)
-        else:
-            call.update(height=32, width=32)  # 12 latent tokens: an even split over two ranks
-        handle = magcache.apply(pipe, thresh=0.5, K=3)
-        result = pipe(**call, output_type="latent")
-        latents = result.images if kind == "flux" else result.frames
-        run = handle.last_run
-        out[kind] = {"latents": latents, "computed": run.computed,
-                     "decisions": {b: [(d.step, d.skip) for d in s.decisions] for b, s in run.branches.items()},
-                     "predicted": handle.predict(STEPS, len(run.branches)).computed}
-        handle.configure(calibrate=True)
-        pipe(**dict(call, generator=torch.Generator().manual_seed(1)), output_type="latent")
-        out[kind]["calibration"] = handle.calibration()["branches"]
-    return out
 
 
 def _diverge(rank: int) -> dict:
@@ -93,7 +64,7 @@ def _ranks(rank: int, world: int, port: int, tmp: str) -> None:
     from magcache.studio import workers
 
     channel, _ = workers.connect(rank, world, port)
-    saved: dict = {"library": _library_cases(True), "diverged": _diverge(rank)}
+    saved: dict = {"library": library_cases(True), "diverged": _diverge(rank)}
 
     saved["cli_rc"] = main(_cli_args(tmp, "flux", f"cli{rank}"))
     saved["cli_refused_rc"] = main(_cli_args(tmp, "chroma", f"refused{rank}"))
@@ -191,28 +162,17 @@ def _fail_inside_a_collective(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    from magcache.studio.workers import free_port
-
     tmp = tmp_path_factory.mktemp("parallel")
-    context = mp.start_processes(_ranks, args=(WORLD, free_port(), str(tmp)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the two ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+        spawn_ranks(_ranks, str(tmp), SPAWN_TIMEOUT_S)
+    except TimeoutError as e:
+        pytest.fail(str(e))
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
 def one_process():
-    return _library_cases(False)
+    return library_cases(False)
 
 
 # --------------------------------------------------------------------------------------------------
