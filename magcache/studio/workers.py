@@ -61,8 +61,11 @@ class Channel:
         self.rank, self.world_size = rank, world_size
         self.timeout = timedelta(seconds=timeout_s)
         self.sent = 0  # rank 0: requests sent; followers: requests received
+        self.broken: str | None = None  # rank 0: why the followers can no longer be reached
 
     def send(self, message: dict) -> int:
+        if self.broken:
+            raise parallel.RanksOutOfStep(f"{self.broken}; restart the app to use the other GPUs again")
         self.sent += 1
         self.store.set(f"request/{self.sent}", pickle.dumps(message))
         return self.sent
@@ -72,9 +75,9 @@ class Channel:
         keys = [f"reply/{number}/{r}" for r in range(1, self.world_size)]
         try:
             self.store.wait(keys, self.timeout)
-        except RuntimeError as e:  # a follower died or is stuck
-            raise parallel.RanksOutOfStep(f"a follower rank did not answer within {self.timeout.total_seconds():g} s: "
-                                          f"{e}") from None
+        except RuntimeError as e:  # a follower died or is stuck: later requests fail at once instead of waiting
+            self.broken = f"a follower rank did not answer within {self.timeout.total_seconds():g} s ({e})"
+            raise parallel.RanksOutOfStep(self.broken) from None
         out = {r: pickle.loads(self.store.get(k)) for r, k in zip(range(1, self.world_size), keys)}
         for k in keys:
             self.store.delete_key(k)
@@ -200,20 +203,22 @@ class _LeaderCalls:
         with manager.lock:
             number = manager.channel.send(message)  # first: making the lockstep may need the followers
             lockstep = parallel.lockstep_for(self.transformer, _block_lists(self))
-            output, failure = None, None
+            output, failure, peer_failed = None, None, None
             try:
                 output = parallel.run_in_lockstep(self, lockstep, dict(call, generator=generator),
                                                   on_step_end=user_step_end, call_with=super().__call__)
             except parallel.RunStopped as e:
                 failure = Cancelled(str(e))
-            except parallel.PeerFailed:
-                pass  # the followers' replies say what failed
+            except parallel.PeerFailed as e:
+                peer_failed = e  # the followers' replies say what failed
             except BaseException as e:
                 failure = e
             replies = manager.channel.replies(number)
         if failure is not None:
             raise failure
         _raise_for_replies(replies, "the run")
+        if peer_failed is not None:
+            raise peer_failed
         return output
 
 
