@@ -6,7 +6,8 @@ FLUX (true CFG) and Wan (CFG) run with MagCache skipping steps, then a calibrati
 (``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``) and once in this process. Printed: the largest
 difference of the final latents, whether the schedules are equal (per rank and to the policy's prediction), and the
 largest difference of the calibration curves, also for curves measured on each rank's own tokens only (what a
-calibration records without the reduction over ranks). This measures correctness only: CPU ranks say nothing about GPU speed.
+calibration records without the reduction over ranks). This measures correctness only: CPU ranks say nothing about
+GPU speed.
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def enable_context_parallel(transformer: torch.nn.Module, kind: str = "ulysses",
         transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": degree}))
 
 
-def init_process_group(store: Any = None, rank: int | None = None, world_size: int | None = None) -> tuple[int, int, str]:
+def init_process_group(store: Any = None, rank: int | None = None,
+                       world_size: int | None = None) -> tuple[int, int, str]:
     """Join the process group that torchrun's environment describes (or ``store``, ``rank`` and ``world_size``): NCCL
     with one GPU per local rank where CUDA exists, else gloo on CPUs. Returns ``(rank, world_size, device)``.
     Collectives time out after :func:`timeout_seconds` instead of waiting forever for a rank that died."""
@@ -251,8 +252,8 @@ class Lockstep:
         dist.all_reduce(sums, group=self.group)
         total, squares, distances, n = sums.tolist()
         mean = total / n
-        std = max(squares - total * mean, 0.0) / (n - 1) if n > 1 else 0.0
-        return mean, std**0.5, distances / n
+        variance = max(squares - total * mean, 0.0) / (n - 1) if n > 1 else 0.0
+        return mean, variance**0.5, distances / n
 
 
 def _split_inside_stack(transformer: torch.nn.Module, block_lists: Sequence[str]) -> Any:

@@ -560,7 +560,8 @@ def _record_calibration(branch: _Branch, residual: torch.Tensor, lockstep: Any =
     if lockstep is not None:  # context parallel: this rank holds a shard of the tokens; reduce over all ranks
         mean, std, distance = lockstep.token_statistics(ratio, 1 - cos)
     else:
-        mean, std, distance = ratio.mean().item(), ratio.std().item() if ratio.numel() > 1 else 0.0, (1 - cos).mean().item()
+        std = ratio.std().item() if ratio.numel() > 1 else 0.0
+        mean, distance = ratio.mean().item(), (1 - cos).mean().item()
     s.mag_ratios.append(round(mean, 5))
     s.mag_std.append(round(std, 5))
     s.cos_dis.append(round(distance, 5))

@@ -93,7 +93,11 @@ def _lead_requests(channel) -> dict:
     out["first"] = {"output": np.asarray(first.magcache.output), "computed": first.magcache.stats[-1].computed}
 
     cancel = threading.Event()
-    stop_at_step_3 = lambda phase, done, total: cancel.set() if phase == "magcache" and done >= 3 else None  # noqa: E731
+
+    def stop_at_step_3(phase, done, total):
+        if phase == "magcache" and done >= 3:
+            cancel.set()
+
     try:
         run_comparison(manager, _worker_request(), stop_at_step_3, cancel)
         out["stopped"] = "not stopped"

@@ -264,7 +264,8 @@ def _mirror_handle(pipe: Any, state: dict | None) -> None:
     if handle is None or handle.preset.id != state["preset"]:
         handle = magcache.apply(pipe, preset=state["preset"], curves=state["curves"], rules=state["rules"])
     handle.settings, handle.curves, handle.rules = state["settings"], state["curves"], state["rules"]
-    handle.calibrate, handle.enabled, handle.computed_steps = state["calibrate"], state["enabled"], state["computed_steps"]
+    handle.calibrate, handle.enabled = state["calibrate"], state["enabled"]
+    handle.computed_steps = state["computed_steps"]
 
 
 # --------------------------------------------------------------------------------------------------
