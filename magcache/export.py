@@ -15,12 +15,13 @@ Four forms of one :class:`SettingsSnapshot` (preset, settings, step count, curve
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from . import policy as P
-from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, check_preset_id, dumps_readable, load_json_text
+from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, check_preset_id
+from .jsonfile import check_header, dumps_readable, load_json_text
 from .presets import Preset, get_preset
 
 FORMAT = "magcache-studio settings"
@@ -407,13 +408,7 @@ def load_settings_json(text: str | bytes) -> SettingsSnapshot:
     """Validate a settings file from :func:`settings_json` and restore the snapshot. Raises ``ValueError``
     naming the bad field."""
     data = load_json_text(text, "settings file")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"not a MagCache Studio settings file ('format' must be {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise ValueError(f"unsupported settings version {data.get('version')!r} (this library reads {VERSION})")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise ValueError(f"unknown fields in settings file: {', '.join(sorted(map(str, unknown)))}")
+    check_header(data, FORMAT, VERSION, _TOP_KEYS, "MagCache Studio settings file")
     preset_id = check_preset_id(data.get("preset"))
     n = data.get("num_steps")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_STEPS:
@@ -451,8 +446,3 @@ def export_all(snapshot: SettingsSnapshot) -> dict[str, str]:
         "diffusers": diffusers_snippet(snapshot).text(),
         "json": settings_json(snapshot),
     }
-
-
-def with_settings(snapshot: SettingsSnapshot, **changes: Any) -> SettingsSnapshot:
-    """A copy with some Settings fields changed (``thresh=``, ``K=``, ...)."""
-    return replace(snapshot, settings=replace(snapshot.settings, **changes))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 BRANCH_NAMES = ("cond", "uncond")
 
@@ -411,6 +411,20 @@ def scan_thresh_for_speedup(
     return False, _short_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
 
 
+class SpeedupSolution(NamedTuple):
+    """What :func:`solve_thresh_for_speedup` chose: the settings, their schedule, and each K tried in order as
+    ``(K, smallest reaching threshold or None, best predicted speed-up)``; the target was reached iff the last
+    entry has a threshold."""
+
+    settings: Settings
+    schedule: Schedule
+    tried: list[tuple[int, float | None, float]]
+
+    @property
+    def reached(self) -> bool:
+        return self.tried[-1][1] is not None
+
+
 def solve_thresh_for_speedup(
     curves: Sequence[Sequence[float]],
     num_steps: int,
@@ -421,27 +435,9 @@ def solve_thresh_for_speedup(
     K_candidates: Iterable[int] | None = None,
     overhead_fraction: float = 0.0,
     max_thresh: float = math.inf,
-) -> tuple[Settings, Schedule]:
+) -> SpeedupSolution:
     """The smallest K (of ``K_candidates``, default ``settings.K``) that reaches ``target``, with the smallest
     threshold that does (the gentlest schedule fast enough); if none reaches it, the fastest setting found."""
-    chosen, schedule, _ = search_speedup_settings(curves, num_steps, target, settings, rules, num_branches,
-                                                  K_candidates, overhead_fraction, max_thresh)
-    return chosen, schedule
-
-
-def search_speedup_settings(
-    curves: Sequence[Sequence[float]],
-    num_steps: int,
-    target: float,
-    settings: Settings,
-    rules: Rules,
-    num_branches: int = 1,
-    K_candidates: Iterable[int] | None = None,
-    overhead_fraction: float = 0.0,
-    max_thresh: float = math.inf,
-) -> tuple[Settings, Schedule, list[tuple[int, float | None, float]]]:
-    """:func:`solve_thresh_for_speedup`, plus each K tried in order as ``(K, smallest reaching threshold or None,
-    best predicted speed-up)``; the target was reached iff the last entry has a threshold."""
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
         raise ValueError(f"target speed-up must be a positive number, got {target!r}")
     Ks = sorted(set(K_candidates)) if K_candidates is not None else [settings.K]
@@ -455,11 +451,11 @@ def search_speedup_settings(
         tried.append((K, thresh if reached else None, speedup))
         chosen = replace(trial, thresh=thresh)
         if reached:
-            return chosen, schedule, tried
+            return SpeedupSolution(chosen, schedule, tried)
         if best is None or speedup > best[0] + 1e-12:
             best = (speedup, chosen, schedule)
     assert best is not None
-    return best[1], best[2], tried
+    return SpeedupSolution(best[1], best[2], tried)
 
 
 def schedule_summary(schedule: Schedule) -> Mapping[str, object]:

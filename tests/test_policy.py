@@ -437,7 +437,7 @@ def test_preset_rule_sets_follow_their_reference():
 def test_solve_thresh_hits_the_target_within_one_step(preset_id, target):
     p = get_preset(preset_id)
     steps, branches = p.calibrated_steps, len(p.curves)
-    settings, sched = solve_thresh_for_speedup(p.curves, steps, target, p.settings(), p.rules, branches)
+    settings, sched, _ = solve_thresh_for_speedup(p.curves, steps, target, p.settings(), p.rules, branches)
     assert sched.computed == simulate(p.curves, steps, settings, p.rules, branches).computed
     fastest = simulate(p.curves, steps, replace(settings, thresh=1e6), p.rules, branches).predicted_speedup()
     if fastest < target:  # unreachable with this K and retention: the fastest schedule is returned
@@ -452,7 +452,7 @@ def test_solve_thresh_hits_the_target_within_one_step(preset_id, target):
 
 def test_solve_thresh_can_search_K():
     p = get_preset("chroma")  # K=2 cannot reach 2.5x at 26 steps
-    settings, sched = solve_thresh_for_speedup(p.curves, 26, 2.5, p.settings(), p.rules, 2, K_candidates=[2, 3, 4])
+    settings, sched, _ = solve_thresh_for_speedup(p.curves, 26, 2.5, p.settings(), p.rules, 2, K_candidates=[2, 3, 4])
     assert settings.K in (3, 4) and sched.predicted_speedup() >= 2.5
     with pytest.raises(ValueError, match="speed-up"):
         solve_thresh_for_speedup(p.curves, 26, float("nan"), p.settings(), p.rules)
@@ -524,6 +524,6 @@ def test_solve_thresh_is_exact_where_rounding_or_bisection_would_miss():
     # Chroma K=3 at 2x: the accumulated error sits exactly on a 4-decimal value and Chroma compares with "<";
     # a bisection that rounds to 4 digits returned 0.0625, which gives only 1.86x.
     p = get_preset("chroma")
-    settings, sched = solve_thresh_for_speedup(p.curves, 26, 2.0, p.settings(K=3), p.rules, 2)
+    settings, sched, _ = solve_thresh_for_speedup(p.curves, 26, 2.0, p.settings(K=3), p.rules, 2)
     assert sched.predicted_speedup() >= 2.0
     assert simulate(p.curves, 26, settings, p.rules, 2).computed == sched.computed

@@ -10,7 +10,8 @@ import pytest
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import CalibrationStore, rules_for_calibration
+from magcache.calibration import CalibrationStore
+from magcache.curves import rules_for_calibration
 from magcache.presets import get_preset
 from magcache.studio.compare import InvalidRequest
 from magcache.studio.manager import ModelManager

@@ -27,18 +27,19 @@ import pandas as pd
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import (MAX_FILE_BYTES, Calibration, CalibrationStore, Match, as_resolution,
-                                  calibration_figure, choose_curves, read_calibration_file, rules_for_calibration,
-                                  run_resolution, scheduler_label)
+from magcache.calibration import Calibration, CalibrationStore, Match, as_resolution, read_calibration_file
+from magcache.curves import choose_curves, rules_for_calibration, run_resolution, scheduler_label
+from magcache.jsonfile import MAX_FILE_BYTES
 from magcache.export import SettingsSnapshot, export_all, extra_options, load_settings_json
 from magcache.presets import Preset, get_preset
 from magcache.studio.compare import (InvalidRequest, build_call_kwargs, framepack_sections, reset_pipeline,
                                      tab_defaults, validate)
 from magcache.studio.manager import Cancelled, LoadedModel, LoadPlan, ModelManager, WeightsNotFound
-from magcache.studio.sweep import (DEFAULT_MAX_POINTS, PipelineSweep, SweepResult, pareto_figure, pareto_front,
-                                   predictor, run_sweep, solve_for_speedup, sweep_grid)
+from magcache.studio.sweep import (DEFAULT_MAX_POINTS, PipelineSweep, SweepResult, pareto_front, predictor, run_sweep,
+                                   solve_for_speedup, sweep_grid)
 
 from . import handlers
+from .plots import calibration_figure, pareto_figure
 
 CURVE_AUTO, CURVE_PRESET, CURVE_FILE = "auto", "preset", "file"
 CALIBRATION_PREFIX = "calibration:"
@@ -306,7 +307,7 @@ def calibrate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], ses
     queue, stoppable), save the measured curves to the user store and return them with their plot."""
     import torch
 
-    from magcache.calibration import calibrate as measure
+    from magcache.measure import calibrate as measure
 
     progress = on_progress or (lambda text, done, total: None)
     tab, variant, req = _request(manager, tab_id, values, upload_roots)
