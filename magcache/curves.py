@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 from . import policy as P
@@ -74,11 +74,18 @@ def model_id(pipe: Any) -> str:
     classes plus a hash of the transformer config (pipelines built in code)."""
     name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
     if isinstance(name, str) and name:
-        return os.path.realpath(name) if os.path.isdir(name) else name
+        return source_name(name)
     transformer = getattr(pipe, "transformer", pipe)
     config = dict(getattr(transformer, "config", {}) or {})
     digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{type(pipe).__name__}:{type(transformer).__name__}:{digest}"
+
+
+def source_name(source: str) -> str:
+    """A model source as calibrations are keyed by it: a local path resolved (absolute, no symlinks), a hub id as
+    it is."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def scheduler_label(scheduler: Any) -> str:

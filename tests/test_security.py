@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from magcache.calibration import CalibrationStore
-from magcache.studio.compare import InvalidRequest
+from magcache.studio.request import InvalidRequest
 from magcache.studio.manager import ModelLoadError, ModelManager, WeightsNotFound, redact
 from magcache.studio.media import MediaError, confine_upload
 from magcache.studio.tiny import build_tiny_pipeline
@@ -109,7 +109,7 @@ def test_uploads_outside_the_upload_folder_are_refused(tmp_path, monkeypatch):
     with pytest.raises(InvalidRequest, match="reference image 1: .* is not an uploaded file"):
         handlers.generate(m, "wan_vace", dict(base, reference_images=[str(secret)]), upload_roots=[uploads])
     out = handlers.generate(m, "wan_i2v", dict(base, image=str(inside)), upload_roots=[uploads])  # a real upload
-    assert out["result"].magcache.stats[0].completed
+    assert out["result"].cached.stats[0].completed
 
 
 def test_calibration_ids_and_names_never_become_paths(tmp_path):

@@ -374,16 +374,11 @@ class PipelineSweep:
         self._own_handle = existing is None
         self.handle = existing if existing is not None else apply(pipe, **apply_kwargs)
 
-    def _synchronize(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     def generate(self, point: SweepPoint | None) -> tuple[Any, float, list]:
         import torch
 
         from ..measure import new_runs_of
+        from .jobs import synchronize
 
         h = self.handle
         if point is None:
@@ -393,10 +388,10 @@ class PipelineSweep:
         kwargs = dict(self.call_kwargs)
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.seed)
         with new_runs_of(h) as runs:
-            self._synchronize()
+            synchronize()
             start = time.perf_counter()
             result = self.pipe(**kwargs)
-            self._synchronize()
+            synchronize()
             seconds = time.perf_counter() - start
         return main_output(result), seconds, runs
 
