@@ -310,6 +310,16 @@ def branch_name(index: int) -> str:
     return BRANCH_NAMES[index] if index < len(BRANCH_NAMES) else f"branch{index}"
 
 
+def computed_steps(decisions: Sequence[Decision]) -> list[int]:
+    """The steps of one branch's decisions that ran the blocks (simulated or recorded by the runtime)."""
+    return [d.step for d in decisions if not d.skip]
+
+
+def skipped_steps(decisions: Sequence[Decision]) -> list[int]:
+    """The steps of one branch's decisions that reused the cached residual."""
+    return [d.step for d in decisions if d.skip]
+
+
 @dataclass
 class Schedule:
     """What a run does per branch: the decisions in step order."""
@@ -319,11 +329,11 @@ class Schedule:
 
     @property
     def computed(self) -> dict[str, list[int]]:
-        return {b: [d.step for d in ds if not d.skip] for b, ds in self.decisions.items()}
+        return {b: computed_steps(ds) for b, ds in self.decisions.items()}
 
     @property
     def skipped(self) -> dict[str, list[int]]:
-        return {b: [d.step for d in ds if d.skip] for b, ds in self.decisions.items()}
+        return {b: skipped_steps(ds) for b, ds in self.decisions.items()}
 
     def computed_count(self) -> int:
         return sum(len(v) for v in self.computed.values())

@@ -177,7 +177,7 @@ def test_tokens_are_redacted_from_messages_and_logs(monkeypatch, caplog, tmp_pat
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from bench.loadtest import start_app
+    from magcache.studio.local_app import start_app
 
     folder = tmp_path_factory.mktemp("server")
     log = folder / "app.log"
