@@ -7,7 +7,7 @@ Four forms of one :class:`SettingsSnapshot` (preset, settings, step count, curve
   cannot express what we run (no ``model_type`` for the model, custom curves, widget ranges, rules);
 * :func:`python_snippet` - a ``magcache.apply(...)`` call that reproduces the schedule exactly;
 * :func:`diffusers_snippet` - diffusers' built-in ``MagCacheConfig`` with the caveats where the built-in is wrong
-  or weaker for the model (``shared/reference/diffusers.md`` section 0);
+  or weaker for the model;
 * :func:`settings_json` / :func:`load_settings_json` - a JSON file with settings, rules and the ratio curve(s);
   loading it back (validated like a calibration file) restores the same schedule.
 """
@@ -112,8 +112,8 @@ def _float_list(values: Sequence[float]) -> str:
 # --------------------------------------------------------------------------------------------------
 # (a) ComfyUI-MagCache node values
 # --------------------------------------------------------------------------------------------------
-# our preset -> ComfyUI-MagCache model_type (CU:nodes.py MagCache node menu), with a note where it is not the
-# same curve. Presets missing here have no model_type in the node.
+# our preset -> ComfyUI-MagCache model_type (the MagCache node's menu in its nodes.py), with a note where it is not
+# the same curve. Presets missing here have no model_type in the node.
 _COMFYUI_TYPES: dict[str, tuple[str, str]] = {
     "flux": ("flux", ""),
     "flux_kontext": ("flux_kontext", "the node's flux_kontext curve is its own 20-step ComfyUI calibration, not the "
@@ -134,7 +134,7 @@ _COMFYUI_TYPES: dict[str, tuple[str, str]] = {
     "hunyuan_video1.5": ("hunyuan_video1.5", ""),
     "hunyuan_video1.5_40steps": ("hunyuan_video1.5", "the node switches to its 40-step curve above 20 steps"),
 }
-# Widget ranges of the node (CU:nodes.py, version 1.6.1).
+# Widget ranges of the node (ComfyUI-MagCache's nodes.py, version 1.6.1).
 _COMFYUI_RANGES = {"magcache_thresh": (0.0, 0.3), "retention_ratio": (0.1, 0.3), "magcache_K": (0, 6),
                    "start_step": (0, 100), "end_step": (-100, 100)}
 

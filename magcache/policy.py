@@ -78,13 +78,15 @@ def branch_curve(curves: Sequence[Sequence[float]], branch_index: int) -> list[f
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rules:
-    """How one reference implementation applies MagCache (``shared/reference/magcache.md`` §1.3–1.6).
+    """How one reference implementation applies MagCache: the MagCache research code (one repository per model
+    family), ComfyUI-MagCache or diffusers.
 
-    compare:            ``"<="`` (MC FLUX/Kontext/HunyuanVideo/FramePack, CU Wan, diffusers) or ``"<"``
-                        (MC Wan, CU FLUX/HunyuanVideo/Chroma).
-    retention_rounding: ``"floor"`` -> ``int(R*N)``; ``"half_up"`` -> ``int(R*N + 0.5)`` (MC FLUX, diffusers).
-    retention_per_call: MC Wan counts transformer *calls* over interleaved cond/uncond: call ``c = i*B + b``
-                        is eligible once ``c >= floor(B*N*R)`` (B = number of branches).
+    compare:            ``"<="`` (research code for FLUX/Kontext/HunyuanVideo/FramePack, ComfyUI-MagCache's Wan,
+                        diffusers) or ``"<"`` (research code for Wan, ComfyUI-MagCache's FLUX/HunyuanVideo/Chroma).
+    retention_rounding: ``"floor"`` -> ``int(R*N)``; ``"half_up"`` -> ``int(R*N + 0.5)`` (research code for FLUX,
+                        diffusers).
+    retention_per_call: the research code for Wan counts transformer *calls* over interleaved cond/uncond: call
+                        ``c = i*B + b`` is eligible once ``c >= floor(B*N*R)`` (B = number of branches).
     first_step_computed: FramePack's ``cnt >= 1``: step 0 is never eligible.
     max_ratio_jump:     FramePack's guard: skip only where ``|1 - ratio[i]| <= max_ratio_jump``.
     guarded_steps:      calibrated step indices that are never skipped (FLUX/Kontext: 11), mapped from a run of
@@ -123,7 +125,7 @@ class Settings:
     zero_thresh_disables: thresh 0 turns caching off (ComfyUI-MagCache's rule). On by default: with ``<=``
                           and a ratio of exactly 1.0 a zero threshold would otherwise still skip.
     protect_last_steps:   always compute the last n steps (no reference protects the final step).
-    sqrt_ratios:          use ``sqrt(ratio)``, as the paper's evaluation did (magcache.md §1.2).
+    sqrt_ratios:          use ``sqrt(ratio)``, as the paper's evaluation did.
     start_step/end_step:  ComfyUI-style window of eligible steps; ``end_step`` < 0 counts from the end.
     """
 
@@ -163,7 +165,7 @@ def validate_settings(thresh: float, retention_ratio: float, K: int) -> None:
 
 def retention_boundary(num_steps: int, retention_ratio: float, rounding: str, units: int = 1) -> int:
     """First eligible index, counted in steps (``units=1``) or in calls over ``units`` branches."""
-    # Same float64 product as the references (``int(R*N)``, ``int(R*N + 0.5)``, MC Wan ``int(2N*R)``); no
+    # Same float64 product as the references (``int(R*N)``, ``int(R*N + 0.5)``, Wan's research code ``int(2N*R)``); no
     # epsilon, so a product like 0.29*100 = 28.999999999999996 rounds exactly as theirs does.
     x = retention_ratio * (num_steps * units)
     return int(x + 0.5) if rounding == "half_up" else int(x)

@@ -55,7 +55,7 @@ def test_every_published_inference_curve_is_a_preset():
     curve_keys = {k for k in shipped if k != "_meta" and not k.endswith("_paper_eval")}
     used = {PR._CATALOG[pid][0] for pid in list_presets() if pid in PR._CATALOG}
     assert curve_keys <= used, curve_keys - used
-    # the paper-eval arrays ship as data only: they were used with sqrt and index offsets (magcache.md §1.2)
+    # the paper-eval arrays ship as data only: they were used with sqrt and index offsets
     assert {"wan2.1_t2v_1.3B_paper_eval", "open_sora_1.2_paper_eval"} <= set(shipped)
 
 

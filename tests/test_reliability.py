@@ -1,4 +1,4 @@
-"""Reliability (issue #9) on tiny offline pipelines, through the app's backend (``ui.handlers``, which the Gradio
+"""Reliability on tiny offline pipelines, through the app's backend (``ui.handlers``, which the Gradio
 events call): every bad input gets a clear message and nothing breaks; Stop, a client that goes away, an exception
 at step k or an out-of-memory error leave no stale state and the next run equals a fresh run bit for bit;
 concurrent requests give the outputs of sequential ones; a load for one request never pulls a model out from under

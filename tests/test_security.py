@@ -1,4 +1,4 @@
-"""Security (issue #9): user weights only from safetensors (never pickle), uploads confined to the upload folder,
+"""Security: user weights only from safetensors (never pickle), uploads confined to the upload folder,
 no path traversal through calibration ids, the server binds to loopback and serves no extra folder, and access
 tokens never reach a message or a log line. The last checks run against the real server (app.py, tiny mode)."""
 

@@ -116,6 +116,24 @@ def test_preview_says_which_curve_and_preset_choice(manager):
     assert "no settings file is loaded" in text
 
 
+def test_the_preview_reads_nothing_from_disk_until_a_calibration_is_saved(manager, monkeypatch):
+    """A slider move redraws from memory: no model plan (paths, folder sizes, demo settings) and no store read;
+    saving a calibration renews the store's records, so the next preview uses it."""
+    values = _values("demo")
+    handlers.live_preview(manager, "demo", values)  # the first draw fills what the preview keeps
+    store_reads, plans = [], []
+    real_read, real_plan = CalibrationStore._read_all, manager.plan
+    monkeypatch.setattr(CalibrationStore, "_read_all", lambda self: store_reads.append(1) or real_read(self))
+    monkeypatch.setattr(manager, "plan", lambda *args, **kwargs: plans.append(args) or real_plan(*args, **kwargs))
+    for thresh in (0.05, 0.1, 0.2):
+        figure, _ = handlers.live_preview(manager, "demo", dict(values, thresh=thresh))
+        assert figure is not None
+    assert store_reads == [] and plans == []
+    cal = _calibrate(manager, "demo", values)["calibration"]
+    _, text = handlers.live_preview(manager, "demo", values)
+    assert f"calibration {cal.id} (exact)" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # Speed-up target
 # --------------------------------------------------------------------------------------------------
