@@ -40,10 +40,6 @@ class CurveChoice:
     how: str | None = None  # "exact" / "nearest (...)" / "chosen by hand" / "settings file"; None: the preset curve
     options: dict = field(default_factory=dict)  # Settings fields beyond thresh / retention / K (settings file)
 
-    @property
-    def from_calibration(self) -> bool:
-        return self.calibration is not None
-
 
 def choose_curves(
     preset: str | Preset,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 BRANCH_NAMES = ("cond", "uncond")
 
@@ -468,15 +468,3 @@ def solve_thresh_for_speedup(
             best = (speedup, chosen, schedule)
     assert best is not None
     return SpeedupSolution(best[1], best[2], tried)
-
-
-def schedule_summary(schedule: Schedule) -> Mapping[str, object]:
-    """JSON-friendly summary used by the CLI and the app."""
-    return {
-        "num_steps": schedule.num_steps,
-        "computed": schedule.computed,
-        "skipped": schedule.skipped,
-        "computed_per_branch": {b: len(v) for b, v in schedule.computed.items()},
-        "predicted_speedup": round(schedule.predicted_speedup(), 4),
-        "acc_err": {b: [round(d.acc_err, 6) for d in ds] for b, ds in schedule.decisions.items()},
-    }

@@ -510,16 +510,6 @@ def test_policy_module_is_pure_python():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_schedule_summary_is_json_ready():
-    import json
-
-    p = get_preset("chroma")
-    summary = P.schedule_summary(simulate(p.curves, 26, p.settings(), p.rules, 2))
-    data = json.loads(json.dumps(summary))
-    assert data["computed_per_branch"] == {"cond": 13, "uncond": 13}
-    assert data["predicted_speedup"] == 2.0
-
-
 def test_solve_thresh_is_exact_where_rounding_or_bisection_would_miss():
     # Chroma K=3 at 2x: the accumulated error sits exactly on a 4-decimal value and Chroma compares with "<";
     # a bisection that rounds to 4 digits returned 0.0625, which gives only 1.86x.
