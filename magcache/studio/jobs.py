@@ -53,7 +53,6 @@ class DeviceJob:
     variant: Variant
     request: GenerationRequest  # validated: every field filled and checked
     plan: LoadPlan
-    defaults: dict[str, Any]
     stop: threading.Event | None
     progress: ProgressFn
     loaded: LoadedModel | None = None
@@ -86,15 +85,17 @@ class DeviceJob:
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
-    def step_callback(self, phase: str):
+    def step_callback(self, phase: str | None):
         """A ``callback_on_step_end`` that counts steps (:attr:`steps_done`), reports ``(phase, done,
-        total_steps)`` and interrupts the pipeline at the step where a stop was asked for."""
+        total_steps)`` (``phase`` None: reports nothing, for runs that report per call) and interrupts the
+        pipeline at the step where a stop was asked for."""
         total = self.total_steps
         self.steps_done = 0
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
             self.steps_done += 1
-            self.progress(phase, min(self.steps_done, total), total)
+            if phase is not None:
+                self.progress(phase, min(self.steps_done, total), total)
             if self.stopped:
                 p._interrupt = True  # the pipeline skips its remaining steps
             return {}
@@ -146,7 +147,7 @@ def device_job(manager: ModelManager, req: GenerationRequest, stop: threading.Ev
     variant = tab.variant(req.variant)
     plan = manager.plan(tab.id, variant.id, req.weights, req.base)
     defaults = tab_defaults(manager, tab.id, variant.id, plan=plan)
-    job = DeviceJob(manager, tab, variant, validate(tab, req, defaults), plan, defaults, stop, progress)
+    job = DeviceJob(manager, tab, variant, validate(tab, req, defaults), plan, stop, progress)
     with manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead)):
         job.loaded_now = plan.key not in {m.key for m in manager.loaded()}
         with manager.use(tab.id, variant.id, plan=plan, on_status=lambda msg: progress("load", 0, 1)) as loaded:

@@ -409,7 +409,7 @@ def run_tab_sweep(manager: ModelManager, req: GenerationRequest, thresholds: lis
     with device_job(manager, req, stop, on_progress) as job:
         job.phase = "running the sweep"
         curve = curve_for_job(job)
-        call = dict(job.call, callback_on_step_end=_interrupting(job))
+        call = dict(job.call, callback_on_step_end=job.step_callback(None))
         runner = PipelineSweep(job.pipe, call, seed=int(job.request.seed), preset=job.loaded.preset,
                                curves=curve.curves, rules=curve.rules, **curve.options)
 
@@ -425,17 +425,6 @@ def run_tab_sweep(manager: ModelManager, req: GenerationRequest, thresholds: lis
                                cancel=stop, max_points=MAX_SWEEP_POINTS, speedup_axis=axis)
     result.rows = [r for r in result.rows if r.point not in interrupted]
     return TabSweep(result, curve, job.request, job.call["num_inference_steps"])
-
-
-def _interrupting(job: DeviceJob):
-    """A step callback that only interrupts on Stop (the sweep reports progress per run, not per step)."""
-
-    def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
-        if job.stopped:
-            p._interrupt = True
-        return {}
-
-    return on_step_end
 
 
 # --------------------------------------------------------------------------------------------------
