@@ -21,8 +21,8 @@ from magcache.studio.defaults import tab_defaults
 from magcache.studio.jobs import session_token
 from magcache.studio.manager import Cancelled, ModelManager, WeightsNotFound
 from magcache.studio.request import InvalidRequest
-from magcache.studio.sweep import SweepResult
-from magcache.studio.tuning import CURVE_AUTO, CURVE_FILE, CURVE_PRESET, MAX_SWEEP_POINTS, curve_options, message
+from magcache.studio.sweep import DEFAULT_MAX_POINTS, SweepResult
+from magcache.studio.tuning import CURVE_AUTO, CURVE_FILE, CURVE_PRESET, curve_options, message
 
 from . import handlers
 from .plots import calibration_figure, pareto_figure
@@ -231,7 +231,7 @@ def build_tuning(ctx: Any) -> None:
                     axis = gr.Radio(["measured", "predicted"], value=default_axis, label="Speed-up axis",
                                     info="Both are in the table; tiny CPU models time mostly noise.")
                     quality = gr.Radio(["psnr", "ssim"], value="psnr", label="Quality axis")
-                gr.Markdown(f"At most {MAX_SWEEP_POINTS} points; one prompt and seed (the tab's), an untimed warm-up "
+                gr.Markdown(f"At most {DEFAULT_MAX_POINTS} points; one prompt and seed (the tab's), an untimed warm-up "
                             "and the baseline first. Stop ends the sweep after the current run.")
                 with gr.Row():
                     sweep_btn = gr.Button("Run sweep", variant="primary", elem_id=f"sweep-{tid}")

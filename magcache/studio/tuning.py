@@ -44,7 +44,6 @@ from .sweep import (DEFAULT_MAX_POINTS, PipelineSweep, SweepResult, TargetSoluti
 
 CURVE_AUTO, CURVE_PRESET, CURVE_FILE = "auto", "preset", "file"
 CALIBRATION_PREFIX = "calibration:"
-MAX_SWEEP_POINTS = DEFAULT_MAX_POINTS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +401,7 @@ def run_tab_sweep(manager: ModelManager, req: GenerationRequest, thresholds: lis
             retention = _plan_and_defaults(manager, req.tab_id, req.variant, req.weights, req.base)[1]["retention_ratio"]
         retentions = [retention]
     try:
-        points = sweep_grid(thresholds, Ks, retentions, MAX_SWEEP_POINTS)
+        points = sweep_grid(thresholds, Ks, retentions, DEFAULT_MAX_POINTS)
     except ValueError as e:
         raise InvalidRequest(f"Sweep: {message(e)}") from None
     interrupted: list = []
@@ -422,7 +421,7 @@ def run_tab_sweep(manager: ModelManager, req: GenerationRequest, thresholds: lis
         with job.eager_unless_compiled():
             result = run_sweep(generate, points, predict=predictor(curve.curves, curve.rules),
                                progress=lambda done, total, text: job.progress(f"Sweep {text}", done, total),
-                               cancel=stop, max_points=MAX_SWEEP_POINTS, speedup_axis=axis)
+                               cancel=stop, max_points=DEFAULT_MAX_POINTS, speedup_axis=axis)
     result.rows = [r for r in result.rows if r.point not in interrupted]
     return TabSweep(result, curve, job.request, job.call["num_inference_steps"])
 
