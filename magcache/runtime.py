@@ -48,11 +48,11 @@ class BranchStats:
 
     @property
     def computed(self) -> list[int]:
-        return [d.step for d in self.decisions if not d.skip]
+        return P.computed_steps(self.decisions)
 
     @property
     def skipped(self) -> list[int]:
-        return [d.step for d in self.decisions if d.skip]
+        return P.skipped_steps(self.decisions)
 
     @property
     def acc_err(self) -> list[float]:

@@ -47,7 +47,7 @@ def _cli_args(tmp: str, tab: str, name: str) -> list[str]:
 
 
 def _worker_request(**changes):
-    from magcache.studio.compare import GenerationRequest
+    from magcache.studio.request import GenerationRequest
 
     fields = dict(tab_id="wan_t2v", prompt="a red circle", height=32, width=32, num_frames=9,
                   num_inference_steps=STEPS, seed=3, thresh=0.3, compare=False)
@@ -83,14 +83,14 @@ def _lead_requests(channel) -> dict:
     """Rank 0 of the app: the same request three times around a stopped run and a failure on rank 1."""
     import threading
 
-    from magcache.studio.compare import run_comparison
+    from magcache.studio.comparison import run_comparison
     from magcache.studio.manager import Cancelled
     from magcache.studio.workers import ParallelModelManager
 
     manager = ParallelModelManager(device="cpu", channel=channel)
     out: dict = {}
     first = run_comparison(manager, _worker_request())
-    out["first"] = {"output": np.asarray(first.magcache.output), "computed": first.magcache.stats[-1].computed}
+    out["first"] = {"output": np.asarray(first.cached.output), "computed": first.cached.stats[-1].computed}
 
     cancel = threading.Event()
 
@@ -114,7 +114,7 @@ def _lead_requests(channel) -> dict:
     out["failed_seconds"] = time.monotonic() - t0
 
     again = run_comparison(manager, _worker_request())
-    out["again"] = {"output": np.asarray(again.magcache.output), "computed": again.magcache.stats[-1].computed}
+    out["again"] = {"output": np.asarray(again.cached.output), "computed": again.cached.stats[-1].computed}
     manager.shutdown()
     return out
 
@@ -277,14 +277,14 @@ def test_cli_refuses_ring_attention_on_cpu(capsys):
 # The app's follower ranks
 # --------------------------------------------------------------------------------------------------
 def test_a_request_through_the_followers_equals_one_process(spawned):
-    from magcache.studio.compare import run_comparison
+    from magcache.studio.comparison import run_comparison
     from magcache.studio.manager import ModelManager
 
     _, ranks = spawned
     worker = ranks[0]["worker"]
     single = run_comparison(ModelManager(device="cpu", tiny=True), _worker_request())
-    assert worker["first"]["computed"] == single.magcache.stats[-1].computed
-    np.testing.assert_allclose(worker["first"]["output"], np.asarray(single.magcache.output), atol=1e-4)
+    assert worker["first"]["computed"] == single.cached.stats[-1].computed
+    np.testing.assert_allclose(worker["first"]["output"], np.asarray(single.cached.output), atol=1e-4)
 
 
 def test_stop_and_a_failing_follower_leave_every_rank_clean(spawned):

@@ -1,7 +1,7 @@
 """``python -m magcache generate``: one comparison run of an app tab from the command line, on one process or, under
 ``torchrun --nproc_per_node N``, on N processes with context parallelism (``--cp ulysses|ring``).
 
-Every rank runs the same code: the app's validation and call arguments (:mod:`magcache.studio.compare`), a
+Every rank runs the same code: the app's validation and call arguments (:mod:`magcache.studio.request`, :mod:`magcache.studio.comparison`), a
 :class:`~magcache.studio.workers.ParallelModelManager` that switches context parallelism on as it loads, and MagCache
 keeping the ranks in step (:mod:`magcache.parallel`). Rank 0 writes the output (PNG or MP4) and prints the timing and
 schedule summary as one JSON object (also written to ``--summary`` when given).
@@ -78,7 +78,8 @@ def run_generate_command(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, manager: Any, tab: Any, rank: int, world_size: int, kind: str | None) -> int:
-    from .compare import GenerationRequest, run_comparison
+    from .comparison import run_comparison
+    from .request import GenerationRequest
 
     req = GenerationRequest(
         tab_id=tab.id, variant=args.variant, prompt=args.prompt, negative_prompt=args.negative_prompt,
@@ -118,7 +119,7 @@ def _preset_curve(preset_id: str) -> Any:
 def _write_output(result: Any, path: str) -> str:
     from .media import to_pil, write_mp4
 
-    output = result.magcache.output
+    output = result.cached.output
     if result.tab.is_video:
         return write_mp4(output, path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -133,13 +134,13 @@ def _summary(result: Any, world_size: int, kind: str | None, device: str) -> dic
         "processes": world_size, "context_parallel": kind, "device": device,
         "steps": result.num_steps, "branches": result.num_branches,
         "thresh": s.thresh, "retention_ratio": s.retention_ratio, "K": s.K,
-        "magcache_seconds": round(result.magcache.seconds, 4),
-        "computed": result.magcache.stats[-1].computed if result.magcache.stats else {},
-        "computed_per_branch": {b: c for b, (c, _) in result.magcache.branch_counts().items()},
+        "magcache_seconds": round(result.cached.seconds, 4),
+        "computed": result.cached.stats[-1].computed if result.cached.stats else {},
+        "computed_per_branch": {b: c for b, (c, _) in result.cached.branch_counts().items()},
         "predicted": result.predicted.computed,
         "matches_prediction": result.actual_matches_prediction(),
         "predicted_speedup": round(result.predicted_speedup, 4),
-        "transformer_calls": result.magcache.transformer_calls,
+        "transformer_calls": result.cached.transformer_calls,
         "warmup_seconds": None if result.warmup_seconds is None else round(result.warmup_seconds, 4),
     }
     if result.baseline is not None:
