@@ -1,4 +1,4 @@
-"""The embedded demo model (issue #6): a trained FluxPipeline shipped under assets/demo_model.
+"""The embedded demo model: a trained FluxPipeline shipped under assets/demo_model.
 
 Loads it offline with the ordinary ``FluxPipeline.from_pretrained``, checks determinism per seed, prompt adherence
 on a sample of held-out prompts, and the calibrated ``demo`` preset. About 40 s on 2 CPU cores.

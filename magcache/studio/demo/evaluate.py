@@ -299,8 +299,8 @@ def baselines(bench: Bench, handle, defaults: dict, targets, random_draws: int) 
     base = replace(handle.settings, thresh=defaults["thresh"], K=defaults["K"], retention_ratio=defaults["retention_ratio"])
     rows, seen = [], set()
     for target in targets:
-        s, sched = P.solve_thresh_for_speedup(handle.curves, n, target, base, handle.rules, branches,
-                                              K_candidates=range(1, 9))
+        s, sched, _ = P.solve_thresh_for_speedup(handle.curves, n, target, base, handle.rules, branches,
+                                                 K_candidates=range(1, 9))
         key = (s.thresh, s.K)
         if key in seen:
             continue
