@@ -260,3 +260,17 @@ def test_vace_controls_from_uploaded_files(manager, tmp_path):
                                                          reference_images=[str(ref)], steps=4))
     assert out["result"].cached.stats[0].completed and Path(out["split_video"]).is_file()
     assert req.reference_images == [str(ref)]
+
+
+def test_demo_reads_plain_english_into_its_grammar_and_says_so(manager):
+    out = handlers.generate(manager, "demo", _values("demo", prompt="a big red circle in the middle of a blue backdrop",
+                                                       steps=4, compare=False))
+    result = out["result"]
+    assert result.notes[0].startswith("The demo model knows only its training grammar; your prompt ran as "
+                                      "\"blue background, large red circle at center\"")
+    assert "ran as" in out["status"]
+    grammar = handlers.generate(manager, "demo", _values("demo", prompt="blue background, large red circle at center",
+                                                         steps=4, compare=False))
+    assert not any("ran as" in n for n in grammar["result"].notes)  # a caption of the grammar runs as typed
+    with pytest.raises(InvalidRequest, match="names no such shape. It does not know: cat, sofa"):
+        handlers.generate(manager, "demo", _values("demo", prompt="a cat sitting on a sofa"))

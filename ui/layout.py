@@ -162,7 +162,8 @@ def _task_inputs(tab: Tab, d: dict, inputs: dict) -> None:
             inputs["reference_images"] = gr.File(file_count="multiple", file_types=["image"], label="Reference images")
     examples = d.get("examples")
     if examples:
-        gr.Examples([[p] for p in examples], inputs=[inputs["prompt"]], label="Prompts the demo model knows")
+        gr.Examples([[p] for p in examples], inputs=[inputs["prompt"]],
+                    label="Example prompts: plain English, or the model's own caption grammar")
 
 
 def _generation_settings(tab: Tab, d: dict, inputs: dict) -> None:

@@ -72,6 +72,9 @@ class Variant:
     components: Mapping[str, Component] = field(default_factory=dict)
     gated: bool = False
     local_only: bool = False
+    # "demo_shapes": the trained demo model knows only its caption grammar, so a plain-English prompt is read into
+    # that grammar first (magcache.studio.demo.prompts), and the result says how it was read
+    prompt_reader: str | None = None
     approx_size_gb: float | None = None
     transformer_gb: float | None = None
 
@@ -182,6 +185,7 @@ def _tab(entry: Mapping[str, Any]) -> Tab:
                         for name, c in v.get("components", {}).items()},
             gated=bool(v.get("gated", False)),
             local_only=bool(v.get("local_only", False)),
+            prompt_reader=_checked_reader(v["id"], v.get("prompt_reader")),
             approx_size_gb=v.get("approx_size_gb"),
             transformer_gb=v.get("transformer_gb"),
         ))
@@ -190,6 +194,15 @@ def _tab(entry: Mapping[str, Any]) -> Tab:
     return Tab(tid, entry["label"], entry["task"], entry.get("description", ""), entry["pipeline"], entry["transformer"],
                entry["cfg"], tuple(entry["inputs"]), entry["tiny"], tuple(variants), entry.get("fps"),
                entry.get("guidance_arg", "guidance_scale"))
+
+
+PROMPT_READERS = ("demo_shapes",)
+
+
+def _checked_reader(owner: str, reader: Any) -> str | None:
+    if reader is not None and reader not in PROMPT_READERS:
+        raise ValueError(f"{owner!r}: unknown prompt_reader {reader!r}; known: {', '.join(PROMPT_READERS)}")
+    return reader
 
 
 def _checked_defaults(owner: str, defaults: Mapping[str, Any]) -> dict[str, Any]:

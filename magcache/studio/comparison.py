@@ -153,7 +153,7 @@ def _compare(job: DeviceJob) -> ComparisonResult:
         placement=loaded.placement.reason if loaded.placement else "", num_steps=steps, num_branches=num_branches,
         sections=job.sections, cached=cached, predicted=predicted, baseline=baseline,
         load_seconds=loaded.load_seconds if job.loaded_now else None, warmup_seconds=warmup_s,
-        compiled=use_compiled, notes=list(loaded.plan.notes), curve=curve,
+        compiled=use_compiled, notes=job.notes + list(loaded.plan.notes), curve=curve,
     )
     if baseline is not None:
         result.psnr, result.ssim = metrics.quality(baseline.output, cached.output)

@@ -34,7 +34,7 @@ import magcache
 from .catalog import Tab, Variant
 from .defaults import tab_defaults
 from .manager import Cancelled, LoadedModel, LoadPlan, ModelManager, OutOfMemory, is_out_of_memory, out_of_memory_message
-from .request import GenerationRequest, build_call_kwargs, framepack_sections, validate
+from .request import GenerationRequest, build_call_kwargs, framepack_sections, read_prompt, validate
 
 # (phase, done, total): "queue" (done = requests ahead), "load", then the phases each kind of run names
 ProgressFn = Callable[[str, int, int], None]
@@ -60,6 +60,7 @@ class DeviceJob:
     phase: str = "loading the model"  # what runs now, in words (for an out-of-memory message)
     steps_done: int = 0  # steps of the current pipeline call, counted by step_callback
     loaded_now: bool = False  # this job loaded the model (its load time is the job's)
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the request was run
 
     @property
     def pipe(self) -> Any:
@@ -147,7 +148,8 @@ def device_job(manager: ModelManager, req: GenerationRequest, stop: threading.Ev
     variant = tab.variant(req.variant)
     plan = manager.plan(tab.id, variant.id, req.weights, req.base)
     defaults = tab_defaults(manager, tab.id, variant.id, plan=plan)
-    job = DeviceJob(manager, tab, variant, validate(tab, req, defaults), plan, stop, progress)
+    request, prompt_note = read_prompt(variant, validate(tab, req, defaults))
+    job = DeviceJob(manager, tab, variant, request, plan, stop, progress, notes=[prompt_note] if prompt_note else [])
     with manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead)):
         job.loaded_now = plan.key not in {m.key for m in manager.loaded()}
         with manager.use(tab.id, variant.id, plan=plan, on_status=lambda msg: progress("load", 0, 1)) as loaded:

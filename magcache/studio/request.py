@@ -71,6 +71,29 @@ class GenerationRequest:
     curve_file: str | None = None
 
 
+def read_prompt(variant: Variant, req: GenerationRequest) -> tuple[GenerationRequest, str | None]:
+    """The request with its prompt in the words the variant's model knows, and a note saying how it was read (None
+    when the prompt was used as typed). Only variants that declare a ``prompt_reader`` are touched: the demo model
+    knows one caption grammar, so "a red circle on a blue background" runs as "blue background, large red circle at
+    center". A prompt with nothing the model can draw is refused, never turned into a meaningless image."""
+    if variant.prompt_reader != "demo_shapes":
+        return req, None
+    from .demo.prompts import understand
+
+    reading = understand(req.prompt)
+    ignored = f" It does not know: {', '.join(dict.fromkeys(reading.ignored_words))}." if reading.ignored_words else ""
+    if reading.scene is None:
+        raise InvalidRequest("The demo model draws circles, squares, triangles and diamonds in eight colours on a "
+                             f"coloured background; this prompt names no such shape.{ignored} Try, e.g., "
+                             "'a small yellow triangle in the bottom left corner on a purple background'.")
+    if reading.in_grammar:
+        return req, None
+    assumed = f" Assumed: {'; '.join(reading.notes)}." if reading.notes else ""
+    note = (f"The demo model knows only its training grammar; your prompt ran as \"{reading.caption}\"."
+            f"{ignored}{assumed}")
+    return replace(req, prompt=reading.caption), note
+
+
 def framepack_sections(num_frames: int, latent_window_size: int = 9, temporal_factor: int = 4) -> int:
     """How many sections (full denoising runs) FramePack makes for ``num_frames`` (its pipeline's formula)."""
     window = (latent_window_size - 1) * temporal_factor + 1

@@ -306,6 +306,15 @@ def understand(prompt: str) -> Understanding:
     return Understanding(prompt, Scene(background, tuple(objects)), ignored, notes)
 
 
+# The Demo tab's example chips, before two captions of the grammar (train.py writes them to demo_settings.json):
+# plain-English prompts from the tuning set that the reader reads right and the shipped model draws right.
+PLAIN_ENGLISH_EXAMPLES = (
+    "a big red circle in the top left corner on a blue background",
+    "two small red squares, one top left and one bottom right, on a white background",
+    "blue background, tiny white triangle top middle, huge yellow circle center",
+    "please draw a tiny green triangle in the center of a white background",
+)
+
 # Where objects without a position go: the middle row first, then the corners.
 _PLACEMENT_ORDER: tuple[tuple[int, int], ...] = (
     (1, 1), (1, 0), (1, 2), (0, 1), (2, 1), (0, 0), (0, 2), (2, 0), (2, 2),
