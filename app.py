@@ -6,7 +6,8 @@
 
 Flags fall back to environment variables: MAGCACHE_HOST (default 127.0.0.1; the Docker image sets 0.0.0.0),
 MAGCACHE_PORT (7860), MAGCACHE_SHARE, MAGCACHE_TINY; MAGCACHE_MAX_UPLOAD (default 500mb), MAGCACHE_OFFLOAD
-(model / sequential: force CPU offload on a GPU). Model weights come from the Hugging Face cache (HF_HOME /
+(model / sequential: force CPU offload on a GPU), MAGCACHE_GPUS (N > 1: each generation on N GPUs with context
+parallelism, see docs/scaling.md). Model weights come from the Hugging Face cache (HF_HOME /
 HF_HUB_CACHE) or the MAGCACHE_WEIGHTS_<VARIANT> / MAGCACHE_BASE_<VARIANT> variables; see README.md.
 """
 
@@ -44,16 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     configure_logging()
 
+    from magcache.studio import workers
     from magcache.studio.manager import ModelManager
     from ui import CSS, THEME, build_app
     from ui.handlers import output_dir
 
-    manager = ModelManager(budget_gb=args.budget_gb)
+    gpus = workers.gpu_count()  # MAGCACHE_GPUS=N: every generation runs on N GPUs (this process is rank 0)
+    manager = workers.start(gpus, budget_gb=args.budget_gb) if gpus > 1 else ModelManager(budget_gb=args.budget_gb)
     app = build_app(manager)
     # One generation per device at a time (the Generate buttons share the "device" concurrency id); the
     # schedule previews and the Stop buttons bypass the queue.
     app.queue(default_concurrency_limit=1, max_size=32)
-    app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], **launch_options(args, output_dir()))
+    try:
+        app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], **launch_options(args, output_dir()))
+    finally:
+        if gpus > 1:
+            manager.shutdown()
 
 
 class RedactTokens(logging.Filter):

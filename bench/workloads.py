@@ -1,6 +1,6 @@
 """Benchmark workloads: a random-weight transformer and a bare denoising loop (no text encoders, no VAE).
 
-Like ``shared/bench/flux_anchor.py``: the loop calls the transformer once per step and branch (Wan: cond + uncond
+The loop calls the transformer once per step and branch (Wan: cond + uncond
 with ``cache_context``, as ``WanPipeline`` does) and takes an Euler step on a flow-matching sigma schedule. Weights
 are random and scaled by 0.05 so activations stay finite; timings do not depend on the values.
 

@@ -1,13 +1,13 @@
 """Published MagCache ratio curves, their reference defaults and the rule set each reference applies.
 
-The curves live in ``magcache/data/mag_ratios.json`` (copied verbatim, sources included, from the research notes).
-Preset ids equal the keys of that file, except where our runtime drives the diffusers pipeline a curve was not
-calibrated with: ``flux_kontext`` names the 28-step diffusers curve (``flux_kontext_diffusers``), ``qwen_image`` the
-research code's diffusers curve (``qwen_image_diffusers``) and ``qwen_image_comfyui`` ComfyUI-MagCache's
-(``qwen_image``); the Wan2.2 A14B presets use ComfyUI-MagCache's names (``wan2.2_t2v_14B``, ``wan2.2_i2v_14B``).
-Extra curves (the demo model's calibration) live next to it as ``magcache/data/<id>.json`` in the same format.
-FLUX.2 and Z-Image have no published curve: their presets carry only rules and starting values, and MagCache stays
-off on them until a calibration exists.
+The curves live in ``magcache/data/mag_ratios.json`` (the published curves, each with its source). Preset ids equal
+the keys of that file, except where our runtime drives the diffusers pipeline a curve was not calibrated with:
+``flux_kontext`` names the 28-step diffusers curve (``flux_kontext_diffusers``), ``qwen_image`` the research code's
+diffusers curve (``qwen_image_diffusers``) and ``qwen_image_comfyui`` ComfyUI-MagCache's (``qwen_image``); the
+Wan2.2 A14B presets use ComfyUI-MagCache's names (``wan2.2_t2v_14B``, ``wan2.2_i2v_14B``). Extra curves (the demo
+model's calibration) live next to it as ``magcache/data/<id>.json`` in the same format. FLUX.2 and Z-Image have no
+published curve: their presets carry only rules and starting values, and MagCache stays off on them until a
+calibration exists.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Mapping
 
 from .policy import Rules, Settings, reference_split_step, split_branches
 
-# Rule sets of the reference implementations (shared/reference/magcache.md §1.3-1.6).
+# Rule sets of the reference implementations: MC_* are the MagCache research code's (one repository per model
+# family), COMFYUI is ComfyUI-MagCache's.
 MC_FLUX = Rules(compare="<=", retention_rounding="half_up", guarded_steps=(11,), guard_reference_steps=28)
 MC_HUNYUAN = Rules(compare="<=", retention_rounding="floor")
 MC_WAN = Rules(compare="<", retention_rounding="floor", retention_per_call=True)
@@ -135,7 +136,7 @@ class Preset:
     def require_curves(self) -> None:
         if self.calibrate_first:
             raise ValueError(f"preset {self.id!r} has no published ratio curve: calibrate the model first "
-                             "(python -m magcache calibrate, or magcache.calibration.calibrate)")
+                             "(python -m magcache calibrate, or magcache.measure.calibrate)")
 
     def curves_for(self, num_steps: int) -> tuple[tuple[float, ...], ...]:
         """The curve a run of ``num_steps`` uses (HunyuanVideo-1.5 switches to its 40-step curve above 20)."""

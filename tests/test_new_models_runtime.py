@@ -16,7 +16,9 @@ import torch
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import CalibrationStore, apply_best, calibrate, choose_curves, model_id
+from magcache.calibration import CalibrationStore
+from magcache.curves import apply_best, choose_curves, model_id
+from magcache.measure import calibrate
 from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
 from test_new_models import research_loop
 
@@ -243,7 +245,7 @@ def test_calibrate_first_models_run_uncached_then_follow_their_calibration(kind,
     cal = store.save(calibrate(pipe, call_kwargs(kind)))
     assert cal.preset == preset_id and cal.num_steps == STEPS
     handle, choice = apply_best(pipe, call_kwargs(kind), store=store, thresh=0.5, K=2, retention_ratio=0.2)
-    assert choice.from_calibration and choice.calibration.id == cal.id
+    assert choice.calibration is not None and choice.calibration.id == cal.id
     pipe(**call_kwargs(kind))
     run = handle.last_run
     predicted = handle.predict(STEPS, len(run.branches))

@@ -1,4 +1,4 @@
-"""Security (issue #9): user weights only from safetensors (never pickle), uploads confined to the upload folder,
+"""Security: user weights only from safetensors (never pickle), uploads confined to the upload folder,
 no path traversal through calibration ids, the server binds to loopback and serves no extra folder, and access
 tokens never reach a message or a log line. The last checks run against the real server (app.py, tiny mode)."""
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from magcache.calibration import CalibrationStore
-from magcache.studio.compare import InvalidRequest
+from magcache.studio.request import InvalidRequest
 from magcache.studio.manager import ModelLoadError, ModelManager, WeightsNotFound, redact
 from magcache.studio.media import MediaError, confine_upload
 from magcache.studio.tiny import build_tiny_pipeline
@@ -109,7 +109,7 @@ def test_uploads_outside_the_upload_folder_are_refused(tmp_path, monkeypatch):
     with pytest.raises(InvalidRequest, match="reference image 1: .* is not an uploaded file"):
         handlers.generate(m, "wan_vace", dict(base, reference_images=[str(secret)]), upload_roots=[uploads])
     out = handlers.generate(m, "wan_i2v", dict(base, image=str(inside)), upload_roots=[uploads])  # a real upload
-    assert out["result"].magcache.stats[0].completed
+    assert out["result"].cached.stats[0].completed
 
 
 def test_calibration_ids_and_names_never_become_paths(tmp_path):
@@ -177,7 +177,7 @@ def test_tokens_are_redacted_from_messages_and_logs(monkeypatch, caplog, tmp_pat
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from bench.loadtest import start_app
+    from magcache.studio.local_app import start_app
 
     folder = tmp_path_factory.mktemp("server")
     log = folder / "app.log"

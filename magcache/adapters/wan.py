@@ -12,8 +12,8 @@ added once — the research code's behaviour, not diffusers' built-in hook, whic
 residual that already holds them.
 
 CFG: diffusers' Wan pipelines run cond and uncond as two calls inside ``cache_context("cond"/"uncond")``; the
-runtime keys each branch's state on that name and uses its half of the interleaved curve, with MC Wan's per-call
-retention (``MC_WAN`` rules in ``magcache/presets.py``).
+runtime keys each branch's state on that name and uses its half of the interleaved curve, with the research code's
+per-call retention (``MC_WAN`` rules in ``magcache/presets.py``).
 
 Wan2.2 A14B: ``WanPipeline`` / ``WanImageToVideoPipeline`` with ``transformer_2`` and ``boundary_ratio`` call
 ``transformer`` (high-noise expert) while the timestep is at or above ``boundary_ratio * num_train_timesteps`` and
