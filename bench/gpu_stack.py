@@ -25,6 +25,7 @@ a model class missing from diffusers, a model larger than the free memory) is re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -166,9 +167,14 @@ def loop_phase(name: str, w: workloads.Workload, args, budget: Budget, phase: di
                 quantize_transformer(w.transformer, value)
             state[what] = value
             phase["warmups"][label] = _warm_up(w)
-        except (SpeedOptionError, Exception) as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - refused (SpeedOptionError) or failed while compiling: recorded
             skipped[label] = _error(e)
             log(f"  {name:<5} {label}: skipped ({skipped[label]})")
+            if what != "quantization":  # back to the state the next cases expect (quantization cannot be undone;
+                # nothing after a failed one runs)
+                restore = set_compile_mode if what == "compile" else set_attention_backend
+                with contextlib.suppress(Exception):
+                    restore(w.transformer, state[what])
             return False
         log(f"  {name:<5} {label}: warm-up {phase['warmups'][label]:.1f} s")
         return True
@@ -338,19 +344,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--architectures", default=None, help="per_call: comma-separated subset of "
                     + ",".join(architectures.ARCHITECTURES))
     ap.add_argument("--budget", type=float, default=520.0, help="seconds from the start after which no case starts")
-    ap.add_argument("--quantization", default="fp8_dynamic", help="weights of the quantized cases (magcache.speed)")
-    ap.add_argument("--attention", default="_native_cudnn", help="attention backend of the attention cases")
+    ap.add_argument("--quantization", default=None, help="weights of the quantized cases (magcache.speed; default "
+                    "fp8_dynamic, smoke: int8_weight_only)")
+    ap.add_argument("--attention", default=None, help="attention backend of the attention cases (default "
+                    "_native_cudnn, smoke: native)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled cases")
-    ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--per-call-calls", type=int, default=3, help="timed calls per kind of call")
+    ap.add_argument("--compile-backend", default=None, help="default inductor, smoke: aot_eager")
+    ap.add_argument("--per-call-calls", type=int, default=None, help="timed calls per kind of call (default 3, smoke: 1)")
     ap.add_argument("--activation-reserve-gb", type=float, default=12.0,
                     help="per_call: skip a model whose weights + this much do not fit the free GPU memory")
     ap.add_argument("--json", default=None, help="where to write the results (default bench/results/gpu_stack_<gpu>.json)")
     ap.add_argument("--render", default=None, metavar="JSON", help="print the markdown tables of a result file, run nothing")
     args = ap.parse_args(argv)
-    if args.smoke:  # what a CPU can run in seconds: int8 weights (torchao), native attention, aot_eager graphs
-        args.quantization, args.attention, args.compile_backend = "int8_weight_only", "native", "aot_eager"
-        args.per_call_calls = 1
+    # smoke: what a CPU runs in seconds (int8 weights with torchao, native attention, aot_eager graphs)
+    defaults = (dict(quantization="int8_weight_only", attention="native", compile_backend="aot_eager", per_call_calls=1)
+                if args.smoke else
+                dict(quantization="fp8_dynamic", attention="_native_cudnn", compile_backend="inductor", per_call_calls=3))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -401,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(traceback.format_exc())
         finally:
             w = None
+            torch._dynamo.reset()  # compiled code holds the blocks (and their weights) of the last model
             _free_memory()
     report.data["elapsed_s"] = budget.elapsed()
     report.save()

@@ -176,6 +176,7 @@ def pipeline_quantization_config(name: str):
 def quantize_transformer(transformer: torch.nn.Module, name: str) -> int:
     """Quantize the linear layers of an already built ``transformer`` in place with torchao's ``quantize_`` (what
     ``from_pretrained(quantization_config=...)`` does while loading). Returns how many linear layers it changed."""
+    check_quantization(name, _module_device(transformer))
     if name == "none":
         return 0
     config = _ao_config(name)

@@ -58,3 +58,13 @@ def test_full_configurations_are_the_released_sizes():
     for name, size in expected.items():
         assert abs(billions[name] - size) / size < 0.05, (name, billions[name])
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_refused_options_are_recorded_and_the_other_cases_run(tmp_path):
+    report = gpu_stack.main(["--smoke", "--phases", "flux", "--attention", "_native_cudnn", "--quantization",
+                             "fp8_dynamic", "--json", str(tmp_path / "refused.json")])
+    phase = report["phases"]["flux"]
+    assert "needs a CUDA GPU" in phase["skipped"]["attention _native_cudnn"]
+    assert "needs a CUDA GPU" in phase["skipped"]["fp8_dynamic"]
+    assert {"eager", "magcache", "compile", "magcache+compile"} <= phase["cases"].keys()
+    assert all(r["options"]["attention"] == "native" for r in phase["cases"].values())
