@@ -173,10 +173,11 @@ def pipeline_quantization_config(name: str):
     return PipelineQuantizationConfig(quant_mapping={"transformer": config})
 
 
-def quantize_transformer(transformer: torch.nn.Module, name: str) -> int:
+def quantize_transformer(transformer: torch.nn.Module, name: str, device: str | torch.device | None = None) -> int:
     """Quantize the linear layers of an already built ``transformer`` in place with torchao's ``quantize_`` (what
-    ``from_pretrained(quantization_config=...)`` does while loading). Returns how many linear layers it changed."""
-    check_quantization(name, _module_device(transformer))
+    ``from_pretrained(quantization_config=...)`` does while loading), for a model that runs on ``device`` (default:
+    where its weights are). Returns how many linear layers it changed."""
+    check_quantization(name, device or _module_device(transformer))
     if name == "none":
         return 0
     config = _ao_config(name)
@@ -188,12 +189,13 @@ def quantize_transformer(transformer: torch.nn.Module, name: str) -> int:
     return sum(type(m.weight) is not b for m, b in zip(linears, before))
 
 
-def set_attention_backend(transformer: torch.nn.Module, name: str) -> None:
-    """Run the attention of ``transformer`` with diffusers' backend ``name`` (validated for the transformer's
-    device first). The process-wide default backend is left as it was, so other models keep theirs."""
+def set_attention_backend(transformer: torch.nn.Module, name: str, device: str | torch.device | None = None) -> None:
+    """Run the attention of ``transformer`` with diffusers' backend ``name``, validated for ``device`` (default:
+    where its weights are; pass the execution device of a CPU-offloaded model). The process-wide default backend is
+    left as it was, so other models keep theirs."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    check_attention(name, _module_device(transformer))
+    check_attention(name, device or _module_device(transformer))
     transformer = getattr(transformer, "_orig_mod", transformer)
     previous = _AttentionBackendRegistry._active_backend
     try:
@@ -205,11 +207,13 @@ def set_attention_backend(transformer: torch.nn.Module, name: str) -> None:
         _AttentionBackendRegistry.set_active_backend(previous)
 
 
-def set_compile_mode(target: Any, mode: str, backend: str | Any = "inductor") -> int:
+def set_compile_mode(target: Any, mode: str, backend: str | Any = "inductor",
+                     device: str | torch.device | None = None) -> int:
     """Compile the repeated blocks of ``target`` (a pipeline or transformer) with ``mode`` (``"none"``: run them
-    eagerly again). Returns the number of blocks compiled or uncompiled by this call."""
+    eagerly again), validated for ``device`` (default: where the weights are). Returns the number of blocks
+    compiled or uncompiled by this call."""
     transformer = getattr(target, "transformer", target)
-    check_compile_mode(mode, _module_device(transformer))
+    check_compile_mode(mode, device or _module_device(transformer))
     if mode == "none":
         return uncompile_blocks(transformer)
     return compile_blocks(transformer, backend=backend, **({} if mode == "default" else {"mode": mode}))
@@ -247,9 +251,11 @@ class SpeedOptions:
     def pipeline_quantization_config(self):
         return pipeline_quantization_config(self.quantization)
 
-    def apply_runtime(self, target: Any, compile_backend: str | Any = "inductor") -> None:
-        """Set the attention backend and the compile mode on ``target`` (a pipeline or its transformer). Idempotent:
-        the same options again change nothing (no recompilation)."""
+    def apply_runtime(self, target: Any, compile_backend: str | Any = "inductor",
+                      device: str | torch.device | None = None) -> None:
+        """Set the attention backend and the compile mode on ``target`` (a pipeline or its transformer) that runs on
+        ``device`` (default: where its weights are). Idempotent: the same options again change nothing (no
+        recompilation)."""
         transformer = getattr(target, "transformer", target)
-        set_attention_backend(transformer, self.attention)
-        set_compile_mode(transformer, self.compile_mode, backend=compile_backend)
+        set_attention_backend(transformer, self.attention, device)
+        set_compile_mode(transformer, self.compile_mode, backend=compile_backend, device=device)

@@ -96,6 +96,16 @@ def test_attention_packages_that_are_missing_are_named(monkeypatch, backend, pac
         speed.check_attention(backend, "cuda")
 
 
+def test_an_offloaded_model_is_validated_for_its_execution_device(tiny, monkeypatch):
+    """With CPU offload the weights wait on the CPU: the device the caller names decides, not the weights'."""
+    pipe = tiny("flux")
+    with pytest.raises(SpeedOptionError, match="needs a CUDA GPU"):
+        speed.set_attention_backend(pipe.transformer, "_native_cudnn")
+    monkeypatch.setattr(speed, "_require_cuda", lambda device, what: None)  # as if "cuda" were there
+    speed.set_attention_backend(pipe.transformer, "_native_cudnn", device="cuda")
+    assert len(_backends(pipe.transformer)) == 1 and None not in _backends(pipe.transformer)
+
+
 def test_reduce_overhead_is_refused_on_a_cpu():
     with pytest.raises(SpeedOptionError, match="CUDA graphs"):
         SpeedOptions(compile_mode="reduce-overhead").validate("cpu")
