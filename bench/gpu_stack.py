@@ -158,6 +158,7 @@ def loop_phase(name: str, w: workloads.Workload, args, budget: Budget, phase: di
         if not budget.allows(estimate["compile"] + estimate["run"]):
             skipped[label] = "time budget"
             return False
+        previous = state[what]
         try:
             if what == "compile":
                 set_compile_mode(w.transformer, value, backend=args.compile_backend)
@@ -174,7 +175,8 @@ def loop_phase(name: str, w: workloads.Workload, args, budget: Budget, phase: di
                 # nothing after a failed one runs)
                 restore = set_compile_mode if what == "compile" else set_attention_backend
                 with contextlib.suppress(Exception):
-                    restore(w.transformer, state[what])
+                    restore(w.transformer, previous)
+                state[what] = previous
             return False
         log(f"  {name:<5} {label}: warm-up {phase['warmups'][label]:.1f} s")
         return True
