@@ -298,18 +298,19 @@ def _first_output(w: Workload, out: Any) -> torch.Tensor:
     return first[0] if isinstance(first, (list, tuple)) else first  # Z-Image returns one tensor per sample
 
 
+# the architectures whose workloads bench/workloads.py builds: class name and configurations
+_WORKLOADS = {"flux": ("FluxTransformer2DModel", workloads.FLUX_CONFIGS),
+              "wan_t2v_1_3b": ("WanTransformer3DModel", workloads.WAN_CONFIGS),
+              "hunyuan_video": ("HunyuanVideoTransformer3DModel", workloads.HUNYUAN_CONFIGS)}
+
+
 def parameter_count(name: str, size: str) -> int:
     """Parameters of architecture ``name`` at ``size``, counted on the meta device (nothing is allocated)."""
     import diffusers
 
-    if name in ("flux", "wan_t2v_1_3b", "hunyuan_video"):
-        model, spec_cls = {"flux": ("flux", "FluxTransformer2DModel"), "wan_t2v_1_3b": ("wan", "WanTransformer3DModel"),
-                           "hunyuan_video": ("hunyuan", "HunyuanVideoTransformer3DModel")}[name]
-        cfg = {"flux": workloads.FLUX_CONFIGS, "wan": workloads.WAN_CONFIGS, "hunyuan": workloads.HUNYUAN_CONFIGS}[model][size]
-    else:
-        spec_cls, cfg = SPECS[name].cls, SPECS[name].configs[size]
+    cls, configs = _WORKLOADS[name] if name in _WORKLOADS else (SPECS[name].cls, SPECS[name].configs)
     with torch.device("meta"):
-        module = getattr(diffusers, spec_cls)(**cfg)
+        module = getattr(diffusers, cls)(**configs[size])
     return sum(p.numel() for p in module.parameters())
 
 

@@ -11,9 +11,9 @@
   diffusers' torchao integration (``TorchAoConfig``) when loading, or torchao's ``quantize_`` on a transformer that
   already exists (random-weight benchmarks). torchao is optional: it is imported only when a quantization is asked
   for. ``int8_weight_only`` keeps activations in the model dtype and dequantizes int8 weights (half the weight memory
-  of bf16, runs on a CPU too); ``fp8_weight_only`` stores float8 weights the same way; ``fp8_dynamic`` also casts
-  activations to float8 per row and runs float8 matrix products (the one that makes a Hopper GPU faster, not only
-  smaller). Float8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell).
+  of bf16); ``fp8_weight_only`` stores float8 weights the same way (both run on a CPU too); ``fp8_dynamic`` also
+  casts activations to float8 per row and runs float8 matrix products (the one that makes a Hopper GPU faster, not
+  only smaller), on a CUDA GPU only. Float8 on a GPU needs compute capability 8.9 or newer (Ada, Hopper, Blackwell).
 * **Attention backend** (run time) is diffusers' attention dispatcher: ``transformer.set_attention_backend(name)``.
   diffusers also makes the backend the process-wide default for processors that have none of their own; this module
   puts that default back, so one tab's choice does not leak into another model.
@@ -37,15 +37,16 @@ from .compile import compile_blocks, uncompile_blocks
 __all__ = [
     "QUANTIZATIONS", "ATTENTION_BACKENDS", "COMPILE_MODES", "SpeedOptions", "SpeedOptionError",
     "check_quantization", "check_attention", "check_compile_mode", "quantization_config",
-    "pipeline_quantization_config", "quantize_transformer", "set_attention_backend", "set_compile_mode",
+    "pipeline_quantization_config", "quantize_transformer", "stored_bytes", "set_attention_backend",
+    "set_compile_mode",
 ]
 
-# name -> (torchao config class, needs float8 hardware, what it does)
+# name -> (torchao config class, runs on a CPU, what it does). Float8 on a GPU needs compute capability >= 8.9.
 QUANTIZATIONS: dict[str, tuple[str | None, bool, str]] = {
-    "none": (None, False, "weights in the model dtype"),
-    "int8_weight_only": ("Int8WeightOnlyConfig", False, "int8 weights, dequantized per matrix product"),
+    "none": (None, True, "weights in the model dtype"),
+    "int8_weight_only": ("Int8WeightOnlyConfig", True, "int8 weights, dequantized per matrix product"),
     "fp8_weight_only": ("Float8WeightOnlyConfig", True, "float8 weights, dequantized per matrix product"),
-    "fp8_dynamic": ("Float8DynamicActivationFloat8WeightConfig", True,
+    "fp8_dynamic": ("Float8DynamicActivationFloat8WeightConfig", False,
                     "float8 weights and per-row float8 activations: float8 matrix products"),
 }
 # diffusers' attention dispatcher names (AttentionBackendName) offered here -> what runs
@@ -105,8 +106,13 @@ def check_quantization(name: str, device: str | torch.device) -> None:
     if name == "none":
         return
     dev = _device(device)
-    if QUANTIZATIONS[name][1]:
-        what = f"{name} (float8 weights)"
+    runs_on_cpu = QUANTIZATIONS[name][1]
+    if dev.type == "cpu" and not runs_on_cpu:
+        raise SpeedOptionError(f"{name} (float8 matrix products) needs a CUDA GPU of compute capability >= "
+                               f"{'.'.join(map(str, FLOAT8_MIN_CAPABILITY))}; this model runs on cpu: use "
+                               "int8_weight_only or fp8_weight_only there")
+    if name.startswith("fp8") and dev.type != "cpu":
+        what = f"{name} (float8)"
         _require_cuda(dev, what)
         capability = _cuda_capability(dev)
         if capability < FLOAT8_MIN_CAPABILITY:
@@ -187,6 +193,15 @@ def quantize_transformer(transformer: torch.nn.Module, name: str, device: str | 
     before = [type(m.weight) for m in linears]
     quantize_(transformer, config)
     return sum(type(m.weight) is not b for m, b in zip(linears, before))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` really holds: for a torchao-quantized weight (a tensor subclass that reports the original
+    dtype) the sum of its inner tensors (int8 or float8 data and scales), else numel x element size."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def set_attention_backend(transformer: torch.nn.Module, name: str, device: str | torch.device | None = None) -> None:
