@@ -281,8 +281,10 @@ def render_tables(report: dict[str, Any]) -> str:
         phase = report["phases"].get(name)
         if not phase or not phase.get("cases"):
             continue
-        wl = phase["workload"]
-        lines += ["", f"**{name}**: {wl}; preset {phase['settings']}", "",
+        workload = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in phase["workload"].items())
+        settings = phase["settings"]
+        lines += ["", f"**{name}**: {workload}; preset `{settings['preset']}` {settings['thresh']} / "
+                      f"{settings['retention_ratio']} / {settings['K']}", "",
                   "| case | time s | computed | speed-up vs eager | peak MiB | update rel. RMSE vs eager |",
                   "|---|---|---|---|---|---|"]
         for case, r in phase["cases"].items():
