@@ -69,16 +69,6 @@ class SpeedOptionError(ValueError):
     """A speed option this device or this installation cannot run; the message says why and what to do."""
 
 
-def _device(device: str | torch.device) -> torch.device:
-    return torch.device(device)
-
-
-def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
-
-
 def _require_cuda(device: torch.device, what: str) -> None:
     if device.type != "cuda":
         raise SpeedOptionError(f"{what} needs a CUDA GPU; this model runs on {device.type}")
@@ -105,7 +95,7 @@ def check_quantization(name: str, device: str | torch.device) -> None:
         raise SpeedOptionError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if name == "none":
         return
-    dev = _device(device)
+    dev = torch.device(device)
     runs_on_cpu = QUANTIZATIONS[name][1]
     if dev.type == "cpu" and not runs_on_cpu:
         raise SpeedOptionError(f"{name} (float8 matrix products) needs a CUDA GPU of compute capability >= "
@@ -114,7 +104,7 @@ def check_quantization(name: str, device: str | torch.device) -> None:
     if name.startswith("fp8") and dev.type != "cpu":
         what = f"{name} (float8)"
         _require_cuda(dev, what)
-        capability = _cuda_capability(dev)
+        capability = torch.cuda.get_device_capability(dev)
         if capability < FLOAT8_MIN_CAPABILITY:
             raise SpeedOptionError(
                 f"{what} needs compute capability >= {'.'.join(map(str, FLOAT8_MIN_CAPABILITY))} (Ada, Hopper or "
@@ -128,7 +118,7 @@ def check_attention(name: str, device: str | torch.device) -> None:
         raise SpeedOptionError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "native":
         return
-    _require_cuda(_device(device), f"attention backend {name!r}")
+    _require_cuda(torch.device(device), f"attention backend {name!r}")
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     try:  # the missing-package checks (flash-attn, FlashAttention-3, sageattention) are diffusers' own
@@ -142,7 +132,7 @@ def check_compile_mode(mode: str, device: str | torch.device) -> None:
     if mode not in COMPILE_MODES:
         raise SpeedOptionError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if mode == "reduce-overhead":  # CUDA graphs
-        _require_cuda(_device(device), "compile mode 'reduce-overhead' (CUDA graphs)")
+        _require_cuda(torch.device(device), "compile mode 'reduce-overhead' (CUDA graphs)")
 
 
 def _ao_config(name: str):
