@@ -326,9 +326,12 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "machine": platform.machine(),
            "torchao": None}
     if importlib.util.find_spec("torchao") is not None:
-        import torchao
+        try:
+            import torchao
 
-        env["torchao"] = torchao.__version__
+            env["torchao"] = torchao.__version__
+        except Exception as e:  # noqa: BLE001 - recorded; the quantized cases then say why they are skipped
+            env["torchao"] = f"does not import: {_error(e)}"
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["capability"] = list(torch.cuda.get_device_capability(device))

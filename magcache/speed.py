@@ -81,8 +81,11 @@ def _torchao():
         raise SpeedOptionError(f"weight quantization needs torchao >= {TORCHAO_MIN_VERSION}: pip install torchao")
     from packaging.version import Version
 
-    import torchao
-
+    try:
+        import torchao
+    except Exception as e:  # noqa: BLE001 - a torchao built for another torch can fail at import
+        raise SpeedOptionError(f"torchao does not import with torch {torch.__version__} ({type(e).__name__}: {e}): "
+                               "install the torchao release made for this torch") from None
     if Version(torchao.__version__.split("+")[0]) < Version(TORCHAO_MIN_VERSION):
         raise SpeedOptionError(f"torchao {torchao.__version__} is too old for diffusers' TorchAoConfig (needs >= "
                                f"{TORCHAO_MIN_VERSION}): pip install -U torchao")

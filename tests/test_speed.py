@@ -64,6 +64,22 @@ def test_missing_torchao_says_how_to_install(monkeypatch):
         SpeedOptions(quantization="int8_weight_only").validate("cpu")
 
 
+def test_a_torchao_that_does_not_import_is_a_clear_refusal(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "torchao":
+            raise ImportError("undefined symbol: some_torch_function")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(SpeedOptionError, match="does not import with torch.*undefined symbol"):
+        speed.check_quantization("int8_weight_only", "cpu")
+
+
 def test_float8_matrix_products_are_refused_on_a_cpu():
     with pytest.raises(SpeedOptionError, match="needs a CUDA GPU.*use int8_weight_only or fp8_weight_only"):
         SpeedOptions(quantization="fp8_dynamic").validate("cpu")
