@@ -1,0 +1,128 @@
+"""The budget-optimal schedule: exact against brute force, constraints, the planned policy, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+import magcache.optimal as O
+import magcache.policy as P
+from magcache.__main__ import main as cli
+from magcache.presets import get_preset
+
+
+def brute_force(cost, budget, forced, max_skips):
+    n = len(cost)
+    best = (math.inf, None)
+    for rest in itertools.combinations(range(1, n), budget - 1):
+        steps = [0, *rest]
+        if not set(forced) <= set(steps):
+            continue
+        gaps = [b - a - 1 for a, b in zip(steps, steps[1:] + [n])]
+        if max_skips is not None and max(gaps) > max_skips:
+            continue
+        c = O.schedule_cost(steps, cost)
+        if c < best[0] - 1e-12:
+            best = (c, steps)
+    return best
+
+
+def random_curve(rng, n):
+    return [1.0] + [rng.uniform(0.8, 1.25) for _ in range(n - 1)]
+
+
+@pytest.mark.parametrize("model", O.ERROR_MODELS)
+def test_dynamic_programming_equals_brute_force(model):
+    rng = random.Random(3)
+    checked = 0
+    for trial in range(40):
+        n = rng.randint(2, 11)
+        ratios = random_curve(rng, n)
+        cos = [0.0] + [rng.uniform(0, 0.05) for _ in range(n - 1)] if model == "residual" else None
+        cost = O.run_costs(O.step_errors(ratios, model, cos), model)
+        forced = {0} | {s for s in range(n) if rng.random() < 0.15}
+        max_skips = rng.choice([None, 1, 2, 3])
+        budget = rng.randint(1, n)
+        expected_cost, expected_steps = brute_force(cost, budget, forced, max_skips)
+        if expected_steps is None:
+            with pytest.raises(ValueError):
+                O.optimal_computed_steps(cost, budget, forced, max_skips)
+            continue
+        steps, total = O.optimal_computed_steps(cost, budget, forced, max_skips)
+        assert total == pytest.approx(expected_cost, abs=1e-12)
+        assert O.schedule_cost(steps, cost) == pytest.approx(total, abs=1e-12)
+        assert len(steps) == budget and steps[0] == 0 and set(forced) <= set(steps)
+        gaps = [b - a - 1 for a, b in zip(steps, steps[1:] + [n])]
+        assert max_skips is None or max(gaps) <= max_skips
+        checked += 1
+    assert checked > 20
+
+
+def test_minimal_budget_is_the_feasibility_boundary():
+    rng = random.Random(5)
+    for _ in range(60):
+        n = rng.randint(2, 10)
+        forced = {0} | {s for s in range(n) if rng.random() < 0.2}
+        max_skips = rng.choice([None, 0, 1, 2, 4])
+        cost = O.run_costs(O.step_errors(random_curve(rng, n)))
+        least = O.minimal_budget(n, forced, max_skips)
+        assert brute_force(cost, least, forced, max_skips)[1] is not None
+        if least > 1:
+            assert brute_force(cost, least - 1, forced, max_skips)[1] is None
+
+
+def test_magcache_step_error_is_the_accumulated_ratio():
+    errors = O.step_errors([1.0, 0.9, 0.8, 1.1])
+    assert errors[0][1] == pytest.approx(0.1)
+    assert errors[0][2] == pytest.approx(1 - 0.72)
+    assert errors[1][3] == pytest.approx(1 - 0.88)
+    cost = O.run_costs(errors)
+    assert cost[0][2] == pytest.approx(0.1 + 0.28)
+    assert O.run_costs(errors, "run_squared")[0][2] == pytest.approx(0.38 ** 2)
+
+
+def test_budget_for_speedup():
+    assert O.budget_for_speedup(28, 3) == 10
+    assert O.budget_for_speedup(28, 4) == 7
+    assert O.budget_for_speedup(28, 1) == 28
+    with pytest.raises(ValueError):
+        O.budget_for_speedup(28, 0.5)
+
+
+def test_plan_honours_retention_K_and_budget():
+    preset = get_preset("demo")
+    settings = preset.settings()  # retention 0.1 -> steps 0-2 computed (half-up rounding), K 6
+    for budget in range(7, 29):
+        sched = O.simulate_plan(preset.curves, 28, settings, preset.rules, O.Plan(budget=budget), 2)
+        for steps in sched.computed.values():
+            assert len(steps) == budget
+            assert {0, 1, 2} <= set(steps)
+            gaps = [b - a - 1 for a, b in zip(steps, steps[1:] + [28])]
+            assert max(gaps) <= settings.K
+    with pytest.raises(ValueError, match="at least"):
+        O.simulate_plan(preset.curves, 28, settings, preset.rules, O.Plan(budget=4), 2)
+
+
+def test_planned_policy_never_skips_before_a_residual_exists():
+    policy = O.PlannedBranchPolicy([1.0, 0.9, 0.9], P.Settings(1.0, 0.0, 2), P.Rules(), 3, O.Plan(budget=1))
+    assert policy.computed == {0}
+    d = policy.decide(1, has_residual=False)
+    assert not d.skip and d.reason == "no residual yet"
+    assert policy.decide(2, has_residual=True).skip
+
+
+def test_forced_steps_follow_the_rules():
+    flux = get_preset("flux")
+    forced = O.forced_steps(P.resample(flux.curves[0], 28), flux.settings(), flux.rules)
+    assert 11 in forced  # FLUX's guarded step
+    assert set(range(int(flux.retention_ratio * 28 + 0.5))) <= forced
+    wan = get_preset("wan2.1_t2v_1.3B")
+    ratios = P.resample(wan.curves[0], 10)
+    s = wan.settings(retention_ratio=0.25)
+    # Wan counts calls over both branches: call 2*step + branch is forced below int(2 * 10 * 0.25) = 5
+    assert O.forced_steps(ratios, s, wan.rules, 0, 2) == {0, 1, 2}
+    assert O.forced_steps(ratios, s, wan.rules, 1, 2) == {0, 1}
