@@ -126,3 +126,77 @@ def test_forced_steps_follow_the_rules():
     # Wan counts calls over both branches: call 2*step + branch is forced below int(2 * 10 * 0.25) = 5
     assert O.forced_steps(ratios, s, wan.rules, 0, 2) == {0, 1, 2}
     assert O.forced_steps(ratios, s, wan.rules, 1, 2) == {0, 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# The runtime follows the plan
+# --------------------------------------------------------------------------------------------------
+def _tiny_flux_true_cfg():
+    from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+    pipe = build_tiny_pipeline("flux")
+    kw = tiny_call_kwargs("flux", 10)
+    kw.update(prompt="a red circle", height=16, width=16, max_sequence_length=16, output_type="latent",
+              true_cfg_scale=2.0, negative_prompt="blurry")
+    return pipe, kw
+
+
+def _blocks_ran_per_call(pipe, kw):
+    """Run the pipeline and return, per transformer call, whether the blocks ran (our own hooks)."""
+    t = pipe.transformer
+    calls, count = [], [0]
+    blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
+    hooks = [b.register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1)) for b in blocks]
+
+    def on_norm_out(m, a):
+        calls.append(count[0])
+        count[0] = 0
+
+    hooks.append(t.norm_out.register_forward_pre_hook(on_norm_out))
+    try:
+        out = pipe(**kw).images
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(calls) <= {0, len(blocks)}
+    return out, [c > 0 for c in calls]
+
+
+def test_runtime_runs_the_planned_schedule_and_predict_equals_it():
+    import magcache
+
+    pipe, kw = _tiny_flux_true_cfg()
+    handle = magcache.apply(pipe, schedule="optimal", budget=4, retention_ratio=0.2, K=3, thresh=0.0)
+    _, ran = _blocks_ran_per_call(pipe, kw)
+    predicted = handle.predict(10, 2).computed
+    p = handle.preset
+    expected = O.simulate_plan(p.curves, 10, p.settings(retention_ratio=0.2, K=3, thresh=0.0), p.rules,
+                               O.Plan(budget=4), 2).computed
+    assert predicted == expected == handle.last_run.computed
+    actual = {b: [c // 2 for c in range(20) if c % 2 == i and ran[c]] for i, b in enumerate(("cond", "uncond"))}
+    assert actual == predicted
+    assert all(len(v) == 4 and {0, 1} <= set(v) for v in predicted.values())
+    # a target speed-up: ceil(10 / 3) = 4 computed steps per branch, the same plan
+    handle.configure(budget=None, target_speedup=3.0)
+    assert handle.plan == O.Plan(target_speedup=3.0)
+    _, ran = _blocks_ran_per_call(pipe, kw)
+    assert handle.last_run.computed == predicted
+    # back to the threshold rule
+    handle.configure(schedule="threshold", thresh=1.0)
+    assert handle.plan is None
+    _blocks_ran_per_call(pipe, kw)
+    assert handle.last_run.computed == P.simulate(p.curves, 10, handle.settings, p.rules, 2).computed
+
+
+def test_optimal_schedule_arguments_are_validated():
+    import magcache
+
+    pipe, _ = _tiny_flux_true_cfg()
+    with pytest.raises(ValueError, match="exactly one"):
+        magcache.apply(pipe, schedule="optimal")
+    with pytest.raises(ValueError, match="optimal"):
+        magcache.apply(pipe, budget=4)
+    with pytest.raises(ValueError, match="schedule must be"):
+        magcache.apply(pipe, schedule="fastest", budget=4)
+    with pytest.raises(ValueError, match="error model"):
+        magcache.apply(pipe, schedule="optimal", budget=4, error_model="psychic")
