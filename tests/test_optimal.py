@@ -200,3 +200,63 @@ def test_optimal_schedule_arguments_are_validated():
         magcache.apply(pipe, schedule="fastest", budget=4)
     with pytest.raises(ValueError, match="error model"):
         magcache.apply(pipe, schedule="optimal", budget=4, error_model="psychic")
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI (run as a user would)
+# --------------------------------------------------------------------------------------------------
+def _cli(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "magcache", "schedule", *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _cli_json(*args: str) -> dict:
+    proc = _cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+SCHEDULE_KEYS = {"preset", "steps", "thresh", "retention_ratio", "K", "computed", "skipped", "computed_per_branch",
+                 "predicted_speedup"}
+
+
+def test_cli_optimal_budget_and_target_speedup():
+    p = get_preset("demo")
+    out = _cli_json("--preset", "demo", "--optimal", "--budget", "7")
+    assert SCHEDULE_KEYS <= set(out) and out["schedule"] == "optimal" and out["budget"] == 7
+    expected = O.simulate_plan(p.curves, 28, p.settings(), p.rules, O.Plan(budget=7), 2)
+    assert out["computed"] == expected.computed
+    assert out["computed_per_branch"] == {"cond": 7, "uncond": 7} and out["predicted_speedup"] == 4.0
+    # --target-speedup X with --optimal: C = ceil(N / X)
+    out = _cli_json("--preset", "demo", "--steps", "20", "--optimal", "--target-speedup", "3")
+    assert out["computed_per_branch"] == {"cond": 7, "uncond": 7} and out["steps"] == 20
+    out = _cli_json("--preset", "flux", "--optimal", "--budget", "9", "--error-model", "run_squared")
+    assert 11 in out["computed"]["cond"] and out["error_model"] == "run_squared"  # FLUX's guarded step kept
+
+
+def test_cli_target_speedup_without_optimal_is_the_threshold_solver():
+    p = get_preset("demo")
+    out = _cli_json("--preset", "demo", "--target-speedup", "4")
+    settings, sched, _ = P.search_speedup_settings(p.curves, 28, 4, p.settings(), p.rules, 2)
+    assert out["schedule"] == "threshold" and out["reached"] is True
+    assert out["thresh"] == settings.thresh and out["computed"] == sched.computed
+    assert out["predicted_speedup"] >= 4
+    # the optimal schedule at the same computed steps has no larger modelled error (magcache model)
+    optimal = _cli_json("--preset", "demo", "--optimal", "--budget", str(len(sched.computed["cond"])))
+    for b in ("cond", "uncond"):
+        assert optimal["modelled_error"][b] <= out["modelled_error"][b] + 1e-9
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--optimal",), "exactly one"),
+    (("--budget", "7"), "needs --optimal"),
+    (("--optimal", "--budget", "3"), "at least 6"),
+    (("--optimal", "--target-speedup", "0.5"), ">= 1"),
+])
+def test_cli_bad_optimal_input_exits_2(args, message):
+    proc = _cli("--preset", "demo", *args)
+    assert proc.returncode == 2 and message in proc.stderr
