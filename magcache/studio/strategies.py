@@ -75,13 +75,21 @@ class BlockWorkCounter:
 
     def __init__(self, transformer: torch.nn.Module, block_lists: Sequence[str]):
         self.transformer, self.block_lists = transformer, tuple(block_lists)
-        self.macs = 0
+        self.linear_macs = 0
+        self.attention_macs = 0
         self._depth = 0
         self._hooks: list[Any] = []
         self._sdpa: Callable | None = None
 
     def _linear(self, module: torch.nn.Linear, args: tuple, output: Any) -> None:
-        self.macs += args[0].numel() // module.in_features * module.in_features * module.out_features
+        self.linear_macs += args[0].numel() // module.in_features * module.in_features * module.out_features
+
+    @property
+    def macs(self) -> int:
+        return self.linear_macs + self.attention_macs
+
+    def reset(self) -> None:
+        self.linear_macs = self.attention_macs = 0
 
     def _enter(self, module, args) -> None:
         self._depth += 1
@@ -102,7 +110,7 @@ class BlockWorkCounter:
         def counted_sdpa(query, key, value, *args, **kwargs):
             if counter._depth > 0:
                 batch = math.prod(query.shape[:-2])
-                counter.macs += batch * query.shape[-2] * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+                counter.attention_macs += batch * query.shape[-2] * key.shape[-2] * (query.shape[-1] + value.shape[-1])
             return original(query, key, value, *args, **kwargs)
 
         self._sdpa = original
@@ -244,7 +252,7 @@ class _Runner:
         kwargs = dict(self.call_kwargs, prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.counter.macs = 0
+        self.counter.reset()
         with self.counter:
             start = time.perf_counter()
             out = main_output(self.pipe(**kwargs))
