@@ -32,7 +32,7 @@ def _schedule(args: argparse.Namespace) -> int:
         if (args.budget is None) == (args.target_speedup is None):
             raise ValueError("--optimal needs exactly one of --budget C (computed steps per branch) or --target-speedup X")
         plan = O.Plan(budget=args.budget, target_speedup=args.target_speedup, error_model=args.error_model)
-        sched = O.simulate_plan(preset.curves, steps, settings, preset.rules, plan, branches)
+        sched = O.simulate_plan(preset.curves, steps, settings, preset.rules, plan, branches, preset.cos_curves)
         note = (f"budget-optimal schedule: {plan.budget_for(steps)} computed steps per branch, error model "
                 f"{plan.error_model!r} (thresh not used)")
     elif args.budget is not None:
@@ -58,7 +58,8 @@ def _schedule(args: argparse.Namespace) -> int:
             "predicted_speedup": round(sched.predicted_speedup(), 4),
             "schedule": "optimal" if plan else "threshold",
             "modelled_error": {b: round(v, 6) for b, v in O.modelled_error(
-                sched, preset.curves, settings, preset.rules, plan.error_model if plan else O.DEFAULT_ERROR_MODEL).items()},
+                sched, preset.curves, settings, preset.rules, plan.error_model if plan else O.DEFAULT_ERROR_MODEL,
+                preset.cos_curves).items()},
         }
         if plan:
             out.update(budget=plan.budget_for(steps), error_model=plan.error_model)

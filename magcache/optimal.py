@@ -31,7 +31,9 @@ from typing import Sequence
 from . import policy as P
 
 ERROR_MODELS = ("magcache", "run_squared", "residual")
-DEFAULT_ERROR_MODEL = "magcache"
+# Chosen on the demo model's tuning prompts: of these, it ranks measured output errors of equal-budget schedules best
+# (docs/strategies.md).
+DEFAULT_ERROR_MODEL = "residual"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,13 +224,14 @@ class PlannedBranchPolicy:
     plan: Plan
     branch_index: int = 0
     num_branches: int = 1
+    cos_dis: list[float] | None = None  # resampled like ratios; used by the "residual" model where calibrated
     computed: frozenset[int] = field(init=False, default=frozenset())
     _errors: list[list[float]] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.ratios) != self.num_steps:
             raise ValueError(f"ratio curve has {len(self.ratios)} entries for {self.num_steps} steps")
-        self._errors = step_errors(self.ratios, self.plan.error_model)
+        self._errors = step_errors(self.ratios, self.plan.error_model, self.cos_dis)
         self.set_num_branches(self.num_branches)
 
     def set_num_branches(self, num_branches: int) -> None:
@@ -256,28 +259,42 @@ class PlannedBranchPolicy:
         return P.Decision(step, True, ratio, self._errors[last][step], "planned skip")
 
 
+def branch_cos_curve(cos_curves: Sequence[Sequence[float]] | None, num_steps: int, rules: P.Rules,
+                     branch_index: int) -> list[float] | None:
+    """One branch's cosine-distance curve resampled to ``num_steps`` (None where none was calibrated)."""
+    if not cos_curves:
+        return None
+    return P.branch_curve(P.prepare_curves(cos_curves, num_steps, False, rules.step_mapping), branch_index)
+
+
 def make_planned_policies(curves: Sequence[Sequence[float]], num_steps: int, num_branches: int, settings: P.Settings,
-                          rules: P.Rules, plan: Plan) -> list[PlannedBranchPolicy]:
-    """One :class:`PlannedBranchPolicy` per branch (each planned on its own curve)."""
+                          rules: P.Rules, plan: Plan, cos_curves: Sequence[Sequence[float]] | None = None
+                          ) -> list[PlannedBranchPolicy]:
+    """One :class:`PlannedBranchPolicy` per branch (each planned on its own curves; ``cos_curves``: the calibrated
+    cosine distances per branch, if any)."""
     if num_branches < 1:
         raise ValueError("num_branches must be >= 1")
     prepared = P.prepare_curves(curves, num_steps, settings.sqrt_ratios, rules.step_mapping)
-    return [PlannedBranchPolicy(P.branch_curve(prepared, b), settings, rules, num_steps, plan, b, num_branches)
+    return [PlannedBranchPolicy(P.branch_curve(prepared, b), settings, rules, num_steps, plan, b, num_branches,
+                                branch_cos_curve(cos_curves, num_steps, rules, b))
             for b in range(num_branches)]
 
 
 def simulate_plan(curves: Sequence[Sequence[float]], num_steps: int, settings: P.Settings, rules: P.Rules,
-                  plan: Plan, num_branches: int = 1) -> P.Schedule:
+                  plan: Plan, num_branches: int = 1, cos_curves: Sequence[Sequence[float]] | None = None) -> P.Schedule:
     """The schedule a run with ``plan`` takes (the runtime calls the same policies)."""
-    return P.simulate_policies(make_planned_policies(curves, num_steps, num_branches, settings, rules, plan), num_steps)
+    policies = make_planned_policies(curves, num_steps, num_branches, settings, rules, plan, cos_curves)
+    return P.simulate_policies(policies, num_steps)
 
 
 def modelled_error(schedule: P.Schedule, curves: Sequence[Sequence[float]], settings: P.Settings, rules: P.Rules,
-                   error_model: str = DEFAULT_ERROR_MODEL) -> dict[str, float]:
+                   error_model: str = DEFAULT_ERROR_MODEL, cos_curves: Sequence[Sequence[float]] | None = None
+                   ) -> dict[str, float]:
     """Each branch's modelled error of any schedule (threshold rule, planned, forced), to compare them."""
     prepared = P.prepare_curves(curves, schedule.num_steps, settings.sqrt_ratios, rules.step_mapping)
     out = {}
     for b, (name, steps) in enumerate(schedule.computed.items()):
-        cost = run_costs(step_errors(P.branch_curve(prepared, b), error_model), error_model)
-        out[name] = schedule_cost(steps, cost)
+        errors = step_errors(P.branch_curve(prepared, b), error_model,
+                             branch_cos_curve(cos_curves, schedule.num_steps, rules, b))
+        out[name] = schedule_cost(steps, run_costs(errors, error_model))
     return out

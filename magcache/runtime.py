@@ -204,6 +204,9 @@ class MagCacheHandle:
         # Budget-optimal schedule (``schedule="optimal"``): planned per run by ``magcache.optimal``; None = the
         # threshold rule.
         self.plan: O.Plan | None = None
+        # the preset's calibrated cosine distances (per branch), used by the plan's "residual" error model; dropped
+        # when ``curves`` replaces the preset's curve
+        self.cos_curves: list[list[float]] | None = None
         self.enabled = True
         self.keep_runs = keep_runs
         self.runs: list[RunStats] = []
@@ -247,6 +250,7 @@ class MagCacheHandle:
             self.settings = replace(self.settings, **changes)
         if curves is not None:
             self.curves = _validated_curves(curves)
+            self.cos_curves = None
         if calibrate:
             self._calibration_start = len(self.runs)  # a new calibration: earlier runs are not averaged in
         if calibrate is not None:
@@ -261,7 +265,8 @@ class MagCacheHandle:
         schedule (``configure(computed_steps=...)``) or calibration mode overrides the policy at run time and is
         not reflected here."""
         if self.plan is not None:
-            return O.simulate_plan(self.curves, num_steps, self.settings, self.rules, self.plan, num_branches)
+            return O.simulate_plan(self.curves, num_steps, self.settings, self.rules, self.plan, num_branches,
+                                   self.cos_curves)
         return P.simulate(self.curves, num_steps, self.settings, self.rules, num_branches)
 
     @property
@@ -448,8 +453,9 @@ class MagCacheHandle:
     def _new_branch(self, run: _Run, index: int) -> _Branch:
         prepared = P.prepare_curves(run.curves, run.num_steps, run.settings.sqrt_ratios, self.rules.step_mapping)
         if run.plan is not None:
+            cos = O.branch_cos_curve(self.cos_curves, run.num_steps, self.rules, index)
             planned = O.PlannedBranchPolicy(P.branch_curve(prepared, index), run.settings, self.rules, run.num_steps,
-                                            run.plan, index, run.num_branches)
+                                            run.plan, index, run.num_branches, cos)
             return _Branch(planned, BranchStats())
         pol = P.BranchPolicy(P.branch_curve(prepared, index), run.settings, self.rules, run.num_steps, index, run.num_branches)
         return _Branch(pol, BranchStats())
@@ -659,6 +665,8 @@ def apply(
         calibrate=calibrate,
     )
     handle.plan = _plan(schedule, budget, target_speedup, error_model, None)
+    if curves is None and p.cos_curves is not None:
+        handle.cos_curves = [list(c) for c in p.cos_curves]
     handle._attach(pipe)
     return handle
 

@@ -76,13 +76,25 @@ def test_minimal_budget_is_the_feasibility_boundary():
 
 
 def test_magcache_step_error_is_the_accumulated_ratio():
-    errors = O.step_errors([1.0, 0.9, 0.8, 1.1])
+    errors = O.step_errors([1.0, 0.9, 0.8, 1.1], "magcache")
     assert errors[0][1] == pytest.approx(0.1)
     assert errors[0][2] == pytest.approx(1 - 0.72)
     assert errors[1][3] == pytest.approx(1 - 0.88)
-    cost = O.run_costs(errors)
+    cost = O.run_costs(errors, "magcache")
     assert cost[0][2] == pytest.approx(0.1 + 0.28)
     assert O.run_costs(errors, "run_squared")[0][2] == pytest.approx(0.38 ** 2)
+
+
+def test_residual_step_error_is_the_size_of_the_residual_change():
+    # norms relative to r_0: 1, 0.9, 0.72; angles between consecutive residuals from cos_dis = 1 - cos
+    ratios, cos_dis = [1.0, 0.9, 0.8], [0.0, 0.02, 0.08]
+    errors = O.step_errors(ratios, "residual", cos_dis)
+    t1, t2 = math.acos(0.98), math.acos(0.92)
+    assert errors[0][1] == pytest.approx(math.sqrt(1 + 0.81 - 2 * 0.9 * math.cos(t1)))
+    assert errors[0][2] == pytest.approx(math.sqrt(1 + 0.72 ** 2 - 2 * 0.72 * math.cos(t1 + t2)))
+    assert errors[1][2] == pytest.approx(math.sqrt(0.81 + 0.72 ** 2 - 2 * 0.9 * 0.72 * math.cos(t2)))
+    # without a calibrated cosine distance only the norms change
+    assert O.step_errors(ratios, "residual")[0][2] == pytest.approx(1 - 0.72)
 
 
 def test_budget_for_speedup():
@@ -167,6 +179,7 @@ def test_runtime_runs_the_planned_schedule_and_predict_equals_it():
 
     pipe, kw = _tiny_flux_true_cfg()
     handle = magcache.apply(pipe, schedule="optimal", budget=4, retention_ratio=0.2, K=3, thresh=0.0)
+    assert handle.cos_curves is None  # the published FLUX curve has no cosine distances
     _, ran = _blocks_ran_per_call(pipe, kw)
     predicted = handle.predict(10, 2).computed
     p = handle.preset
@@ -186,6 +199,20 @@ def test_runtime_runs_the_planned_schedule_and_predict_equals_it():
     assert handle.plan is None
     _blocks_ran_per_call(pipe, kw)
     assert handle.last_run.computed == P.simulate(p.curves, 10, handle.settings, p.rules, 2).computed
+
+
+def test_runtime_plans_with_the_presets_cosine_distances():
+    import magcache
+
+    pipe, _ = _tiny_flux_true_cfg()
+    p = get_preset("demo")
+    handle = magcache.apply(pipe, preset="demo", schedule="optimal", budget=9)
+    assert handle.cos_curves == [list(c) for c in p.cos_curves]
+    with_cos = O.simulate_plan(p.curves, 28, p.settings(), p.rules, O.Plan(budget=9), 2, p.cos_curves).computed
+    without = O.simulate_plan(p.curves, 28, p.settings(), p.rules, O.Plan(budget=9), 2).computed
+    assert handle.predict(28, 2).computed == with_cos != without
+    handle.configure(curves=[list(c) for c in p.curves])  # a replaced curve drops the preset's cosine distances
+    assert handle.cos_curves is None and handle.predict(28, 2).computed == without
 
 
 def test_optimal_schedule_arguments_are_validated():
