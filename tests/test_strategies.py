@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import magcache
-import magcache.optimal as O
 import magcache.studio.strategies as S
 from magcache.studio.tiny import build_tiny_pipeline
 
@@ -96,7 +95,7 @@ def test_strategy_runs_equal_direct_runs_and_count_magcache_exactly(pipe):
             h.configure(thresh=settings.thresh)
         elif name == "magcache_optimal":
             budget = len(rows["magcache"].computed["cond"])
-            magcache.apply(fresh, preset="flux", schedule="optimal", budget=budget, error_model=O.DEFAULT_ERROR_MODEL)
+            magcache.apply(fresh, preset="flux", schedule="optimal", budget=budget)
         else:
             magcache.apply(fresh, preset="flux").configure(computed_steps={"cond": S.uniform_steps(STEPS, 3)})
         assert np.array_equal(outputs[f"{name} target_speedup=2"][0], _run(fresh)), name

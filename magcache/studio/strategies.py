@@ -305,7 +305,7 @@ def run_strategies(
     strategies: Sequence[str] = STRATEGIES,
     *,
     knobs: Mapping[str, Sequence[float]] | None = None,
-    error_model: str = O.DEFAULT_ERROR_MODEL,
+    error_models: Sequence[str] = (O.DEFAULT_ERROR_MODEL,),
     random_seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -315,6 +315,8 @@ def run_strategies(
     """Run each strategy on every ``(prompt, seed)`` item and measure it against the uncached output.
 
     ``levels`` are block speed-ups for the schedule strategies; ``knobs`` overrides a hook's values (``HOOK_KNOBS``).
+    ``magcache_optimal`` runs once per error model of ``error_models`` (rows named ``magcache_optimal/<model>`` when
+    there are several).
     MagCache uses the pipeline's handle (its preset, curves and rules; settings restored afterwards) or one applied
     with ``apply_kwargs`` and removed at the end. ``progress(done, total, label)`` is called before each point;
     ``cancel()`` is checked between points. With ``keep_outputs`` the rows' outputs are kept in ``.outputs``
@@ -335,6 +337,8 @@ def run_strategies(
         if s in HOOK_KNOBS:
             knob, values = HOOK_KNOBS[s]
             points += [StrategyPoint(s, knob, float(v)) for v in (knobs or {}).get(s, values)]
+        elif s == "magcache_optimal" and len(error_models) > 1:
+            points += [StrategyPoint(f"{s}/{m}", "target_speedup", float(x)) for m in error_models for x in levels]
         else:
             points += [StrategyPoint(s, "target_speedup", float(x)) for x in levels]
     results = StrategyResults(num_steps, [tuple(i) for i in items], 0.0)
@@ -354,7 +358,8 @@ def run_strategies(
             if progress is not None:
                 progress(done, len(points), point.label)
             try:
-                with _strategy(point, pipe, handle, runner, num_steps, num_branches, error_model, random_seed) as prepare:
+                with _strategy(point, pipe, handle, runner, num_steps, num_branches, error_models[0],
+                               random_seed) as prepare:
                     row, outs = runner.measure(point, prepare)
             except Exception as e:  # a hook that does not fit this model: report it, go on with the others
                 results.unsupported[point.strategy] = f"{type(e).__name__}: {e}"
@@ -394,8 +399,9 @@ def _strategy(point: StrategyPoint, pipe: Any, handle: MagCacheHandle, runner: _
         yield nothing
         return
     budget = equal_compute_budget(handle, num_steps, num_branches, value)
-    if name == "magcache_optimal":
-        handle.configure(schedule="optimal", budget=budget, error_model=error_model)
+    if name.startswith("magcache_optimal"):
+        model = name.partition("/")[2] or error_model
+        handle.configure(schedule="optimal", budget=budget, error_model=model)
         try:
             yield nothing
         finally:
