@@ -202,11 +202,11 @@ def reference_at(handle: MagCacheHandle, num_steps: int, num_branches: int, targ
 
 
 def equal_compute_budget(handle: MagCacheHandle, num_steps: int, num_branches: int, target: float) -> int:
-    """Computed steps per branch for the budget strategies at ``target``: what the threshold rule computes there
-    (its largest branch), so that they compare at equal compute; ``ceil(N / X)`` if the rule cannot reach X."""
+    """Computed steps per branch for the budget strategies at ``target``: what the threshold rule computes there (per
+    branch on average, rounded up), so that they compare at equal compute; ``ceil(N / X)`` if the rule cannot reach X."""
     _, schedule = reference_at(handle, num_steps, num_branches, target)
     if schedule.predicted_speedup() >= target:
-        return max(len(v) for v in schedule.computed.values())
+        return math.ceil(schedule.computed_count() / len(schedule.computed))
     return O.budget_for_speedup(num_steps, target)
 
 
