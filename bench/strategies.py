@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write the quality-vs-speed-up plot here (PNG)")
+    ap.add_argument("--replot", metavar="JSON", help="only draw --plot from the results of an earlier run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        plot(S.StrategyResults.from_json(report), args.plot, report["prompt_set"], report["settings"])
+        return
     items = D.prompt_set(args.set, args.prompts, args.seeds)
     pipe, settings = E.load_pipeline(args.model)
     start, load = time.time(), os.getloadavg()
@@ -77,9 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
-        fig = S.strategies_figure(results, title=f"demo model, {args.set} prompts ({len(items)} images), "
-                                                 f"{settings['num_inference_steps']} steps, true CFG")
-        fig.savefig(args.plot, dpi=110)
+        plot(results, args.plot, args.set, E.call_kwargs(settings))
+
+
+def plot(results: S.StrategyResults, path: str, prompt_set: str, call: dict) -> None:
+    fig = S.strategies_figure(results, title=f"demo model, {prompt_set} prompts ({len(results.items)} images), "
+                                             f"{call['num_inference_steps']} steps, true CFG")
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
