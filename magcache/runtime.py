@@ -4,7 +4,8 @@ Per call of the transformer:
 
 1. ``_begin_call`` finds the step (from the pipeline's scheduler, or a call counter) and the branch (the
    ``cache_context`` name if the pipeline sets one, else the call's position within the step: cond, then uncond),
-   and asks that branch's ``BranchPolicy`` (``magcache.policy``) whether to skip.
+   and asks that branch's ``BranchPolicy`` (``magcache.policy``; with ``schedule="optimal"`` a
+   ``PlannedBranchPolicy`` from ``magcache.optimal``) whether to skip.
 2. The transformer's own ``forward`` runs. On a skipped step the adapter's block lists are swapped for empty
    ``ModuleList``s for the duration of the call, so only embeddings, ``input + cached residual`` (added by a
    pre-hook on the exit module) and the output head run. On a computed step the exit pre-hook stores
@@ -93,7 +94,7 @@ class RunStats:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Branch:
-    policy: P.BranchPolicy
+    policy: P.BranchPolicy | O.PlannedBranchPolicy
     stats: BranchStats
     residual: torch.Tensor | None = None
 

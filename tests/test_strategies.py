@@ -112,3 +112,18 @@ def test_uniform_and_random_schedules():
 
     steps = S.random_steps(28, 7, random.Random(0))
     assert len(steps) == 7 and steps[0] == 0 and steps == sorted(set(steps))
+
+
+def test_prompt_sets_are_fixed_and_disjoint():
+    from magcache.studio.demo import data as D
+
+    tuning, heldout = D.prompt_set("tuning"), D.prompt_set("heldout")
+    assert len(tuning) == len(heldout) == 32  # 16 prompts x 2 seeds
+    assert not {p for p, _ in tuning} & {p for p, _ in heldout}
+    captions = [s.caption for s in D.held_out_scenes()]  # never seen in training
+    assert {p for p, _ in tuning + heldout} <= set(captions)
+    assert [p for p, _ in D.prompt_set("tuning", 8, 1)] == captions[42:50]  # the prompts the defaults were chosen on
+    assert D.prompt_set("heldout", 2, 2) == [(captions[6], 3006), (captions[6], 4006), (captions[7], 3007),
+                                             (captions[7], 4007)]
+    with pytest.raises(ValueError):
+        D.prompt_set("validation")
