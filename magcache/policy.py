@@ -353,7 +353,13 @@ def simulate(
     curves: Sequence[Sequence[float]], num_steps: int, settings: Settings, rules: Rules, num_branches: int = 1
 ) -> Schedule:
     """Predict the schedule of one run, calling the very ``decide`` the runtime calls."""
-    policies = make_branch_policies(curves, num_steps, num_branches, settings, rules)
+    return simulate_policies(make_branch_policies(curves, num_steps, num_branches, settings, rules), num_steps)
+
+
+def simulate_policies(policies: Sequence, num_steps: int) -> Schedule:
+    """Run per-branch policies (anything with ``decide(step, has_residual)``, e.g. the threshold rule's
+    ``BranchPolicy`` or a planned schedule) through one run, branch after branch within a step, as the runtime does."""
+    num_branches = len(policies)
     decisions: dict[str, list[Decision]] = {branch_name(b): [] for b in range(num_branches)}
     has_residual = [False] * num_branches
     for step in range(num_steps):
