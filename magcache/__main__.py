@@ -1,6 +1,8 @@
 """Command line: ``python -m magcache schedule --preset flux --steps 28 [--thresh T] [--retention R] [--K K] [--json]``.
 
 ``schedule`` prints the steps each branch computes (0-based) as the runtime would take them, without a model.
+``--target-speedup X`` solves the threshold (the smallest that reaches X at the given K); ``--optimal --budget C``
+(or ``--optimal --target-speedup X``, C = ceil(N / X)) prints the budget-optimal schedule (``magcache.optimal``).
 ``presets`` lists the shipped presets.
 ``generate --tab TAB --prompt P [--tiny] [--baseline]`` runs one app tab and writes its output and a JSON summary;
 under ``torchrun --nproc_per_node N`` with context parallelism over the N processes (``--cp ulysses|ring``; see
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import optimal as O
 from . import policy as P
 from .presets import get_preset, list_presets
 
@@ -33,7 +36,24 @@ def _schedule(args: argparse.Namespace) -> int:
     curves = preset.curves_for(steps)
     branches = 1 if args.no_cfg else len(curves) if args.cfg is None else (2 if args.cfg else 1)
     split = args.split_step if args.split_step is not None else preset.split_step(steps)
-    sched = P.simulate(curves, steps, settings, preset.rules, branches, split)
+    plan, note = None, ""
+    if args.optimal:
+        if (args.budget is None) == (args.target_speedup is None):
+            raise ValueError("--optimal needs exactly one of --budget C (computed steps per branch) or --target-speedup X")
+        plan = O.Plan(budget=args.budget, target_speedup=args.target_speedup, error_model=args.error_model)
+        sched = O.simulate_plan(curves, steps, settings, preset.rules, plan, branches, preset.cos_curves, split)
+        note = (f"budget-optimal schedule: {plan.budget_for(steps)} computed steps per branch, error model "
+                f"{plan.error_model!r} (thresh not used)")
+    elif args.budget is not None:
+        raise ValueError("--budget needs --optimal (the threshold rule is solved for a speed-up with --target-speedup)")
+    elif args.target_speedup is not None:
+        settings, sched, tried = P.solve_thresh_for_speedup(curves, steps, args.target_speedup, settings,
+                                                           preset.rules, branches, split_step=split)
+        reached = tried[-1][1] is not None
+        note = (f"smallest thresh reaching {args.target_speedup:g}x at K {settings.K}" if reached else
+                f"{args.target_speedup:g}x is not reachable at K {settings.K}: the fastest schedule")
+    else:
+        sched = P.simulate(curves, steps, settings, preset.rules, branches, split)
     notes = P.fallback_notes(sched, preset.rules)
     if curves is not preset.curves:
         notes.append(f"more than {preset.long_curves_above} steps: the {len(curves[0])}-step curve is used, as "
@@ -48,7 +68,7 @@ def _schedule(args: argparse.Namespace) -> int:
         out = {
             "preset": preset.id,
             "steps": steps,
-            "thresh": settings.thresh,
+            "thresh": None if plan else settings.thresh,
             "retention_ratio": settings.retention_ratio,
             "K": settings.K,
             "computed": sched.computed,
@@ -57,14 +77,24 @@ def _schedule(args: argparse.Namespace) -> int:
             "predicted_speedup": round(sched.predicted_speedup(), 4),
             "reasons": {b: [d.reason for d in ds] for b, ds in sched.decisions.items()},
             "notes": notes,
+            "schedule": "optimal" if plan else "threshold",
+            "modelled_error": {b: round(v, 6) for b, v in O.modelled_error(
+                sched, curves, settings, preset.rules, plan.error_model if plan else O.DEFAULT_ERROR_MODEL,
+                preset.cos_curves).items()},
         }
         if split is not None:
             out["split_step"] = split
+        if plan:
+            out.update(budget=plan.budget_for(steps), error_model=plan.error_model)
+        elif args.target_speedup is not None:
+            out["reached"] = reached
         print(json.dumps(out))
         return 0
     print(f"{preset.id}: {preset.model}")
-    print(f"steps {steps}, thresh {settings.thresh}, retention {settings.retention_ratio}, K {settings.K} "
-          f"(rules: {preset.rules_source})")
+    thresh = "" if plan else f", thresh {settings.thresh}"
+    print(f"steps {steps}{thresh}, retention {settings.retention_ratio}, K {settings.K} (rules: {preset.rules_source})")
+    if note:
+        print(f"  {note}")
     for branch, decisions in sched.decisions.items():
         line = "".join("#" if not d.skip else "." for d in decisions)
         if split is not None:
@@ -193,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--cfg", action="store_true", default=None, help="two branches (cond + uncond)")
     g.add_argument("--no-cfg", action="store_true", help="one branch even for CFG presets")
+    s.add_argument("--target-speedup", type=float, metavar="X",
+                   help="block speed-up: the smallest thresh reaching it, or with --optimal a budget of ceil(N/X)")
+    s.add_argument("--optimal", action="store_true", help="budget-optimal schedule instead of the threshold rule")
+    s.add_argument("--budget", type=int, metavar="C", help="with --optimal: computed steps per branch")
+    s.add_argument("--error-model", default=O.DEFAULT_ERROR_MODEL, choices=O.ERROR_MODELS,
+                   help="with --optimal: the modelled error it minimises")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=_schedule)
     p = sub.add_parser("presets", help="list presets")

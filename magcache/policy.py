@@ -456,7 +456,14 @@ def simulate(
 ) -> Schedule:
     """Predict the schedule of one run, calling the very ``decide`` the runtime calls. ``split_step``: the number
     of steps a two-expert model's first expert runs (rules with ``expert_retention`` need it)."""
-    policies = make_branch_policies(curves, num_steps, num_branches, settings, rules, split_step)
+    return simulate_policies(make_branch_policies(curves, num_steps, num_branches, settings, rules, split_step),
+                             num_steps)
+
+
+def simulate_policies(policies: Sequence, num_steps: int) -> Schedule:
+    """Run per-branch policies (anything with ``decide(step, has_residual)``, e.g. the threshold rule's
+    ``BranchPolicy`` or a planned schedule) through one run, branch after branch within a step, as the runtime does."""
+    num_branches = len(policies)
     decisions: dict[str, list[Decision]] = {branch_name(b): [] for b in range(num_branches)}
     has_residual = [False] * num_branches
     for step in range(num_steps):

@@ -127,6 +127,15 @@ class Preset:
         """No published curve: MagCache is off on this model until a calibration of it exists."""
         return not self.curves
 
+    @property
+    def cos_curves(self) -> tuple[tuple[float, ...], ...] | None:
+        """Per-branch cosine distances between consecutive residuals, where the calibration recorded them (our own
+        calibrations do; the published curves do not)."""
+        cos = self.extra.get("cos_dis")
+        if not cos:
+            return None
+        return tuple(tuple(c) for c in split_branches(cos, self.interleaved))
+
     def settings(self, **overrides) -> Settings:
         """Reference defaults, with any non-None overrides."""
         values = {"thresh": self.thresh, "retention_ratio": self.retention_ratio, "K": self.K, **self.options}

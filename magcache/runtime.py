@@ -4,7 +4,8 @@ Per call of the transformer:
 
 1. ``_begin_call`` finds the step (from the pipeline's scheduler, or a call counter) and the branch (the
    ``cache_context`` name if the pipeline sets one, else the call's position within the step: cond, then uncond),
-   and asks that branch's ``BranchPolicy`` (``magcache.policy``) whether to skip.
+   and asks that branch's ``BranchPolicy`` (``magcache.policy``; with ``schedule="optimal"`` a
+   ``PlannedBranchPolicy`` from ``magcache.optimal``) whether to skip.
 2. The transformer's own ``forward`` runs. On a skipped step the adapter's block lists are swapped for empty
    ``ModuleList``s for the duration of the call, so only embeddings, ``input + cached residual`` (added by a
    pre-hook on the exit module) and the output head run. On a computed step the exit pre-hook stores
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from . import optimal as O
 from . import policy as P
 from .adapters import Adapter, adapter_by_family, adapter_for
 from .presets import Preset, get_preset
@@ -92,7 +94,7 @@ class RunStats:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Branch:
-    policy: P.BranchPolicy
+    policy: P.BranchPolicy | O.PlannedBranchPolicy
     stats: BranchStats
     residual: torch.Tensor | None = None
 
@@ -107,6 +109,7 @@ class _Run:
     stats: RunStats
     forced: Mapping[str, frozenset] | None = None
     split_step: int | None = None  # two-expert pipelines: steps run by the first expert
+    plan: O.Plan | None = None
     branches: dict[str, _Branch] = field(default_factory=dict)
     num_branches: int = 1  # grows as branches appear; known for sure from step 1 on
     last_step: int = -1
@@ -207,6 +210,12 @@ class MagCacheHandle:
         # Optional fixed schedule {branch: steps to compute}, bypassing the policy: for naive baselines
         # (uniform / random skipping at the same computed-step count) and benchmarks.
         self.computed_steps: Mapping[str, Sequence[int]] | None = None
+        # Budget-optimal schedule (``schedule="optimal"``): planned per run by ``magcache.optimal``; None = the
+        # threshold rule.
+        self.plan: O.Plan | None = None
+        # the preset's calibrated cosine distances (per branch), used by the plan's "residual" error model; dropped
+        # when ``curves`` replaces the preset's curve
+        self.cos_curves: list[list[float]] | None = None
         self.enabled = True
         self.keep_runs = keep_runs
         self.runs: list[RunStats] = []
@@ -230,11 +239,20 @@ class MagCacheHandle:
         calibrate: bool | None = None,
         enabled: bool | None = None,
         computed_steps: Mapping[str, Sequence[int]] | None | bool = False,
+        schedule: str | None = None,
+        budget: int | None = None,
+        target_speedup: float | None = None,
+        error_model: str | None = None,
         **options: Any,
     ) -> "MagCacheHandle":
         """Change settings for the next run. ``options`` are :class:`magcache.policy.Settings` fields.
         ``computed_steps={"cond": [...], "uncond": [...]}`` forces a fixed schedule (``None`` returns to the
-        policy); a branch missing from it uses the ``"cond"`` entry."""
+        policy); a branch missing from it uses the ``"cond"`` entry. ``schedule="optimal"`` with ``budget`` (computed
+        steps per branch) or ``target_speedup`` plans each run's computed steps (:mod:`magcache.optimal`);
+        ``schedule="threshold"`` returns to MagCache's rule."""
+        if schedule is not None or budget is not None or target_speedup is not None or error_model is not None:
+            self.plan = _plan(schedule or ("optimal" if self.plan is not None else "threshold"), budget, target_speedup,
+                              error_model, self.plan)
         if computed_steps is not False:
             self.computed_steps = None if computed_steps is None else {b: sorted(set(v)) for b, v in computed_steps.items()}
         changes = {k: v for k, v in dict(thresh=thresh, retention_ratio=retention_ratio, K=K, **options).items() if v is not None}
@@ -243,6 +261,7 @@ class MagCacheHandle:
         if curves is not None:
             self.curves = _validated_curves(curves)
             self._preset_curves = False
+            self.cos_curves = None
         if calibrate:
             self._calibration_start = len(self.runs)  # a new calibration: earlier runs are not averaged in
         if calibrate is not None:
@@ -255,9 +274,13 @@ class MagCacheHandle:
     def predict(self, num_steps: int, num_branches: int = 1) -> P.Schedule:
         """The schedule a run of ``num_steps`` will take with the current settings (no model is run). A fixed
         schedule (``configure(computed_steps=...)``) or calibration mode overrides the policy at run time and is
-        not reflected here. Two-expert pipelines: the expert switch is the pipeline's own, for its scheduler."""
+        not reflected here; a planned schedule is. Two-expert pipelines: the expert switch is the pipeline's own, for its scheduler."""
         curves, settings = self._policy_inputs(num_steps)
-        return P.simulate(curves, num_steps, settings, self.rules, num_branches, self.split_step(num_steps))
+        split = self.split_step(num_steps)
+        if self.plan is not None:
+            return O.simulate_plan(curves, num_steps, settings, self.rules, self.plan, num_branches, self.cos_curves,
+                                   split)
+        return P.simulate(curves, num_steps, settings, self.rules, num_branches, split)
 
     def curves_for(self, num_steps: int) -> list[list[float]]:
         """The per-branch curves a run of ``num_steps`` uses; ``[]`` while a calibrate-first model has none."""
@@ -463,7 +486,7 @@ class MagCacheHandle:
         if self._lockstep is not None:  # context parallel: every rank must take this same decision
             self._lockstep.agree_on_decision(num_steps, step, P.BRANCH_NAMES.index(name) if name in P.BRANCH_NAMES
                                              else run.ordinal, decision.skip)
-        call = _Call(branch, step, decision.skip, run.calibrating or run.settings.enabled)
+        call = _Call(branch, step, decision.skip, run.calibrating or run.settings.enabled or run.plan is not None)
         self._call = call
         return call
 
@@ -486,10 +509,16 @@ class MagCacheHandle:
             forced = {b: frozenset(v) for b, v in self.computed_steps.items()}
         timesteps = token[len(token) - num_steps:] if isinstance(self._clock, _SchedulerClock) else None
         split = self.split_step(num_steps, timesteps)
-        self._run = _Run(token, num_steps, settings, curves, self.calibrate, stats, forced, split)
+        self._run = _Run(token, num_steps, settings, curves, self.calibrate, stats, forced, split, self.plan)
         return self._run
 
     def _new_branch(self, run: _Run, index: int) -> _Branch:
+        if run.plan is not None:
+            prepared = P.prepare_curves(run.curves, run.num_steps, run.settings.sqrt_ratios, self.rules.step_mapping)
+            cos = O.branch_cos_curve(self.cos_curves, run.num_steps, self.rules, index)
+            planned = O.PlannedBranchPolicy(P.branch_curve(prepared, index), run.settings, self.rules, run.num_steps,
+                                            run.plan, index, run.num_branches, cos, split_step=run.split_step)
+            return _Branch(planned, BranchStats())
         ratios = P.branch_ratios(run.curves, run.num_steps, index, run.settings, self.rules)
         pol = P.BranchPolicy(ratios, run.settings, self.rules, run.num_steps, index, run.num_branches,
                              split_step=run.split_step)
@@ -665,6 +694,10 @@ def apply(
     num_inference_steps: int | None = None,
     num_branches: int = 1,
     rules: P.Rules | None = None,
+    schedule: str = "threshold",
+    budget: int | None = None,
+    target_speedup: float | None = None,
+    error_model: str | None = None,
     **options: Any,
 ) -> MagCacheHandle:
     """Enable MagCache on a diffusers pipeline (or a bare transformer) and return its handle.
@@ -675,6 +708,11 @@ def apply(
     (:meth:`MagCacheHandle.calibration`). For a bare transformer, ``num_inference_steps`` (and ``num_branches``
     transformer calls per step) define a run. ``options`` are extra :class:`magcache.policy.Settings` fields such
     as ``protect_last_steps`` or ``sqrt_ratios``.
+
+    ``schedule="optimal"`` replaces the threshold rule by a budget-optimal schedule (:mod:`magcache.optimal`): each
+    run computes ``budget`` steps per branch (or ``ceil(N / target_speedup)``), placed to minimise ``error_model``'s
+    modelled error, with the retention steps, the rules' guards and at most ``K`` skips in a row; ``thresh`` is
+    not used. ``handle.predict(N)`` gives that schedule too.
     """
     pipe, transformer = _split_target(target)
     existing = transformer.__dict__.get("_magcache_handle")
@@ -712,8 +750,27 @@ def apply(
         experts=experts,
         pipe=pipe,
     )
+    handle.plan = _plan(schedule, budget, target_speedup, error_model, None)
+    if curves is None and p.cos_curves is not None:
+        handle.cos_curves = [list(c) for c in p.cos_curves]
     handle._attach(pipe)
     return handle
+
+
+def _plan(schedule: str, budget: int | None, target_speedup: float | None, error_model: str | None,
+          current: O.Plan | None) -> O.Plan | None:
+    """The plan for ``schedule="optimal"`` (unset fields kept from ``current``), None for ``"threshold"``."""
+    if schedule == "threshold":
+        if budget is not None or target_speedup is not None:
+            raise ValueError('budget / target_speedup need schedule="optimal" (the threshold rule has its own solver: '
+                             'magcache.policy.solve_thresh_for_speedup)')
+        return None
+    if schedule != "optimal":
+        raise ValueError(f'schedule must be "threshold" or "optimal", got {schedule!r}')
+    if budget is None and target_speedup is None and current is not None:
+        budget, target_speedup = current.budget, current.target_speedup
+    model = error_model or (current.error_model if current is not None else O.DEFAULT_ERROR_MODEL)
+    return O.Plan(budget=budget, target_speedup=target_speedup, error_model=model)
 
 
 def remove(target: Any) -> None:

@@ -207,7 +207,9 @@ def plan_placement(device: str, dtype: torch.dtype, component_bytes: Mapping[str
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    from ..speed import stored_bytes  # quantized weights hold less than their reported dtype says
+
+    return sum(stored_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
 
 
 def pipeline_component_bytes(pipe: Any) -> dict[str, int]:

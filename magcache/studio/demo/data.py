@@ -236,3 +236,16 @@ def check_adherence(image: np.ndarray, scene: Scene) -> dict:
         "objects_ok": all(o["ok"] for o in objects),
         "correct": background["ok"] and all(o["ok"] for o in objects),
     }
+
+
+def prompt_set(name: str, prompts: int | None = None, seeds: int | None = None) -> list[tuple[str, int]]:
+    """``(prompt, seed)`` items of a fixed prompt set: ``"tuning"`` (settings and error models are chosen on it) or
+    ``"heldout"`` (disjoint scenes, for reporting); the first ``prompts`` prompts, each with its first ``seeds``
+    seeds, prompt by prompt."""
+    import json
+    from pathlib import Path
+
+    if name not in ("tuning", "heldout"):
+        raise ValueError(f"unknown prompt set {name!r}; choose tuning or heldout")
+    entries = json.loads((Path(__file__).with_name(f"prompts_{name}.json")).read_text())["prompts"][:prompts]
+    return [(e["prompt"], seed) for e in entries for seed in e["seeds"][:seeds]]

@@ -280,19 +280,9 @@ def choose_defaults(rows: list[dict]) -> dict:
     return {"thresh": best["thresh"], "K": best["K"], "retention_ratio": best["retention_ratio"], "row": best}
 
 
-def uniform_schedule(num_steps: int, count: int) -> list[int]:
-    """``count`` computed steps spread evenly over the run, first and last included (count = N/2 is
-    'reuse the residual every other step')."""
-    return sorted(set(int(round(v)) for v in np.linspace(0, num_steps - 1, count)))
-
-
-def random_schedule(num_steps: int, count: int, rng: random.Random) -> list[int]:
-    """Step 0 (no residual exists yet) plus ``count - 1`` steps drawn at random."""
-    return sorted([0] + rng.sample(range(1, num_steps), count - 1))
-
-
 def baselines(bench: Bench, handle, defaults: dict, targets, random_draws: int) -> list[dict]:
     import magcache.policy as P
+    from magcache.studio.strategies import random_steps, uniform_steps
 
     n = bench.settings["num_inference_steps"]
     branches = 2 if bench.settings["true_cfg_scale"] > 1 else 1
@@ -308,12 +298,12 @@ def baselines(bench: Bench, handle, defaults: dict, targets, random_draws: int) 
         handle.configure(thresh=s.thresh, K=s.K, retention_ratio=s.retention_ratio, computed_steps=None)
         mag = bench.run(handle)
         counts = {b: len(v) for b, v in mag["computed"][0].items()}
-        uniform = [{b: uniform_schedule(n, c) for b, c in counts.items()} for _ in bench.prompts]
+        uniform = [{b: uniform_steps(n, c) for b, c in counts.items()} for _ in bench.prompts]
         uni = bench.run(handle, uniform)
         rnd_runs = []
         for draw in range(random_draws):
             rng = random.Random(1234 + draw)
-            rnd_runs.append(bench.run(handle, [{b: random_schedule(n, c, rng) for b, c in counts.items()}
+            rnd_runs.append(bench.run(handle, [{b: random_steps(n, c, rng) for b, c in counts.items()}
                                                for _ in bench.prompts]))
         rnd = {k: round(float(np.mean([r[k] for r in rnd_runs])), 4) for k in ("psnr", "ssim", "computed_calls")}
         row = {
