@@ -69,6 +69,9 @@ def test_every_tab_end_to_end(manager, tab_id):
             hook.remove()
     result = out["result"]
     base, cached = result.baseline, result.cached
+    # the schedule figure marks where a two-expert pipeline switched experts, and only there
+    assert _expert_switch_lines(out["schedule"]) == ([result.expert_switch - 0.5] if len(experts) > 1 else [])
+    assert (result.expert_switch is not None) == (len(experts) > 1)
 
     # outputs present, same shape on both sides
     if tab.is_video:
@@ -195,6 +198,27 @@ def test_live_preview_matches_the_policy(manager):
     assert preview_schedule(manager, "framepack", framepack).sections == 2
     figure, text = handlers.live_preview(manager, "flux", {"steps": 28, "thresh": -1, "retention_ratio": 0.1, "K": 5})
     assert figure is None and "thresh" in text
+
+
+def _expert_switch_lines(figure):
+    """Where the schedule figure draws its "expert switch" label (x in steps), one per labelled line."""
+    return [t.xy[0] for ax in figure.axes for t in ax.texts if t.get_text() == "expert switch"]
+
+
+def test_the_wan22_a14b_schedule_figure_marks_the_expert_switch(manager):
+    from magcache.studio.tuning import preview_schedule
+
+    values = {"steps": 40, "thresh": 0.1, "retention_ratio": 0.2, "K": 3, "guidance": 4.0, "num_frames": 81}
+    preview = preview_schedule(manager, "wan22_t2v", values)
+    split = P.reference_split_step(preview.preset.rules, 40)
+    assert preview.expert_switch == split and 0 < split < 40
+    figure, text = handlers.live_preview(manager, "wan22_t2v", values)
+    assert _expert_switch_lines(figure) == [split - 0.5]  # between the last high-noise and the first low-noise step
+    lines = [line.get_xdata()[0] for ax in figure.axes for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert lines == [split - 0.5, split - 0.5]  # in both panels
+    assert f"Expert switch after step {split - 1}" in text
+    figure, _ = handlers.live_preview(manager, "wan_t2v", dict(values, num_frames=81))  # one model: no switch
+    assert _expert_switch_lines(figure) == []
 
 
 def test_tabs_are_generated_from_presets_json_with_an_extension_hook(manager, monkeypatch):

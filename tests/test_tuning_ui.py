@@ -197,6 +197,38 @@ def test_calibrate_then_a_new_run_uses_it(manager, store_dir):
     assert (backend.CALIBRATION_PREFIX + cal.id) in [v for _, v in tuning.curve_options(manager, "demo")]
 
 
+@pytest.mark.parametrize("tab_id", ["flux2", "z_image"])
+def test_calibrate_first_tab_is_off_until_calibrated_then_uses_its_calibration(manager, store_dir, tab_id):
+    """FLUX.2 and Z-Image have no published curve: the preview asks for a calibration and a run computes every step;
+    one click on Calibrate, and with Auto the preview and the next run use the new curve without anything else."""
+    settings = dict(thresh=0.5, retention_ratio=0.2, K=2)  # generous, so the tiny model's curve skips something
+    values = _values(tab_id, **settings)
+    tab = manager.catalog.tab(tab_id)
+    branches = tab.num_branches(values["guidance"])
+    figure, text = handlers.live_preview(manager, tab_id, values)
+    assert figure is None and "MagCache is off until you calibrate it" in text and "Calibrate first" in text
+    before = _run(manager, tab_id, values)
+    assert before.curve.calibration is None and before.curve.curves == []
+    assert all(run.computed == {b: list(range(STEPS)) for b in run.computed} for run in before.cached.stats)
+
+    out = tuning.calibrate_tab(manager, tab_id, values)
+    cal = out["calibration"]
+    assert cal is not None and out["figure"] is not None and "Calibrated" in out["status"], out["status"]
+    assert [p.stem for p in store_dir.glob("*.json")] == [cal.id] and cal.num_steps == STEPS
+
+    curve, schedule = _preview_schedule(manager, tab_id, values)
+    assert curve.calibration.id == cal.id and curve.how == "exact"
+    figure, text = handlers.live_preview(manager, tab_id, values)
+    assert figure is not None and f"calibration {cal.id} (exact)" in text, text
+    result = _run(manager, tab_id, values)
+    assert result.curve.calibration.id == cal.id and result.curve.how == "exact"
+    p = get_preset(tab_defaults(manager, tab_id, None)["preset"])
+    expected = P.simulate(cal.curves_for(branches > 1), STEPS, p.settings(**settings), rules_for_calibration(p.rules),
+                          branches)
+    assert result.cached.stats[0].computed == expected.computed == schedule.computed
+    assert expected.computed_count() < STEPS * branches  # caching is on now
+
+
 def test_changed_step_count_picks_the_nearest_and_resamples(manager):
     base = dict(thresh=0.1, retention_ratio=0.1, K=4)
     cal8 = _calibrate(manager, "demo", _values("demo", steps=8, **base))["calibration"]

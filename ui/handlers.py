@@ -67,8 +67,9 @@ def show_preview(p: SchedulePreview) -> tuple[Any, str]:
     if switch is not None:
         text += (f" Expert switch after step {switch - 1}: steps 0–{switch - 1} run the high-noise expert, "
                  f"{switch}–{n - 1} the low-noise one; the retention windows are placed by this switch.")
-    calibrated = len(preset.curves_for(n)[0])
-    if n != calibrated and curve is None:  # a chosen curve's label says how it was resampled
+    # the preset's curve for this run length; a chosen curve's label says how it was resampled
+    calibrated = len(preset.curves_for(n)[0]) if curve is None else n
+    if n != calibrated:
         text += f" The ratios were calibrated for {calibrated} steps and are resampled to {n}."
     return schedule_figure(schedule, p.settings.thresh, expert_switch=switch), text
 
