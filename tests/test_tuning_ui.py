@@ -210,6 +210,12 @@ def test_calibrate_first_tab_is_off_until_calibrated_then_uses_its_calibration(m
     before = _run(manager, tab_id, values)
     assert before.curve.calibration is None and before.curve.curves == []
     assert all(run.computed == {b: list(range(STEPS)) for b in run.computed} for run in before.cached.stats)
+    with pytest.raises(InvalidRequest, match="Calibrate first"):  # nothing to solve for, export or sweep yet
+        tuning.solve_target(manager, tab_id, values, 2.0)
+    with pytest.raises(InvalidRequest, match="Calibrate first"):
+        tuning.export_settings(manager, tab_id, values, "json")
+    with pytest.raises(InvalidRequest, match="Calibrate first"):
+        tuning.sweep_tab(manager, tab_id, values, "0.1, 0.2", "2")
 
     out = tuning.calibrate_tab(manager, tab_id, values)
     cal = out["calibration"]
@@ -227,6 +233,7 @@ def test_calibrate_first_tab_is_off_until_calibrated_then_uses_its_calibration(m
                           branches)
     assert result.cached.stats[0].computed == expected.computed == schedule.computed
     assert expected.computed_count() < STEPS * branches  # caching is on now
+    assert tuning.solve_target(manager, tab_id, values, 1.5)["solution"].reached
 
 
 def test_changed_step_count_picks_the_nearest_and_resamples(manager):

@@ -199,15 +199,19 @@ def tab_inputs(manager: ModelManager, tab_id: str, values: Mapping[str, Any]) ->
 def current_curve(manager: ModelManager, tab_id: str, values: Mapping[str, Any],
                   inputs: TabInputs | None = None) -> CurveChoice:
     """The curve a run with these inputs would use. When the model is loaded, resolution and scheduler come from
-    it exactly as for the run; before that, the scheduler is not known and matches any."""
+    it exactly as for the run; before that, the scheduler is not known and matches any. A calibrate-first model
+    without a calibration has none to preview, solve or export: ``ValueError`` saying to calibrate first."""
     run = inputs or tab_inputs(manager, tab_id, values)
     resolution = run_resolution(run.loaded.pipe, run.size) if run.loaded is not None else None
     scheduler = scheduler_label(run.loaded.pipe.scheduler) if run.loaded is not None else None
     if resolution is None:
         s = run.size
         resolution = as_resolution((s.get("height", 1024), s.get("width", 1024), s.get("num_frames", 1)))
-    return pick_curve(run.preset.id, values.get("curve"), model_key(run.plan), run.steps, resolution, scheduler,
-                      run.branches > 1, values.get("curve_file"))
+    curve = pick_curve(run.preset.id, values.get("curve"), model_key(run.plan), run.steps, resolution, scheduler,
+                       run.branches > 1, values.get("curve_file"))
+    if not curve.curves:
+        raise ValueError(f"{curve.label}. Calibrate first (Tuning: Calibrate); the calibration is then used automatically")
+    return curve
 
 
 def curve_options(manager: ModelManager, tab_id: str, variant: str | None = None,
@@ -260,9 +264,6 @@ def preview_schedule(manager: ModelManager, tab_id: str, values: Mapping[str, An
                                    K=int(values["K"]), **(curve.options if curve is not None else {}))
     # the preset's curve for this run length (HunyuanVideo-1.5: its 40-step curve above 20 steps)
     curves, rules = (run.preset.curves_for(run.steps), run.preset.rules) if curve is None else (curve.curves, curve.rules)
-    if not curves:  # a calibrate-first model (FLUX.2, Z-Image) without a calibration
-        reason = curve.label if curve is not None else f"preset {run.preset.id!r} has no published ratio curve"
-        raise ValueError(f"{reason}. Calibrate first (Tuning: Calibrate); the calibration is then used automatically")
     sections = 1
     if run.tab.task == "framepack" and run.size.get("num_frames"):
         sections = framepack_sections(run.size["num_frames"], run.defaults.get("latent_window_size", 9))
@@ -415,6 +416,8 @@ def run_tab_sweep(manager: ModelManager, req: GenerationRequest, thresholds: lis
     with device_job(manager, req, stop, on_progress) as job:
         job.phase = "running the sweep"
         curve = curve_for_job(job)
+        if not curve.curves:  # a calibrate-first model: every point would run uncached
+            raise InvalidRequest(f"Sweep: {curve.label}. Calibrate first (Tuning: Calibrate)")
         call = dict(job.call, **job.step_arguments(None))
         runner = PipelineSweep(job.pipe, call, seed=int(job.request.seed), preset=job.loaded.preset,
                                curves=curve.curves, rules=curve.rules, **curve.options)
