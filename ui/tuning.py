@@ -32,6 +32,7 @@ from magcache.calibration import (MAX_FILE_BYTES, Calibration, CalibrationStore,
                                   run_resolution, scheduler_label)
 from magcache.export import SettingsSnapshot, export_all, extra_options, load_settings_json
 from magcache.presets import Preset, get_preset
+from magcache.studio import public
 from magcache.studio.compare import (InvalidRequest, build_call_kwargs, framepack_sections, reset_pipeline,
                                      tab_defaults, validate)
 from magcache.studio.manager import Cancelled, LoadedModel, LoadPlan, ModelManager, WeightsNotFound
@@ -78,8 +79,9 @@ class _NoCalibrations:
 
 
 def calibration_store() -> CalibrationStore:
-    """The user calibration store (``$MAGCACHE_HOME/calibrations``, else the user data dir; docs/tuning.md)."""
-    return CalibrationStore()
+    """The user calibration store (``$MAGCACHE_HOME/calibrations``, else the user data dir; docs/tuning.md); in
+    public mode, the visitor's own (``public.calibration_store``)."""
+    return public.calibration_store()
 
 
 def model_key(plan: LoadPlan) -> str:
@@ -276,9 +278,12 @@ def solve_target(manager: ModelManager, tab_id: str, values: Mapping[str, Any], 
 def _request(manager: ModelManager, tab_id: str, values: Mapping[str, Any], upload_roots: Any = None):
     """The validated request of the tab's inputs (uploads confined to ``upload_roots`` when given)."""
     req = handlers.request_from_values(tab_id, values, upload_roots)
+    public.check_source(req.weights, req.base)
     tab = manager.catalog.tab(tab_id)
     variant = tab.variant(req.variant)
-    return tab, variant, validate(tab, req, tab_defaults(manager, tab.id, variant.id))
+    defaults = tab_defaults(manager, tab.id, variant.id)
+    public.check_budget(tab, public.request_work(tab, req, defaults, runs=1), manager.device)  # one run at a time
+    return tab, variant, validate(tab, req, defaults)
 
 
 @contextlib.contextmanager

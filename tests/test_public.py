@@ -1,0 +1,296 @@
+"""Public mode and the admission of a request: no server paths or hub ids from visitors, calibrations kept per
+visitor, strict parsing of every field, the compute budget and the per-client limit, both refused before the
+request waits for the device; and the disk housekeeping."""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from magcache.calibration import CalibrationStore
+from magcache.studio import housekeeping, public
+from magcache.studio.compare import InvalidRequest
+from magcache.studio.manager import ModelManager, WeightsNotFound
+
+from ui import handlers
+
+SMALL = {"prompt": "x", "steps": 4, "width": 32, "height": 32, "guidance": 3.0}
+
+
+@pytest.fixture
+def manager(tmp_path):
+    return ModelManager(tiny=True, demo_dir=tmp_path / "no-demo-model")
+
+
+@pytest.fixture
+def public_on(monkeypatch, tmp_path):
+    for name in ("MAGCACHE_PUBLIC", "MAGCACHE_SHARED_CALIBRATIONS", "MAGCACHE_BUDGET_CPU", "MAGCACHE_CLIENT_QUEUE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SPACE_ID", "someone/magcache-studio")
+    monkeypatch.setenv("MAGCACHE_SESSION_DIR", str(tmp_path / "sessions"))
+    assert public.public_mode()
+
+
+def test_public_mode_follows_space_id_and_the_flag(monkeypatch):
+    monkeypatch.delenv("MAGCACHE_PUBLIC", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert not public.public_mode()
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    assert public.public_mode()
+    monkeypatch.setenv("MAGCACHE_PUBLIC", "0")  # the owner of a private Space turns it off
+    assert not public.public_mode()
+    monkeypatch.delenv("SPACE_ID")
+    monkeypatch.setenv("MAGCACHE_PUBLIC", "1")
+    assert public.public_mode()
+
+
+def test_public_mode_refuses_model_sources_and_hides_the_fields(public_on, manager, tmp_path):
+    for fields in ({"weights": "/root"}, {"weights": "black-forest-labs/FLUX.1-dev"}, {"base": str(tmp_path)},
+                   {"weights": "~", "base": "x/y"}):
+        with pytest.raises(InvalidRequest, match="This is a public instance: the .* cannot be set here"):
+            handlers.generate(manager, "flux", dict(SMALL, **fields))
+    with pytest.raises(InvalidRequest, match="public instance"):  # the tuning panel's calibration too
+        from ui import tuning
+
+        tuning.calibrate(manager, "flux", dict(SMALL, weights="/root"))
+    assert manager.loaded() == []
+    out = handlers.generate(manager, "flux", dict(SMALL, weights="  "))  # an empty field is no source
+    assert "Done" in out["status"]
+
+    import ui
+
+    app = ui.build_app(manager)
+    weights = [b for b in app.blocks.values() if getattr(b, "label", None) == "Weights"]
+    accordions = [b for b in app.blocks.values() if getattr(b, "label", None) == "Model source"]
+    assert weights and accordions and not any(a.visible for a in accordions)
+
+
+def test_local_mode_keeps_model_sources(monkeypatch, manager, tmp_path):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("MAGCACHE_PUBLIC", raising=False)
+    with pytest.raises(WeightsNotFound, match="is not a diffusers pipeline folder"):
+        ModelManager(tiny=False).plan("flux", weights=str(tmp_path))
+    import ui
+
+    app = ui.build_app(manager)
+    assert all(b.visible for b in app.blocks.values() if getattr(b, "label", None) == "Model source")
+
+
+def test_the_demo_tab_never_runs_a_stand_in_for_a_typed_path(manager, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    for typed in ("/etc", str(tmp_path / "missing"), str(tmp_path / "other")):
+        with pytest.raises(WeightsNotFound, match="is not a demo model folder"):
+            handlers.generate(manager, "demo", dict(SMALL, weights=typed))
+    out = handlers.generate(manager, "demo", SMALL)  # nothing typed: the tiny stand-in, with a note saying so
+    assert "demo model is not at" in out["status"]
+
+
+def test_calibrations_are_kept_per_visitor_in_public_mode(public_on, monkeypatch, tmp_path):
+    a, b = public.calibration_store("session-a"), public.calibration_store("session-b")
+    assert a.root != b.root and a.root.parent.parent == tmp_path / "sessions"
+    assert public.calibration_store("session-a").root == a.root
+    assert public.calibration_store("../../etc").root.parent.parent == tmp_path / "sessions"  # a hash, not a path
+    assert public.calibration_store().root.parent.name != a.root.parent.name  # no event: an empty store
+    monkeypatch.setenv("MAGCACHE_SHARED_CALIBRATIONS", "1")  # the owner shares one store
+    assert public.calibration_store("session-a").root == CalibrationStore().root
+    monkeypatch.setenv("MAGCACHE_SHARED_CALIBRATIONS", "0")
+    monkeypatch.setenv("MAGCACHE_PUBLIC", "0")
+    assert public.calibration_store("session-a").root == CalibrationStore().root  # local: the user store
+
+
+def test_the_tuning_panel_reads_the_visitors_store(public_on, manager, monkeypatch):
+    from ui import tuning
+
+    monkeypatch.setattr(public, "current_session", lambda: "visitor-1")
+    mine = tuning.calibrate(manager, "flux", SMALL, session="visitor-1")["calibration"]
+    assert mine is not None and public.calibration_store("visitor-1").load(mine.id).id == mine.id
+    ids = [value for _, value in tuning.curve_options(manager, "flux")]
+    assert tuning.CALIBRATION_PREFIX + mine.id in ids
+    monkeypatch.setattr(public, "current_session", lambda: "visitor-2")
+    ids = [value for _, value in tuning.curve_options(manager, "flux")]
+    assert tuning.CALIBRATION_PREFIX + mine.id not in ids  # another visitor never sees it
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict parsing
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,flag", [("false", False), ("FALSE", False), ("0", False), ("off", False), (0, False),
+                                       (False, False), ("true", True), ("1", True), (1, True), (True, True)])
+def test_flags_parse_strictly(text, flag):
+    assert public.parse_flag(text, "Compare with baseline") is flag
+
+
+@pytest.mark.parametrize("bad", ["maybe", 2, 0.5, [], {"a": 1}])
+def test_flags_refuse_anything_else(bad):
+    with pytest.raises(InvalidRequest, match="Compare with baseline must be true or false"):
+        public.parse_flag(bad, "Compare with baseline")
+
+
+def test_every_field_parses_strictly_and_the_next_request_is_unaffected(manager):
+    out = handlers.generate(manager, "flux", dict(SMALL, compare="false"))
+    assert out["result"].baseline is None  # "false" is not read as True
+    bad = [({"compare": "maybe"}, "Compare with baseline must be true or false"),
+           ({"prompt": "a \ud800 b"}, "Prompt contains characters that are not valid Unicode"),
+           ({"prompt": "a\x00b"}, "Prompt contains a NUL character"),
+           ({"negative_prompt": 5}, "Negative prompt must be text"),
+           ({"weights": "/x" * 2600}, r"Weights is too long \(5200 characters; the limit is 1024\)"),
+           ({"base": "a\x00"}, "Base pipeline contains a NUL"),
+           ({"variant": ["x"]}, "Model variant must be text"),
+           ({"variant": "no such variant"}, "has no variant 'no such variant'"),
+           ({"steps": "hf_abc"}, "Steps must be a number"),
+           ({"steps": True}, "Steps must be a number"),
+           ({"guidance": "1e400"}, "Guidance must be a number from 0 to 50")]
+    for fields, message in bad:
+        with pytest.raises(InvalidRequest, match=message):
+            handlers.generate(manager, "flux", dict(SMALL, **fields))
+        assert not manager.device_busy
+    out = handlers.generate(manager, "flux", SMALL)
+    assert out["result"].baseline is not None and out["result"].magcache.stats[0].completed
+
+
+# --------------------------------------------------------------------------------------------------
+# Budget and per-client limit: refused at once, even while the device is busy
+# --------------------------------------------------------------------------------------------------
+def _hold_device(manager):
+    """Hold the device slot in another thread until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with manager.device_slot():
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    return release, thread
+
+
+def test_over_budget_requests_are_refused_at_once_with_the_limit(public_on, manager, monkeypatch):
+    monkeypatch.setenv("MAGCACHE_BUDGET_CPU", str(32 * 32 * 4 * 2))  # SMALL (FLUX: one pass) with the baseline fits
+    release, thread = _hold_device(manager)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InvalidRequest) as err:
+            handlers.generate(manager, "flux", dict(SMALL, steps=5))
+        assert time.monotonic() - t0 < 5  # not after the device's current run
+        text = str(err.value)
+        assert "32x32 x 5 steps x 2 runs x 1 pass per step = 10,240 pixel-steps" in text
+        assert "the limit on this CPU is 8,192 (MAGCACHE_BUDGET_CPU)" in text
+        assert "turn off Compare with baseline" in text and "fewer steps" in text
+        with pytest.raises(InvalidRequest, match="over this server's compute budget"):
+            handlers.generate(manager, "wan_t2v", dict(SMALL, num_frames=5))  # frames count
+    finally:
+        release.set()
+        thread.join()
+    assert "Done" in handlers.generate(manager, "flux", SMALL)["status"]  # at the limit
+    assert "Done" in handlers.generate(manager, "flux", dict(SMALL, steps=8, compare=False))["status"]
+    monkeypatch.setenv("MAGCACHE_BUDGET_CPU", "0")  # no limit
+    assert "Done" in handlers.generate(manager, "flux", dict(SMALL, steps=8))["status"]
+
+
+def test_budget_defaults_per_device_kind(public_on, monkeypatch):
+    assert public.budget("cpu") == public.DEFAULT_BUDGET["cpu"] < public.budget("cuda:0") == public.DEFAULT_BUDGET["gpu"]
+    monkeypatch.setenv("MAGCACHE_BUDGET_GPU", "1e6")
+    assert public.budget("cuda") == 10**6
+    monkeypatch.setenv("MAGCACHE_PUBLIC", "0")
+    assert public.budget("cpu") == 0  # local: no limit unless set
+
+
+def test_a_client_may_queue_only_so_many_requests(public_on, manager, monkeypatch):
+    monkeypatch.setenv("MAGCACHE_CLIENT_QUEUE", "2")
+    release, thread = _hold_device(manager)
+    results, workers = [], []
+    try:
+        for i in range(2):
+            w = threading.Thread(target=lambda i=i: results.append(
+                handlers.generate(manager, "flux", dict(SMALL, seed=i), session=f"a{i}", client="10.0.0.1")))
+            w.start()
+            workers.append(w)
+        deadline = time.monotonic() + 10
+        while public.CLIENTS.active("10.0.0.1") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        with pytest.raises(InvalidRequest, match=r"You already have 2 requests waiting or running .* limit is 2"):
+            handlers.generate(manager, "flux", SMALL, session="a3", client="10.0.0.1")
+        assert time.monotonic() - t0 < 5
+        other = threading.Thread(target=lambda: results.append(
+            handlers.generate(manager, "flux", SMALL, session="b", client="10.0.0.2")))  # another client: admitted
+        other.start()
+        workers.append(other)
+    finally:
+        release.set()
+        thread.join()
+        for w in workers:
+            w.join(120)
+    assert len(results) == 3 and all("Done" in r["status"] for r in results)
+    assert public.CLIENTS.active("10.0.0.1") == 0
+    assert "Done" in handlers.generate(manager, "flux", SMALL, client="10.0.0.1")["status"]
+
+
+def test_the_client_is_the_peer_or_the_proxys_last_hop(public_on, monkeypatch):
+    from types import SimpleNamespace
+
+    req = SimpleNamespace(client=SimpleNamespace(host="10.1.1.1"), headers={"x-forwarded-for": "6.6.6.6, 1.2.3.4"})
+    assert public.client_id(req) == "1.2.3.4"  # the first entry is whatever the client wrote
+    monkeypatch.setenv("MAGCACHE_PUBLIC", "0")
+    assert public.client_id(req) == "10.1.1.1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Housekeeping
+# --------------------------------------------------------------------------------------------------
+def _file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    return path
+
+
+def test_sweep_deletes_by_age_then_oldest_first_by_size(tmp_path):
+    outputs, cache = tmp_path / "outputs", tmp_path / "cache"
+    old = _file(outputs / "run-1" / "a.mp4", 100)
+    now = time.time()
+    limits = housekeeping.Limits(every_s=1, max_age_s=3600, max_bytes=1000, min_age_s=60)
+    assert housekeeping.sweep([outputs], limits, now=now).deleted_files == 0  # young, small: kept
+    report = housekeeping.sweep([outputs, tmp_path / "missing"], limits, now=now + 3601 + 10)
+    assert report.deleted_files == 1 and not old.exists() and not (outputs / "run-1").exists()  # with its folder
+
+    files = []
+    for i in range(3):  # created one after the other: oldest first
+        files.append(_file(cache / f"h{i}" / "image.png", 400))
+        time.sleep(0.05)
+    later = time.time() + 600  # all older than min_age, none older than max_age
+    report = housekeeping.sweep([cache], housekeeping.Limits(1, 10**6, 1000, 60), now=later)
+    assert [p.exists() for p in files] == [False, True, True] and report.kept_bytes[str(cache)] == 800
+    fresh = _file(cache / "fresh" / "x.bin", 5000)  # over the size bound alone, but younger than min_age: kept
+    housekeeping.sweep([cache], limits, now=time.time())
+    assert fresh.exists()
+    housekeeping.sweep([cache], limits, now=time.time() + 61)
+    assert not fresh.exists()
+
+
+def test_the_janitor_sweeps_on_its_schedule(tmp_path):
+    folder = tmp_path / "outputs"
+    first = _file(folder / "a" / "one.mp4", 10)
+    janitor = housekeeping.Janitor([folder], housekeeping.Limits(every_s=0.2, max_age_s=0.5, max_bytes=10**9,
+                                                                 min_age_s=0.5)).start()
+    try:
+        deadline = time.monotonic() + 10
+        while first.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not first.exists()
+    finally:
+        janitor.stop()
+
+
+def test_limits_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MAGCACHE_CLEANUP_EVERY_S", "10")
+    monkeypatch.setenv("MAGCACHE_MAX_FILE_AGE_S", "30")
+    monkeypatch.setenv("MAGCACHE_MAX_DISK_MB", "1")
+    assert housekeeping.Limits.from_env() == housekeeping.Limits(10, 30, 1024**2, 30)
+    monkeypatch.setenv("MAGCACHE_MAX_DISK_MB", "lots")
+    with pytest.raises(ValueError, match="MAGCACHE_MAX_DISK_MB must be a number"):
+        housekeeping.Limits.from_env()
