@@ -3,6 +3,7 @@ no path traversal through calibration ids, the server binds to loopback and serv
 tokens never reach a message or a log line. The last checks run against the real server (app.py, tiny mode)."""
 
 import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -182,25 +183,43 @@ def server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("server")
     log = folder / "app.log"
-    with start_app(log, env={"HF_TOKEN": FAKE_TOKEN}) as url:
-        yield SimpleNamespace(url=url, log=log, outputs=folder / "app-outputs")
+    with start_app(log, env={"HF_TOKEN": FAKE_TOKEN, "GRADIO_TEMP_DIR": str(folder / "gradio")}) as url:
+        yield SimpleNamespace(url=url, log=log, outputs=folder / "app-outputs", gradio=folder / "gradio")
 
 
 def _status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
+            r.read()
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
 
 
+def _file_url(server, path: Path | str) -> str:
+    return f"{server.url}gradio_api/file={urllib.parse.quote(str(path))}"
+
+
 def test_the_server_serves_only_what_it_must(server):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False, download_files=False)
+    result = client.predict(prompt="x", width=32, height=32, steps=4, num_frames=5, api_name="/generate_wan_t2v")
+    client.close()
+    videos = [v for v in result if isinstance(v, dict) and str(v.get("path", "")).endswith(".mp4")]
+    assert len(videos) == 3, result
+    served = Path(videos[0]["path"])
+    assert server.gradio in served.parents  # the copy Gradio made into its own folder ...
+    with urllib.request.urlopen(_file_url(server, served), timeout=10) as r:  # ... is served, on this route
+        assert r.status == 200 and r.read() == served.read_bytes()
+    written = sorted(server.outputs.rglob("*.mp4"))
+    assert written and written[0].read_bytes() in {Path(v["path"]).read_bytes() for v in videos}
     secret = server.outputs / "secret.txt"
-    secret.parent.mkdir(parents=True, exist_ok=True)
     secret.write_text("not for download")
-    for path in ("/etc/passwd", str(ROOT / "app.py"), str(ROOT / "presets.json"), str(secret), "../../etc/passwd"):
-        code = _status(f"{server.url}gradio_api/file={urllib.parse.quote(path)}")
-        assert code in (403, 404), (path, code)
+    # The same route refuses the app's own output file (same bytes as the served copy), the output folder, the
+    # repository and the system.
+    for path in (written[0], secret, "/etc/passwd", ROOT / "app.py", ROOT / "presets.json", "../../etc/passwd"):
+        assert _status(_file_url(server, path)) == 403, path
     assert _status(server.url) == 200
 
 
@@ -210,9 +229,46 @@ def test_the_server_keeps_tokens_out_of_errors_and_logs(server):
     client = Client(server.url, verbose=False)
     with pytest.raises(Exception, match="multiple of 16"):
         client.predict(prompt="x", width=40, height=32, api_name="/generate_demo")
+    # A token typed into a number field: Gradio's own input processing fails and prints its traceback.
+    with pytest.raises(Exception) as err:
+        client.predict(prompt="x", seed=FAKE_TOKEN, api_name="/generate_demo")
+    assert FAKE_TOKEN not in str(err.value) and "the value passed to the event handler was: '***'" in str(err.value)
+    other = "hf_" + "OtherTokenShape123" * 2  # not the server's own token: redacted by its shape
+    with pytest.raises(Exception) as err:
+        client.predict(prompt="x", width=32, height=32, steps=4, weights=f"/models/{other}", api_name="/generate_demo")
+    assert other not in str(err.value) and "/models/hf_***" in str(err.value)
     result = client.predict(prompt="x", width=32, height=32, steps=4, api_name="/generate_demo")
     assert any("Done" in str(v) for v in result)
     client.close()
     log = server.log.read_text(errors="replace")
-    assert "generate_demo" in log or "Running on" in log  # the log is the server's
-    assert FAKE_TOKEN not in log
+    assert "Could not preprocess input component" in log and "was: '***'" in log  # the path was taken ...
+    assert FAKE_TOKEN not in log and other not in log  # ... and redacted
+
+
+def test_a_client_that_goes_away_stops_its_run(server):
+    """The real alive check (``ui/layout._event_alive_check``, reading Gradio's queue) stops a cancelled run."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    before = server.log.read_text(errors="replace").count("client gone or event cancelled")
+    client = Client(server.url, verbose=False)
+    job = client.submit(prompt="x", width=32, height=32, steps=100, compare=True, api_name="/generate_demo")
+    deadline = time.monotonic() + 60
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS):  # its handler runs
+        assert time.monotonic() < deadline and not job.done(), "the request never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert not job.done()  # 100 steps with the baseline take far longer
+    job.cancel()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = server.log.read_text(errors="replace")
+        if log.count("client gone or event cancelled") > before:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the server did not stop the cancelled run")
+    assert "stopped during the" in log.splitlines()[-1] or "run stopped" in log
+    result = client.predict(prompt="x", width=32, height=32, steps=4, api_name="/generate_demo")  # next one runs
+    assert any("Done" in str(v) for v in result)
+    client.close()
