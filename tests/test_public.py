@@ -294,3 +294,54 @@ def test_limits_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("MAGCACHE_MAX_DISK_MB", "lots")
     with pytest.raises(ValueError, match="MAGCACHE_MAX_DISK_MB must be a number"):
         housekeeping.Limits.from_env()
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the real server
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def public_server(tmp_path_factory):
+    from types import SimpleNamespace
+
+    from bench.loadtest import start_app
+
+    folder = tmp_path_factory.mktemp("public-server")
+    env = {"MAGCACHE_PUBLIC": "1", "MAGCACHE_BUDGET_CPU": str(32 * 32 * 8 * 2 * 2),
+           "MAGCACHE_SESSION_DIR": str(folder / "sessions"), "GRADIO_TEMP_DIR": str(folder / "gradio")}
+    with start_app(folder / "app.log", env=env) as url:
+        yield SimpleNamespace(url=url, log=folder / "app.log")
+
+
+def test_a_public_server_refuses_sources_and_over_budget_requests(public_server):
+    import json
+    import urllib.request
+
+    from gradio_client import Client
+
+    with urllib.request.urlopen(f"{public_server.url}config", timeout=10) as r:
+        config = json.loads(r.read())
+    sources = [c for c in config["components"] if c.get("props", {}).get("label") == "Model source"]
+    assert sources and not any(c["props"].get("visible", True) for c in sources)  # hidden in every tab
+    client = Client(public_server.url, verbose=False, download_files=False)
+    with pytest.raises(Exception, match="This is a public instance: the Weights field cannot be set here"):
+        client.predict(prompt="x", width=32, height=32, steps=4, weights="/root", api_name="/generate_demo")
+    with pytest.raises(Exception, match="the Base pipeline field cannot be set here"):
+        client.predict(prompt="x", base="black-forest-labs/FLUX.1-dev", api_name="/generate_flux")
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"over this server.*s compute budget: 64x64 x 8 steps x 2 runs x 2 passes per step = "
+                                          r"131,072 pixel-steps; the limit on this CPU is 32,768"):
+        client.predict(prompt="x", width=64, height=64, steps=8, api_name="/generate_demo")
+    assert time.monotonic() - t0 < 10
+    result = client.predict(prompt="x", width=32, height=32, steps=8, api_name="/generate_demo")  # at the limit
+    assert any("Done" in str(v) for v in result)
+    client.close()
+    assert "public mode on; compute budget 32,768 pixel-steps" in public_server.log.read_text()
+
+
+def test_disk_use_stays_flat_over_a_soak(tmp_path):
+    """Video runs through the real server with housekeeping on a short schedule (``bench/soak.py``)."""
+    from bench.soak import soak
+
+    report = soak(runs=16, every_s=1.0, max_age_s=2.0, bound_mb=0.8, deadline_s=240, folder=tmp_path)
+    assert report.passed, report.text()
+    assert len(report.samples_kb) == 16 and report.written_kb > 2 * report.bound_kb
