@@ -8,6 +8,8 @@ Flags fall back to environment variables: MAGCACHE_HOST (default 127.0.0.1; the 
 MAGCACHE_PORT (7860), MAGCACHE_SHARE, MAGCACHE_TINY; MAGCACHE_MAX_UPLOAD (default 500mb), MAGCACHE_OFFLOAD
 (model / sequential: force CPU offload on a GPU). Model weights come from the Hugging Face cache (HF_HOME /
 HF_HUB_CACHE) or the MAGCACHE_WEIGHTS_<VARIANT> / MAGCACHE_BASE_<VARIANT> variables; see README.md.
+MAGCACHE_PUBLIC (on where SPACE_ID is set): public mode, with a compute budget per request and a limit per client;
+housekeeping sweeps the output folder and Gradio's folder on a schedule. See docs/reliability.md.
 """
 
 from __future__ import annotations

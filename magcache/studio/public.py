@@ -33,8 +33,8 @@ PATH_FIELDS = {"weights": "Weights", "base": "Base pipeline"}
 FLAG_FIELDS = {"compare": "Compare with baseline", "compile": "Compile blocks"}
 
 # Work = output pixels x frames x steps x runs (baseline + MagCache) x transformer passes per step (2 with real
-# CFG). Defaults: on a CPU, the Demo tab at its defaults (128x128, 28 steps, CFG, baseline) is 1.8 M and took
-# about 4 s on a shared 2-core machine, a 1024x1024 2-step run (8.4 M) took 15.7 s: 2^24 stays under a minute.
+# CFG). Defaults: on a CPU, the Demo tab at its defaults (128x128, 28 steps, CFG, baseline) is 1.8 M; a
+# 1024x1024 2-step Demo run (8.4 M) took 15.7 s on a 2-core machine: 2^24 is about half a minute there.
 # On a GPU, Wan 2.1 1.3B at its defaults (832x480, 81 frames, 50 steps, CFG, baseline) is 6.5 G: it fits;
 # HunyuanVideo 720p with the baseline (11.9 G) does not, without it (6.0 G) it does.
 DEFAULT_BUDGET = {"cpu": 2**24, "gpu": 7 * 10**9}
