@@ -177,6 +177,37 @@ def test_tokens_are_redacted_from_messages_and_logs(monkeypatch, caplog, tmp_pat
     assert FAKE_TOKEN not in caplog.text
 
 
+def test_redaction_covers_server_loggers_streams_and_gradio_errors(monkeypatch):
+    import io
+
+    from gradio import queueing, utils
+
+    from magcache.studio import redaction
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("uvicorn.access")  # uvicorn makes its handlers while the server starts
+    logger.addHandler(handler)
+    try:
+        assert redaction.filter_log_handlers() >= 1
+        logger.warning('"GET /gradio_api/file=/x/%s HTTP/1.1" 403', FAKE_TOKEN)
+    finally:
+        logger.removeHandler(handler)
+    assert FAKE_TOKEN not in out.getvalue() and "/x/*** " in out.getvalue()
+
+    raw = io.StringIO()
+    stream = redaction.RedactingStream(raw)
+    stream.write(f"ValueError: could not convert string to float: '{FAKE_TOKEN}'\n")
+    assert FAKE_TOKEN not in raw.getvalue() and "'***'" in raw.getvalue()
+
+    monkeypatch.setattr(utils, "error_payload", utils.error_payload)  # restored after the test
+    monkeypatch.setattr(queueing, "error_payload", queueing.error_payload)
+    redaction.redact_gradio_errors()
+    payload = queueing.error_payload(ValueError(f"bad value {FAKE_TOKEN}"), True)
+    assert payload["error"] == "bad value ***" and utils.error_payload is queueing.error_payload
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from bench.loadtest import start_app

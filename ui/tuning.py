@@ -157,8 +157,10 @@ def _tab_run(manager: ModelManager, tab_id: str, values: Mapping[str, Any]) -> _
     tab = manager.catalog.tab(tab_id)
     variant = values.get("variant") or None
     d = tab_defaults(manager, tab.id, variant)
+    # Public mode: the catalog's model only (a visitor's path is never even looked at).
+    weights, base = (None, None) if public.public_mode() else (values.get("weights"), values.get("base"))
     try:
-        plan = manager.plan(tab.id, variant, values.get("weights"), values.get("base"))
+        plan = manager.plan(tab.id, variant, weights, base)
     except (WeightsNotFound, OSError, ValueError):  # a bad path shows when the tab runs; preview the default
         plan = manager.plan(tab.id, variant)
     steps = values.get("steps")
