@@ -64,6 +64,9 @@ class RedactingStream(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.stream, "encoding", "utf-8")
 
+    def __getattr__(self, name: str) -> Any:  # buffer, errors, reconfigure...: what a library may expect
+        return getattr(self.stream, name)
+
 
 def filter_log_handlers() -> int:
     """Put a :class:`RedactTokens` filter on every handler of :data:`SERVER_LOGGERS` that has none yet; returns
