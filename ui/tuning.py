@@ -27,9 +27,9 @@ import pandas as pd
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import (MAX_FILE_BYTES, Calibration, CalibrationStore, Match, as_resolution,
-                                  calibration_figure, choose_curves, read_calibration_file, rules_for_calibration,
-                                  run_resolution, scheduler_label)
+from magcache.calibration import (MAX_FILE_BYTES, Calibration, Match, as_resolution, calibration_figure,
+                                  choose_curves, read_calibration_file, rules_for_calibration, run_resolution,
+                                  scheduler_label)
 from magcache.export import SettingsSnapshot, export_all, extra_options, load_settings_json
 from magcache.presets import Preset, get_preset
 from magcache.studio import public
@@ -78,12 +78,6 @@ class _NoCalibrations:
         return Match(None, None)
 
 
-def calibration_store() -> CalibrationStore:
-    """The user calibration store (``$MAGCACHE_HOME/calibrations``, else the user data dir; docs/tuning.md); in
-    public mode, the visitor's own (``public.calibration_store``)."""
-    return public.calibration_store()
-
-
 def model_key(plan: LoadPlan) -> str:
     """The name calibrations of a tab's model are stored under: ``tiny:<kind>`` for tiny pipelines (as
     ``python -m magcache calibrate --tiny KIND`` names them), else the weights' hub id or resolved local path (as
@@ -110,7 +104,7 @@ def pick_curve(preset_id: str, mode: str | None, model: str, num_steps: int, res
     tab's curve choice ``mode``. Raises ``ValueError`` / ``KeyError`` with a message for the user."""
     p = get_preset(preset_id)
     mode = mode or CURVE_AUTO
-    store = store if store is not None else calibration_store()
+    store = store if store is not None else public.calibration_store()
     if mode == CURVE_FILE:
         if not settings_file:
             raise ValueError("no settings file is loaded: load one under Export / load, or choose another curve")
@@ -235,7 +229,7 @@ def curve_options(manager: ModelManager, tab_id: str, variant: str | None = None
            (f"Preset curve ({preset.id}, published)", CURVE_PRESET)]
     if with_file:
         out.append(("Curve of the loaded settings file", CURVE_FILE))
-    for cal in calibration_store().list():
+    for cal in public.calibration_store().list():
         try:
             _same_family(cal.preset, preset, "")
         except ValueError:
@@ -348,7 +342,7 @@ def calibrate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], ses
                     raise
             if token.is_set():
                 raise Cancelled(f"stopped during the calibration run after step {done} of {total}")
-        store = calibration_store()
+        store = public.calibration_store()
         cal = store.save(cal)
     except Cancelled as e:
         return {"status": f"⏹ **Calibration stopped** ({e}). Nothing was saved.", "calibration": None, "figure": None}
@@ -387,7 +381,7 @@ def import_calibration(manager: ModelManager, tab_id: str, values: Mapping[str, 
             raise ValueError("no calibration file was uploaded")
         cal = read_calibration_file(path if not isinstance(path, Mapping) else path.get("path"))
         _same_family(cal.preset, run.preset, f"this calibration ({cal.model})")
-        saved = calibration_store().import_file(path if not isinstance(path, Mapping) else path.get("path"))
+        saved = public.calibration_store().import_file(path if not isinstance(path, Mapping) else path.get("path"))
     except (KeyError, OSError, ValueError) as e:
         raise InvalidRequest(f"Calibration not imported: {_message(e)}") from None
     key = model_key(run.plan)

@@ -22,10 +22,9 @@ from typing import Any, Iterator, Mapping
 from magcache.calibration import CalibrationStore
 
 from .catalog import Tab
-from .compare import InvalidRequest
+from .compare import MAX_PROMPT_CHARS, InvalidRequest
 
 MAX_PATH_CHARS = 1024  # longer than any real model path; beyond it the OS answers "File name too long"
-MAX_TEXT_CHARS = 4000  # a prompt's limit (compare.MAX_PROMPT_CHARS); every other text field is shorter
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 TEXT_FIELDS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "variant": "Model variant",
                "curve": "Ratio curve"}
@@ -92,7 +91,7 @@ def parse_flag(value: Any, label: str) -> bool:
     raise InvalidRequest(f"{label} must be true or false, got {_show(value)}.")
 
 
-def check_text(value: Any, label: str, limit: int = MAX_TEXT_CHARS) -> str | None:
+def check_text(value: Any, label: str, limit: int = MAX_PROMPT_CHARS) -> str | None:
     """Text a user typed: a string (or None) of valid Unicode without NUL characters, at most ``limit`` long."""
     if value is None:
         return None
