@@ -91,7 +91,7 @@ def test_the_demo_tab_never_runs_a_stand_in_for_a_typed_path(manager, tmp_path):
 def test_calibrations_are_kept_per_visitor_in_public_mode(public_on, monkeypatch, tmp_path):
     a, b = public.calibration_store("session-a"), public.calibration_store("session-b")
     assert a.root != b.root and a.root.parent.parent == tmp_path / "sessions"
-    assert public.calibration_store("session-a").root == a.root
+    assert public.calibration_store("session-a").root == a.root == public.calibration_root("session-a")
     assert public.calibration_store("../../etc").root.parent.parent == tmp_path / "sessions"  # a hash, not a path
     assert public.calibration_store().root.parent.name != a.root.parent.name  # no event: an empty store
     monkeypatch.setenv("MAGCACHE_SHARED_CALIBRATIONS", "1")  # the owner shares one store

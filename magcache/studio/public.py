@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from magcache.calibration import CalibrationStore
+from magcache.calibration import CalibrationStore, default_store_dir
 
 from .catalog import Tab
 from .compare import MAX_PROMPT_CHARS, InvalidRequest
@@ -316,12 +316,17 @@ def current_session() -> str | None:
     return getattr(request, "session_hash", None) or None
 
 
-def calibration_store(session: str | None = None) -> CalibrationStore:
-    """The calibration store this visitor reads and writes: the user store locally (or in public mode with
+def calibration_root(session: str | None = None) -> Path:
+    """Where this visitor's calibrations live: the user store locally (or in public mode with
     ``MAGCACHE_SHARED_CALIBRATIONS=1``), else one folder per session (``session``, default the running event's),
     named by a hash so a session id never becomes a path. Without a session, an empty private folder."""
     if not public_mode() or shared_calibrations():
-        return CalibrationStore()
+        return default_store_dir()
     session = session or current_session() or "no-session"
     name = hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return CalibrationStore(session_root() / name / "calibrations")
+    return session_root() / name / "calibrations"
+
+
+def calibration_store(session: str | None = None) -> CalibrationStore:
+    """The calibration store of :func:`calibration_root`."""
+    return CalibrationStore(calibration_root(session))
