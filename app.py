@@ -6,7 +6,8 @@
 
 Flags fall back to environment variables: MAGCACHE_HOST (default 127.0.0.1; the Docker image sets 0.0.0.0),
 MAGCACHE_PORT (7860), MAGCACHE_SHARE, MAGCACHE_TINY; MAGCACHE_MAX_UPLOAD (default 500mb), MAGCACHE_OFFLOAD
-(model / sequential: force CPU offload on a GPU). Model weights come from the Hugging Face cache (HF_HOME /
+(model / sequential: force CPU offload on a GPU), MAGCACHE_GPUS (N > 1: each generation on N GPUs with context
+parallelism, see docs/scaling.md). Model weights come from the Hugging Face cache (HF_HOME /
 HF_HUB_CACHE) or the MAGCACHE_WEIGHTS_<VARIANT> / MAGCACHE_BASE_<VARIANT> variables; see README.md.
 MAGCACHE_PUBLIC (on where SPACE_ID is set): public mode, with a compute budget per request and a limit per client;
 housekeeping sweeps the output folder and Gradio's folder on a schedule. See docs/reliability.md.
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
+
 logger = logging.getLogger("magcache.studio.app")
 
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "magcache-studio-gradio"))
     configure_logging()
 
-    from magcache.studio import public
+    from magcache.studio import public, workers
     from magcache.studio.housekeeping import Janitor, Limits
     from magcache.studio.manager import ModelManager
     from magcache.studio.redaction import filter_log_handlers, redact_gradio_errors
@@ -59,24 +61,27 @@ def main(argv: list[str] | None = None) -> None:
 
     options = launch_options(args, output_dir())
     limits = Limits.from_env()
-    manager = ModelManager(budget_gb=args.budget_gb)
+    gpus = workers.gpu_count()  # MAGCACHE_GPUS=N: every generation runs on N GPUs (this process is rank 0)
+    manager = workers.start(gpus, budget_gb=args.budget_gb) if gpus > 1 else ModelManager(budget_gb=args.budget_gb)
     app = build_app(manager)
     app.delete_cache = (int(limits.every_s), int(limits.max_age_s))  # Gradio's own sweep of the files it tracks
     # Generate requests are admitted at once (validated; over-budget ones refused) and then wait for the device in
     # ModelManager.device_slot; the calibration, sweep and unload events queue on Gradio's "device" id.
     app.queue(default_concurrency_limit=1, max_size=32)
     redact_gradio_errors()
-    janitor = Janitor(housekeeping_folders(output_dir()), limits).start()
     limit = public.budget(manager.device)
     logger.info("public mode %s; compute budget %s per request on %s; requests per client: %s",
                 "on" if public.public_mode() else "off", f"{limit:,} pixel-steps" if limit else "unlimited",
                 manager.device, public.client_queue_limit() or "unlimited")
-    app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], prevent_thread_lock=True, **options)
-    filter_log_handlers()  # uvicorn made its handlers during launch
+    janitor = Janitor(housekeeping_folders(output_dir()), limits).start()
     try:
+        app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], prevent_thread_lock=True, **options)
+        filter_log_handlers()  # uvicorn made its handlers during launch
         app.block_thread()
     finally:
         janitor.stop()
+        if gpus > 1:
+            manager.shutdown()
 
 
 def configure_logging() -> None:

@@ -4,7 +4,7 @@
     python -m bench.app_overhead --model tiny     # MAGCACHE_TINY pipeline (Python overhead dominates)
     python -m bench.app_overhead --model demo     # the Demo tab as the app runs it (its model if present)
 
-Each request goes through ``magcache.studio.compare.run_comparison`` (validation, model manager, device queue,
+Each request goes through ``magcache.studio.comparison.run_comparison`` (validation, model manager, device queue,
 warm-up, baseline run, MagCache run, PSNR/SSIM/heatmap, predicted schedule), exactly what the UI handler calls.
 Pipeline time = the two timed pipeline calls + the warm-up run + model loading, as the backend reports them; the
 rest of the wall time is what the app adds. Target: < 5% of the pipeline time. The first request (load, warm-up)
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from magcache import metrics
-    from magcache.studio.compare import GenerationRequest, _as_array, quality, run_comparison
+    from magcache.metrics import as_array, quality
+    from magcache.studio.comparison import run_comparison
+    from magcache.studio.request import GenerationRequest
 
     manager, tab, size = make_manager(args.model)
     req = GenerationRequest(tab_id=tab, prompt="a red circle on a blue background", num_inference_steps=args.steps,
@@ -82,18 +84,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = run_comparison(manager, req)
         wall = time.perf_counter() - t0
-        runs = res.magcache.seconds + (res.baseline.seconds if res.baseline else 0.0)
+        runs = res.cached.seconds + (res.baseline.seconds if res.baseline else 0.0)
         pipeline = runs + (res.warmup_seconds or 0.0) + (res.load_seconds or 0.0)
         # what the metrics part of the overhead costs, measured again outside the request
         t1 = time.perf_counter()
         if res.baseline is not None:
-            quality(res.baseline.output, res.magcache.output)
-            metrics.difference_heatmap(_as_array(res.baseline.output), _as_array(res.magcache.output))
+            quality(res.baseline.output, res.cached.output)
+            metrics.difference_heatmap(as_array(res.baseline.output), as_array(res.cached.output))
         metrics_s = time.perf_counter() - t1
         row = dict(request=i + 1, wall_s=wall, pipeline_s=pipeline, runs_s=runs, warmup_s=res.warmup_seconds,
                    load_s=res.load_seconds, app_overhead_s=wall - pipeline, app_overhead_share=(wall - pipeline) / pipeline,
                    metrics_s=metrics_s, speedup=res.speedup,
-                   computed={b: f"{c}/{t}" for b, (c, t) in res.magcache.branch_counts().items()})
+                   computed={b: f"{c}/{t}" for b, (c, t) in res.cached.branch_counts().items()})
         rows.append(row)
         print(f"request {i + 1}: wall {wall:.3f} s, pipeline {pipeline:.3f} s (runs {runs:.3f}, warm-up "
               f"{res.warmup_seconds or 0:.3f}, load {res.load_seconds or 0:.3f}), app adds {wall - pipeline:.3f} s = "

@@ -3,18 +3,14 @@
 # HunyuanVideo, random bf16 weights, each variant of bench/run.py. Each model has its own time limit so one slow
 # model cannot eat the others' time. Results: $OUT (or ./out/gpu) as <model>.json and <model>.log.
 #
-# Needs torch with CUDA; diffusers may come as wheels in .whl/perf (pip download diffusers==0.42.1 importlib_metadata).
+# Needs torch with CUDA; diffusers may come as wheels in .whl/perf (bench/gpu_env.sh says how to fetch them).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/perf/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
+install_missing diffusers .whl/perf || exit 1
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+describe_machine
 
 run() {  # run <name> <seconds> <bench.run args...>
   local name=$1 limit=$2; shift 2

@@ -264,32 +264,56 @@ def _per_call(w: workloads.Workload, calls: int, clock: str = "wall", first_unti
     return times
 
 
-def measure_overhead(w: workloads.Workload, calls: int = 10, clock: str = "wall") -> dict[str, Any]:
+def skipped_block_lists(transformer: torch.nn.Module) -> tuple[str, ...]:
+    """The block lists a skipped step leaves out: the MagCache adapter's, or for a model without one the top-level
+    lists diffusers' own MagCache hooks (``blocks``, ``transformer_blocks``, ``single_transformer_blocks``, ...)."""
+    try:
+        return adapter_for(transformer).block_lists
+    except TypeError:
+        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+        return tuple(name for name, module in transformer.named_children()
+                     if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(module, torch.nn.ModuleList))
+
+
+def measure_overhead(w: workloads.Workload, calls: int = 10, clock: str = "wall", full_calls: int = 3) -> dict[str, Any]:
+    """Median per-call costs: a full call, a head-only call (the skipped block lists emptied, no cache), our skipped
+    call and diffusers' skipped call. Where a model has no MagCache adapter, or diffusers' MagCache does not support
+    it, that call's cost is None and ``*_unavailable`` says why."""
     from diffusers.hooks import MagCacheConfig
 
     t = w.transformer
     res: dict[str, Any] = {"calls": calls, "clock": clock}
-    res["full_call_ms"] = statistics.median(_per_call(w, min(calls, 3), clock)) * 1e3
-    with _blocks_left_out(t, adapter_for(t).block_lists):  # what a skipped step runs, minus the cache
+    res["full_call_ms"] = statistics.median(_per_call(w, min(calls, full_calls), clock)) * 1e3
+    with _blocks_left_out(t, skipped_block_lists(t)):  # what a skipped step runs, minus the cache
         res["head_only_call_ms"] = statistics.median(_per_call(w, calls, clock)) * 1e3
-    # ours: a run of calls+1 steps that computes step 0 only; the first (untimed) call is that step
-    h = magcache.apply(t, w.preset, num_inference_steps=calls + 1, num_branches=1)
-    h.configure(computed_steps={"cond": [0]})
-    try:
-        res["ours_skip_call_ms"] = statistics.median(_per_call(w, calls, clock)) * 1e3
-        assert len(h.last_run.computed["cond"]) == 1, h.last_run.summary()
-    finally:
-        h.remove()
-    t.enable_cache(MagCacheConfig(threshold=1e9, max_skip_steps=10**6, retention_ratio=0.0,
-                                  num_inference_steps=calls + 1, mag_ratios=[1.0] * (calls + 1)))
-    try:
-        res["diffusers_skip_call_ms"] = statistics.median(_per_call(w, calls, clock)) * 1e3
-    finally:
-        t.disable_cache()
-    res["ours_overhead_ms"] = res["ours_skip_call_ms"] - res["head_only_call_ms"]
-    res["diffusers_overhead_ms"] = res["diffusers_skip_call_ms"] - res["head_only_call_ms"]
-    res["ours_overhead_share_of_full_call"] = res["ours_overhead_ms"] / res["full_call_ms"]
     res["head_share_of_full_call"] = res["head_only_call_ms"] / res["full_call_ms"]
+    try:
+        adapter_for(t)
+    except TypeError as e:
+        res["ours_skip_call_ms"], res["ours_skip_unavailable"] = None, str(e)
+    else:  # ours: a run of calls+1 steps that computes step 0 only; the first (untimed) call is that step
+        curves = None if w.preset else [[1.0] * (calls + 1)]
+        h = magcache.apply(t, w.preset, num_inference_steps=calls + 1, num_branches=1, curves=curves)
+        h.configure(computed_steps={"cond": [0]})
+        try:
+            res["ours_skip_call_ms"] = statistics.median(_per_call(w, calls, clock)) * 1e3
+            assert len(h.last_run.computed["cond"]) == 1, h.last_run.summary()
+        finally:
+            h.remove()
+        res["ours_overhead_ms"] = res["ours_skip_call_ms"] - res["head_only_call_ms"]
+        res["ours_overhead_share_of_full_call"] = res["ours_overhead_ms"] / res["full_call_ms"]
+    try:
+        t.enable_cache(MagCacheConfig(threshold=1e9, max_skip_steps=10**6, retention_ratio=0.0,
+                                      num_inference_steps=calls + 1, mag_ratios=[1.0] * (calls + 1)))
+    except Exception as e:  # diffusers' MagCache knows only the block classes it registered
+        res["diffusers_skip_call_ms"], res["diffusers_skip_unavailable"] = None, f"{type(e).__name__}: {e}"
+    else:
+        try:
+            res["diffusers_skip_call_ms"] = statistics.median(_per_call(w, calls, clock)) * 1e3
+        finally:
+            t.disable_cache()
+        res["diffusers_overhead_ms"] = res["diffusers_skip_call_ms"] - res["head_only_call_ms"]
     return res
 
 

@@ -1,6 +1,6 @@
 """Benchmark workloads: a random-weight transformer and a bare denoising loop (no text encoders, no VAE).
 
-Like ``shared/bench/flux_anchor.py``: the loop calls the transformer once per step and branch (Wan: cond + uncond
+The loop calls the transformer once per step and branch (Wan: cond + uncond
 with ``cache_context``, as ``WanPipeline`` does) and takes an Euler step on a flow-matching sigma schedule. Weights
 are random and scaled by 0.05 so activations stay finite; timings do not depend on the values.
 
@@ -41,10 +41,12 @@ class Workload:
     make_call: Callable[["Workload", torch.Tensor, float, str], dict[str, Any]]  # per-call kwargs
     guidance_scale: float = 1.0  # real CFG (two branches) mixes cond/uncond with this scale
     description: dict[str, Any] = field(default_factory=dict)
+    preset_name: str | None = None  # the MagCache preset (default: PRESETS[model]); None where none exists
+    output: Callable[["Workload", Any], torch.Tensor] | None = None  # the prediction in the model's output (default [0])
 
     @property
-    def preset(self) -> str:
-        return PRESETS[self.model]
+    def preset(self) -> str | None:
+        return self.preset_name if self.preset_name is not None or self.model not in PRESETS else PRESETS[self.model]
 
     @property
     def calls_per_run(self) -> int:
@@ -62,7 +64,8 @@ class Workload:
         t = self.transformer
         context = t.cache_context(branch) if hasattr(t, "cache_context") else contextlib.nullcontext()
         with context:
-            return t(**self.make_call(self, x, sigma, branch), return_dict=False)[0]
+            out = t(**self.make_call(self, x, sigma, branch), return_dict=False)
+        return self.output(self, out) if self.output is not None else out[0]
 
     def loop(self, before_call: Callable[[int, str], None] | None = None) -> torch.Tensor:
         """One denoising run; ``before_call(step, branch)`` runs before each transformer call (probes)."""

@@ -7,7 +7,7 @@ Four forms of one :class:`SettingsSnapshot` (preset, settings, step count, curve
   cannot express what we run (no ``model_type`` for the model, custom curves, widget ranges, rules);
 * :func:`python_snippet` - a ``magcache.apply(...)`` call that reproduces the schedule exactly;
 * :func:`diffusers_snippet` - diffusers' built-in ``MagCacheConfig`` with the caveats where the built-in is wrong
-  or weaker for the model (``shared/reference/diffusers.md`` section 0);
+  or weaker for the model;
 * :func:`settings_json` / :func:`load_settings_json` - a JSON file with settings, rules and the ratio curve(s);
   loading it back (validated like a calibration file) restores the same schedule.
 """
@@ -15,12 +15,13 @@ Four forms of one :class:`SettingsSnapshot` (preset, settings, step count, curve
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from . import policy as P
-from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, check_preset_id, dumps_readable, load_json_text
+from .calibration import MAX_RATIO, MAX_STEPS, check_model_name, check_preset_id
+from .jsonfile import check_header, dumps_readable, load_json_text
 from .presets import Preset, get_preset
 
 FORMAT = "magcache-studio settings"
@@ -111,8 +112,8 @@ def _float_list(values: Sequence[float]) -> str:
 # --------------------------------------------------------------------------------------------------
 # (a) ComfyUI-MagCache node values
 # --------------------------------------------------------------------------------------------------
-# our preset -> ComfyUI-MagCache model_type (CU:nodes.py MagCache node menu), with a note where it is not the
-# same curve. Presets missing here have no model_type in the node.
+# our preset -> ComfyUI-MagCache model_type (the MagCache node's menu in its nodes.py), with a note where it is not
+# the same curve. Presets missing here have no model_type in the node.
 _COMFYUI_TYPES: dict[str, tuple[str, str]] = {
     "flux": ("flux", ""),
     "flux_kontext": ("flux_kontext", "the node's flux_kontext curve is its own 20-step ComfyUI calibration, not the "
@@ -133,7 +134,7 @@ _COMFYUI_TYPES: dict[str, tuple[str, str]] = {
     "hunyuan_video1.5": ("hunyuan_video1.5", ""),
     "hunyuan_video1.5_40steps": ("hunyuan_video1.5", "the node switches to its 40-step curve above 20 steps"),
 }
-# Widget ranges of the node (CU:nodes.py, version 1.6.1).
+# Widget ranges of the node (ComfyUI-MagCache's nodes.py, version 1.6.1).
 _COMFYUI_RANGES = {"magcache_thresh": (0.0, 0.3), "retention_ratio": (0.1, 0.3), "magcache_K": (0, 6),
                    "start_step": (0, 100), "end_step": (-100, 100)}
 
@@ -407,13 +408,7 @@ def load_settings_json(text: str | bytes) -> SettingsSnapshot:
     """Validate a settings file from :func:`settings_json` and restore the snapshot. Raises ``ValueError``
     naming the bad field."""
     data = load_json_text(text, "settings file")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"not a MagCache Studio settings file ('format' must be {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise ValueError(f"unsupported settings version {data.get('version')!r} (this library reads {VERSION})")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise ValueError(f"unknown fields in settings file: {', '.join(sorted(map(str, unknown)))}")
+    check_header(data, FORMAT, VERSION, _TOP_KEYS, "MagCache Studio settings file")
     preset_id = check_preset_id(data.get("preset"))
     n = data.get("num_steps")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_STEPS:
@@ -451,8 +446,3 @@ def export_all(snapshot: SettingsSnapshot) -> dict[str, str]:
         "diffusers": diffusers_snippet(snapshot).text(),
         "json": settings_json(snapshot),
     }
-
-
-def with_settings(snapshot: SettingsSnapshot, **changes: Any) -> SettingsSnapshot:
-    """A copy with some Settings fields changed (``thresh=``, ``K=``, ...)."""
-    return replace(snapshot, settings=replace(snapshot.settings, **changes))

@@ -87,3 +87,24 @@ def difference_heatmap(a: Any, b: Any, gain: float | None = None) -> np.ndarray:
     # black -> red -> yellow -> white
     rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
     return (rgb * 255).round().astype(np.uint8)
+
+
+def as_array(output: Any) -> np.ndarray:
+    """A pipeline output as a float32 array in [0, 1]: a PIL image as (H, W, 3), an array as it is."""
+    if hasattr(output, "convert"):
+        return np.asarray(output.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(output, dtype=np.float32)
+
+
+def quality(reference: Any, test: Any, chunk: int = 8) -> tuple[float, float]:
+    """PSNR and SSIM of ``test`` against ``reference`` (images or videos), frame chunks at a time so long videos
+    stay within memory; both are means over frames."""
+    a, b = as_array(reference), as_array(test)
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    psnrs, ssims, weights = [], [], []
+    for i in range(0, len(a), chunk):
+        psnrs.append(psnr(a[i:i + chunk], b[i:i + chunk]))
+        ssims.append(ssim(a[i:i + chunk], b[i:i + chunk]))
+        weights.append(len(a[i:i + chunk]))
+    return float(np.average(psnrs, weights=weights)), float(np.average(ssims, weights=weights))

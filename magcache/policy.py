@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 BRANCH_NAMES = ("cond", "uncond")
 
@@ -78,13 +78,15 @@ def branch_curve(curves: Sequence[Sequence[float]], branch_index: int) -> list[f
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rules:
-    """How one reference implementation applies MagCache (``shared/reference/magcache.md`` §1.3–1.6).
+    """How one reference implementation applies MagCache: the MagCache research code (one repository per model
+    family), ComfyUI-MagCache or diffusers.
 
-    compare:            ``"<="`` (MC FLUX/Kontext/HunyuanVideo/FramePack, CU Wan, diffusers) or ``"<"``
-                        (MC Wan, CU FLUX/HunyuanVideo/Chroma).
-    retention_rounding: ``"floor"`` -> ``int(R*N)``; ``"half_up"`` -> ``int(R*N + 0.5)`` (MC FLUX, diffusers).
-    retention_per_call: MC Wan counts transformer *calls* over interleaved cond/uncond: call ``c = i*B + b``
-                        is eligible once ``c >= floor(B*N*R)`` (B = number of branches).
+    compare:            ``"<="`` (research code for FLUX/Kontext/HunyuanVideo/FramePack, ComfyUI-MagCache's Wan,
+                        diffusers) or ``"<"`` (research code for Wan, ComfyUI-MagCache's FLUX/HunyuanVideo/Chroma).
+    retention_rounding: ``"floor"`` -> ``int(R*N)``; ``"half_up"`` -> ``int(R*N + 0.5)`` (research code for FLUX,
+                        diffusers).
+    retention_per_call: the research code for Wan counts transformer *calls* over interleaved cond/uncond: call
+                        ``c = i*B + b`` is eligible once ``c >= floor(B*N*R)`` (B = number of branches).
     first_step_computed: FramePack's ``cnt >= 1``: step 0 is never eligible.
     max_ratio_jump:     FramePack's guard: skip only where ``|1 - ratio[i]| <= max_ratio_jump``.
     guarded_steps:      calibrated step indices that are never skipped (FLUX/Kontext: 11), mapped from a run of
@@ -123,7 +125,7 @@ class Settings:
     zero_thresh_disables: thresh 0 turns caching off (ComfyUI-MagCache's rule). On by default: with ``<=``
                           and a ratio of exactly 1.0 a zero threshold would otherwise still skip.
     protect_last_steps:   always compute the last n steps (no reference protects the final step).
-    sqrt_ratios:          use ``sqrt(ratio)``, as the paper's evaluation did (magcache.md §1.2).
+    sqrt_ratios:          use ``sqrt(ratio)``, as the paper's evaluation did.
     start_step/end_step:  ComfyUI-style window of eligible steps; ``end_step`` < 0 counts from the end.
     """
 
@@ -163,7 +165,7 @@ def validate_settings(thresh: float, retention_ratio: float, K: int) -> None:
 
 def retention_boundary(num_steps: int, retention_ratio: float, rounding: str, units: int = 1) -> int:
     """First eligible index, counted in steps (``units=1``) or in calls over ``units`` branches."""
-    # Same float64 product as the references (``int(R*N)``, ``int(R*N + 0.5)``, MC Wan ``int(2N*R)``); no
+    # Same float64 product as the references (``int(R*N)``, ``int(R*N + 0.5)``, Wan's research code ``int(2N*R)``); no
     # epsilon, so a product like 0.29*100 = 28.999999999999996 rounds exactly as theirs does.
     x = retention_ratio * (num_steps * units)
     return int(x + 0.5) if rounding == "half_up" else int(x)
@@ -310,6 +312,16 @@ def branch_name(index: int) -> str:
     return BRANCH_NAMES[index] if index < len(BRANCH_NAMES) else f"branch{index}"
 
 
+def computed_steps(decisions: Sequence[Decision]) -> list[int]:
+    """The steps of one branch's decisions that ran the blocks (simulated or recorded by the runtime)."""
+    return [d.step for d in decisions if not d.skip]
+
+
+def skipped_steps(decisions: Sequence[Decision]) -> list[int]:
+    """The steps of one branch's decisions that reused the cached residual."""
+    return [d.step for d in decisions if d.skip]
+
+
 @dataclass
 class Schedule:
     """What a run does per branch: the decisions in step order."""
@@ -319,11 +331,11 @@ class Schedule:
 
     @property
     def computed(self) -> dict[str, list[int]]:
-        return {b: [d.step for d in ds if not d.skip] for b, ds in self.decisions.items()}
+        return {b: computed_steps(ds) for b, ds in self.decisions.items()}
 
     @property
     def skipped(self) -> dict[str, list[int]]:
-        return {b: [d.step for d in ds if d.skip] for b, ds in self.decisions.items()}
+        return {b: skipped_steps(ds) for b, ds in self.decisions.items()}
 
     def computed_count(self) -> int:
         return sum(len(v) for v in self.computed.values())
@@ -411,6 +423,20 @@ def scan_thresh_for_speedup(
     return False, _short_thresh(max(thresh, 1e-6), schedule, simulate_at), schedule
 
 
+class SpeedupSolution(NamedTuple):
+    """What :func:`solve_thresh_for_speedup` chose: the settings, their schedule, and each K tried in order as
+    ``(K, smallest reaching threshold or None, best predicted speed-up)``; the target was reached iff the last
+    entry has a threshold."""
+
+    settings: Settings
+    schedule: Schedule
+    tried: list[tuple[int, float | None, float]]
+
+    @property
+    def reached(self) -> bool:
+        return self.tried[-1][1] is not None
+
+
 def solve_thresh_for_speedup(
     curves: Sequence[Sequence[float]],
     num_steps: int,
@@ -421,27 +447,9 @@ def solve_thresh_for_speedup(
     K_candidates: Iterable[int] | None = None,
     overhead_fraction: float = 0.0,
     max_thresh: float = math.inf,
-) -> tuple[Settings, Schedule]:
+) -> SpeedupSolution:
     """The smallest K (of ``K_candidates``, default ``settings.K``) that reaches ``target``, with the smallest
     threshold that does (the gentlest schedule fast enough); if none reaches it, the fastest setting found."""
-    chosen, schedule, _ = search_speedup_settings(curves, num_steps, target, settings, rules, num_branches,
-                                                  K_candidates, overhead_fraction, max_thresh)
-    return chosen, schedule
-
-
-def search_speedup_settings(
-    curves: Sequence[Sequence[float]],
-    num_steps: int,
-    target: float,
-    settings: Settings,
-    rules: Rules,
-    num_branches: int = 1,
-    K_candidates: Iterable[int] | None = None,
-    overhead_fraction: float = 0.0,
-    max_thresh: float = math.inf,
-) -> tuple[Settings, Schedule, list[tuple[int, float | None, float]]]:
-    """:func:`solve_thresh_for_speedup`, plus each K tried in order as ``(K, smallest reaching threshold or None,
-    best predicted speed-up)``; the target was reached iff the last entry has a threshold."""
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
         raise ValueError(f"target speed-up must be a positive number, got {target!r}")
     Ks = sorted(set(K_candidates)) if K_candidates is not None else [settings.K]
@@ -455,20 +463,8 @@ def search_speedup_settings(
         tried.append((K, thresh if reached else None, speedup))
         chosen = replace(trial, thresh=thresh)
         if reached:
-            return chosen, schedule, tried
+            return SpeedupSolution(chosen, schedule, tried)
         if best is None or speedup > best[0] + 1e-12:
             best = (speedup, chosen, schedule)
     assert best is not None
-    return best[1], best[2], tried
-
-
-def schedule_summary(schedule: Schedule) -> Mapping[str, object]:
-    """JSON-friendly summary used by the CLI and the app."""
-    return {
-        "num_steps": schedule.num_steps,
-        "computed": schedule.computed,
-        "skipped": schedule.skipped,
-        "computed_per_branch": {b: len(v) for b, v in schedule.computed.items()},
-        "predicted_speedup": round(schedule.predicted_speedup(), 4),
-        "acc_err": {b: [round(d.acc_err, 6) for d in ds] for b, ds in schedule.decisions.items()},
-    }
+    return SpeedupSolution(best[1], best[2], tried)

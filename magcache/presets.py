@@ -1,7 +1,6 @@
 """Published MagCache ratio curves, their reference defaults and the rule set each reference applies.
 
-The curves live in ``magcache/data/mag_ratios.json`` (copied verbatim, sources included, from the research notes
-in ``shared/reference``). Preset ids equal the keys of that file, except ``flux_kontext``, which names the 28-step
+The curves live in ``magcache/data/mag_ratios.json`` (the published curves, each with its source). Preset ids equal the keys of that file, except ``flux_kontext``, which names the 28-step
 diffusers curve (``flux_kontext_diffusers``) because our runtime drives diffusers pipelines. Extra curves (the demo
 model's calibration) live next to it as ``magcache/data/<id>.json`` in the same format.
 """
@@ -16,7 +15,8 @@ from typing import Mapping
 
 from .policy import Rules, Settings, split_branches
 
-# Rule sets of the reference implementations (shared/reference/magcache.md §1.3-1.6).
+# Rule sets of the reference implementations: MC_* are the MagCache research code's (one repository per model
+# family), COMFYUI is ComfyUI-MagCache's.
 MC_FLUX = Rules(compare="<=", retention_rounding="half_up", guarded_steps=(11,), guard_reference_steps=28)
 MC_HUNYUAN = Rules(compare="<=", retention_rounding="floor")
 MC_WAN = Rules(compare="<", retention_rounding="floor", retention_per_call=True)

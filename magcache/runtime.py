@@ -48,11 +48,11 @@ class BranchStats:
 
     @property
     def computed(self) -> list[int]:
-        return [d.step for d in self.decisions if not d.skip]
+        return P.computed_steps(self.decisions)
 
     @property
     def skipped(self) -> list[int]:
-        return [d.step for d in self.decisions if d.skip]
+        return P.skipped_steps(self.decisions)
 
     @property
     def acc_err(self) -> list[float]:
@@ -210,6 +210,7 @@ class MagCacheHandle:
         self._saved: dict[tuple[Any, str], tuple[Any, Any]] = {}  # (owner ref, attribute) -> (previous, ours)
         self._context_name: str | None = None
         self._attached = False
+        self._lockstep = None  # the context-parallel ranks of the current run (magcache.parallel), or None
 
     # ---- public API ------------------------------------------------------------------------------
     def configure(
@@ -367,8 +368,8 @@ class MagCacheHandle:
 
     # ---- per call --------------------------------------------------------------------------------
     def _cached_forward(self, original_forward, args, kwargs):
-        call = self._begin_call()
         try:
+            call = self._begin_call()
             if call.skip:
                 with _blocks_left_out(self.transformer, self.adapter.block_lists):
                     out = original_forward(*args, **kwargs)
@@ -410,6 +411,9 @@ class MagCacheHandle:
         else:
             decision = branch.policy.decide(step, branch.residual is not None)
         branch.stats.decisions.append(decision)
+        if self._lockstep is not None:  # context parallel: every rank must take this same decision
+            self._lockstep.agree_on_decision(num_steps, step, P.BRANCH_NAMES.index(name) if name in P.BRANCH_NAMES
+                                             else run.ordinal, decision.skip)
         call = _Call(branch, step, decision.skip, run.calibrating or run.settings.enabled)
         self._call = call
         return call
@@ -417,6 +421,9 @@ class MagCacheHandle:
     def _start_run(self, token: Any, num_steps: int) -> _Run:
         if self._run is not None:
             self._free_tensors()
+        from .parallel import lockstep_for
+
+        self._lockstep = lockstep_for(self.transformer, self.adapter.block_lists)
         stats = RunStats(num_steps, self.settings, self.calibrate)
         self.runs.append(stats)
         dropped = max(0, len(self.runs) - self.keep_runs)
@@ -462,6 +469,8 @@ class MagCacheHandle:
         if call is None or call.entry is not None or call.folded:
             return
         entry = self.adapter.stack_input(output)
+        if self._lockstep is not None:
+            entry = self._lockstep.shard_stack_input(entry)
         run, buf = self._run, call.branch.residual
         if call.skip or not call.keep_residual or entry.requires_grad or (run is not None and run.calibrating):
             call.entry = entry
@@ -498,7 +507,7 @@ class MagCacheHandle:
             return None
         residual = hidden.to(entry.dtype) - entry
         if self._run is not None and self._run.calibrating:
-            _record_calibration(branch, residual)
+            _record_calibration(branch, residual, self._lockstep)
         branch.residual = residual
         return None
 
@@ -537,7 +546,7 @@ def _blocks_left_out(module: torch.nn.Module, names: Sequence[str]) -> Iterator[
         module._modules.update(saved)
 
 
-def _record_calibration(branch: _Branch, residual: torch.Tensor) -> None:
+def _record_calibration(branch: _Branch, residual: torch.Tensor, lockstep: Any = None) -> None:
     s = branch.stats
     previous = branch.residual
     if previous is None or previous.shape != residual.shape:
@@ -548,9 +557,14 @@ def _record_calibration(branch: _Branch, residual: torch.Tensor) -> None:
     cur, prev = residual.float(), previous.float()
     ratio = cur.norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)
     cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-8)
-    s.mag_ratios.append(round(ratio.mean().item(), 5))
-    s.mag_std.append(round(ratio.std().item(), 5) if ratio.numel() > 1 else 0.0)
-    s.cos_dis.append(round((1 - cos).mean().item(), 5))
+    if lockstep is not None:  # context parallel: this rank holds a shard of the tokens; reduce over all ranks
+        mean, std, distance = lockstep.token_statistics(ratio, 1 - cos)
+    else:
+        std = ratio.std().item() if ratio.numel() > 1 else 0.0
+        mean, distance = ratio.mean().item(), (1 - cos).mean().item()
+    s.mag_ratios.append(round(mean, 5))
+    s.mag_std.append(round(std, 5))
+    s.cos_dis.append(round(distance, 5))
 
 
 def _validated_curves(curves: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -16,7 +16,9 @@ import magcache
 from magcache import policy as P
 from magcache.adapters import adapter_for
 from magcache.presets import get_preset
-from magcache.studio.compare import WARMUP_STEPS, InvalidRequest, build_call_kwargs
+from magcache.studio.comparison import WARMUP_STEPS
+from magcache.studio.defaults import tab_defaults
+from magcache.studio.request import InvalidRequest, build_call_kwargs
 from magcache.studio.manager import ModelManager, WeightsNotFound
 from magcache.studio.tiny import tiny_call_kwargs
 
@@ -59,7 +61,7 @@ def test_every_tab_end_to_end(manager, tab_id):
     finally:
         hook.remove()
     result = out["result"]
-    base, cached = result.baseline, result.magcache
+    base, cached = result.baseline, result.cached
 
     # outputs present, same shape on both sides
     if tab.is_video:
@@ -124,7 +126,7 @@ def test_stop_cancels_cleanly_and_the_next_run_works(manager):
     assert magcache.get_handle(pipe) is None  # no handle left behind
     assert handlers.stop(manager, session) == "Nothing is running in this tab."
     again = handlers.generate(manager, "wan_t2v", _values("wan_t2v", steps=4), session)
-    assert again["result"].magcache.stats[0].completed
+    assert again["result"].cached.stats[0].completed
 
 
 def test_invalid_inputs_have_clear_messages(manager):
@@ -163,14 +165,20 @@ def test_compile_runs_the_blocks_compiled_and_reports_the_warm_up(tiny):
 
 
 def test_live_preview_matches_the_policy(manager):
-    figure, text = handlers.preview(manager, "wan_t2v", "1.3B (480p)", 50, 0.12, 0.2, 4, 5.0, 81)
+    from magcache.studio.tuning import preview_schedule
+
+    values = {"variant": "1.3B (480p)", "steps": 50, "thresh": 0.12, "retention_ratio": 0.2, "K": 4, "guidance": 5.0,
+              "num_frames": 81}
+    preview = preview_schedule(manager, "wan_t2v", values)
     preset = get_preset("wan2.1_t2v_1.3B")
     expected = P.simulate(preset.curves, 50, preset.settings(), preset.rules, 2)
+    assert preview.preset.id == preset.id and preview.curve is None and preview.schedule.computed == expected.computed
+    figure, text = handlers.live_preview(manager, "wan_t2v", values)
     assert f"{expected.computed_count()}/100" in text and f"{expected.predicted_speedup():.2f}×" in text
     assert figure is not None
-    _, text = handlers.preview(manager, "framepack", None, 25, 0.1, 0.2, 3, 10.0, 13)
-    assert "2 sections" in text
-    figure, text = handlers.preview(manager, "flux", None, 28, -1, 0.1, 5)
+    framepack = {"steps": 25, "thresh": 0.1, "retention_ratio": 0.2, "K": 3, "guidance": 10.0, "num_frames": 13}
+    assert preview_schedule(manager, "framepack", framepack).sections == 2
+    figure, text = handlers.live_preview(manager, "flux", {"steps": 28, "thresh": -1, "retention_ratio": 0.1, "K": 5})
     assert figure is None and "thresh" in text
 
 
@@ -188,7 +196,7 @@ def test_tabs_are_generated_from_presets_json_with_an_extension_hook(manager, mo
     assert isinstance(app, gr.Blocks)
     assert [c.tab.id for c in calls] == TABS
     for ctx in calls:
-        d = handlers.variant_settings(manager, ctx.tab.id, None)
+        d = tab_defaults(manager, ctx.tab.id, None)
         assert (ctx.inputs["thresh"].value, ctx.inputs["retention_ratio"].value, ctx.inputs["K"].value) == (
             d["thresh"], d["retention_ratio"], d["K"])
         assert ("image" in ctx.inputs) == (ctx.tab.id in ("flux_kontext", "wan_i2v", "framepack"))
@@ -220,7 +228,7 @@ def test_demo_tab_uses_the_trained_model_and_its_settings_when_present(tiny, tmp
         "height": 32, "width": 32, "num_inference_steps": 6, "true_cfg_scale": 3.0, "negative_prompt": "",
         "max_sequence_length": 16, "seed": 3, "example_prompts": ["red background, small blue circle at left"]}))
     m = ModelManager(tiny=True, demo_dir=folder)  # the trained demo model is used even with MAGCACHE_TINY
-    d = handlers.variant_settings(m, "demo", None)
+    d = tab_defaults(m, "demo", None)
     assert (d["height"], d["num_inference_steps"], d["guidance_scale"], d["seed"]) == (32, 6, 3.0, 3)
     assert d["prompt"] == d["examples"][0] == "red background, small blue circle at left"
     out = handlers.generate(m, "demo", {"prompt": d["prompt"], "steps": 6, "width": 32, "height": 32, "guidance": 3.0})
@@ -250,5 +258,19 @@ def test_vace_controls_from_uploaded_files(manager, tmp_path):
     assert call["mask"][0].mode == "L" and len(call["reference_images"]) == 1
     out = handlers.generate(manager, "wan_vace", _values("wan_vace", control_video=control, mask_video=mask,
                                                          reference_images=[str(ref)], steps=4))
-    assert out["result"].magcache.stats[0].completed and Path(out["split_video"]).is_file()
+    assert out["result"].cached.stats[0].completed and Path(out["split_video"]).is_file()
     assert req.reference_images == [str(ref)]
+
+
+def test_demo_reads_plain_english_into_its_grammar_and_says_so(manager):
+    out = handlers.generate(manager, "demo", _values("demo", prompt="a big red circle in the middle of a blue backdrop",
+                                                       steps=4, compare=False))
+    result = out["result"]
+    assert result.notes[0].startswith("The demo model knows only its training grammar; your prompt ran as "
+                                      "\"blue background, large red circle at center\"")
+    assert "ran as" in out["status"]
+    grammar = handlers.generate(manager, "demo", _values("demo", prompt="blue background, large red circle at center",
+                                                         steps=4, compare=False))
+    assert not any("ran as" in n for n in grammar["result"].notes)  # a caption of the grammar runs as typed
+    with pytest.raises(InvalidRequest, match="names no such shape. It does not know: cat, sofa"):
+        handlers.generate(manager, "demo", _values("demo", prompt="a cat sitting on a sofa"))

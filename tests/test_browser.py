@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.loadtest import start_app
+from magcache.studio.local_app import start_app
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -16,7 +16,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 @pytest.fixture
 def app_url(tmp_path):
-    """The app as the load test starts it (``bench.loadtest.start_app``), with an empty calibration store and the
+    """The app as the load test starts it (``magcache.studio.local_app.start_app``), with an empty calibration store and the
     Demo tab on its default model (the trained one when it exists, else the tiny stand-in)."""
     env = dict(MAGCACHE_HOME=str(tmp_path / "home"), MAGCACHE_WEIGHTS_DEMO="")  # never the user's calibrations
     with start_app(tmp_path / "app.log", env=env) as url:

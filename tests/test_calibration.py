@@ -12,19 +12,10 @@ import pytest
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import (
-    MAX_FILE_BYTES,
-    Calibration,
-    CalibrationStore,
-    Resolution,
-    apply_best,
-    calibrate,
-    choose_curves,
-    default_store_dir,
-    read_calibration_file,
-    rules_for_calibration,
-    run_key,
-)
+from magcache.calibration import Calibration, CalibrationStore, Resolution, default_store_dir, read_calibration_file
+from magcache.curves import apply_best, choose_curves, rules_for_calibration, run_key
+from magcache.jsonfile import MAX_FILE_BYTES
+from magcache.measure import calibrate
 from magcache.presets import get_preset
 from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -321,7 +312,7 @@ def test_calibrate_cli_rejects_bad_arguments(tmp_path):
 
 
 def test_calibration_figure_draws_curves_over_the_reference(flux_cal):
-    from magcache.calibration import calibration_figure
+    from ui.plots import calibration_figure
 
     fig = calibration_figure(flux_cal, "flux")
     ratio_ax, cos_ax = fig.axes

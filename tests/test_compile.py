@@ -149,7 +149,7 @@ def test_framepack_blocks_compile_without_repeated_blocks(tiny):
 
 
 def test_diffusers_builtin_magcache_keeps_every_block_eager(tiny):
-    """The comparison point (diffusers.md §7): diffusers' MagCache hooks are ``torch.compiler.disable``d and wrap
+    """The comparison point: diffusers' MagCache hooks are ``torch.compiler.disable``d and wrap
     every block, so compiled blocks never run compiled, in either order. If this starts failing, diffusers fixed
     it: update docs/benchmarks.md."""
     from diffusers.hooks import MagCacheConfig

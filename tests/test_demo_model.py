@@ -1,4 +1,4 @@
-"""The embedded demo model (issue #6): a trained FluxPipeline shipped under assets/demo_model.
+"""The embedded demo model: a trained FluxPipeline shipped under assets/demo_model.
 
 Loads it offline with the ordinary ``FluxPipeline.from_pretrained``, checks determinism per seed, prompt adherence
 on a sample of held-out prompts, and the calibrated ``demo`` preset. About 40 s on 2 CPU cores.
@@ -55,7 +55,7 @@ def test_output_is_deterministic_per_seed(demo):
     from magcache.studio.demo.evaluate import generate
 
     pipe, settings = demo
-    prompt = settings["example_prompts"][0]
+    prompt = D.held_out_scenes()[0].caption
     a = generate(pipe, prompt, 7, settings)
     b = generate(pipe, prompt, 7, settings)
     c = generate(pipe, prompt, 8, settings)
@@ -125,7 +125,7 @@ def test_magcache_demo_preset_skips_and_stays_close(demo):
     from magcache.studio.demo.evaluate import generate
 
     pipe, settings = demo
-    prompt = settings["example_prompts"][1]
+    prompt = D.held_out_scenes()[1].caption
     plain = generate(pipe, prompt, 3, settings)
     handle = magcache.apply(pipe, preset="demo")
     try:

@@ -1,4 +1,4 @@
-"""The demo model's training script (issue #6) end to end at toy sizes on the CPU: every stage runs, the export
+"""The demo model's training script end to end at toy sizes on the CPU: every stage runs, the export
 loads with the ordinary ``FluxPipeline.from_pretrained``, ``--fit-minutes`` fixes a step count that a resumed run
 keeps, and ``--export-only`` rebuilds the same pipeline from the lean ``ema.pt``. About 30 s on 2 CPU cores."""
 

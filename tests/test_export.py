@@ -7,7 +7,7 @@ import pytest
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import MAX_FILE_BYTES
+from magcache.jsonfile import MAX_FILE_BYTES
 from magcache.export import (
     SettingsSnapshot,
     comfyui_values,

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from bench.loadtest import INVALID, VALID, request_plan, require_loopback, run_load_test, start_app
+from bench.loadtest import INVALID, VALID, request_plan, require_loopback, run_load_test
+from magcache.studio.local_app import start_app
 
 
 def test_request_mix_and_limits():

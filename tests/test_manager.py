@@ -249,3 +249,25 @@ def test_stop_and_status_do_not_wait_for_a_slow_load():
     release.set()
     loader.join(10)
     assert [x.plan.variant_id for x in m.loaded()] == ["flux_dev", "chroma1_hd"]
+
+
+def test_the_tab_catalog_is_found_in_a_checkout_and_in_an_installed_package(tmp_path, monkeypatch):
+    import sys
+    import tomllib
+
+    from magcache.studio import catalog as C
+
+    monkeypatch.delenv("MAGCACHE_PRESETS", raising=False)
+    assert C.catalog_file() == C.ROOT / "presets.json"
+    # installed: no checkout around the package, the data file under sys.prefix (where pyproject.toml puts it)
+    data_files = tomllib.loads((C.ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert data_files[str(C.INSTALLED_DATA)] == ["presets.json"]
+    installed = tmp_path / C.INSTALLED_DATA / "presets.json"
+    installed.parent.mkdir(parents=True)
+    installed.write_text((C.ROOT / "presets.json").read_text())
+    monkeypatch.setattr(C, "ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert C.catalog_file() == installed and [t.id for t in C.load_catalog().tabs] == [t.id for t in load_catalog().tabs]
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="MAGCACHE_PRESETS"):
+        C.load_catalog()

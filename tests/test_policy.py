@@ -1,7 +1,7 @@
 """The pure MagCache policy: resampling, every reference rule variant, schedule counts and exact step lists.
 
-Reference rules: shared/reference/magcache.md §1.3-1.9. The ``_mc_*`` / ``_cu_*`` functions below are literal
-transcriptions of the reference loops (numpy, class-counter style, as in Zehong-Ma/MagCache and ComfyUI-MagCache),
+The ``_research_*`` / ``_comfyui_*`` functions below are literal transcriptions of the reference loops (numpy,
+class-counter style, as in the MagCache research code, Zehong-Ma/MagCache, and ComfyUI-MagCache),
 written independently of ``magcache.policy`` so that the parity tests compare two implementations.
 """
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Literal transcriptions of the reference loops
 # --------------------------------------------------------------------------------------------------
 def _np_nearest_interp(src_array, target_length):
-    """MC / diffusers ``nearest_interp``, verbatim."""
+    """The research code's / diffusers' ``nearest_interp``, verbatim."""
     src_array = np.asarray(src_array)
     src_length = len(src_array)
     if target_length == 1:
@@ -37,7 +37,7 @@ def _np_nearest_interp(src_array, target_length):
     return src_array[mapped_indices]
 
 
-def _mc_single_branch(mag_ratios, num_steps, thresh, retention, K, *, flux_guard=False, half_up=False,
+def _research_single_branch(mag_ratios, num_steps, thresh, retention, K, *, flux_guard=False, half_up=False,
                       framepack=False):
     """MagCache4FLUX / FLUX_Kontext (``half_up``, ``flux_guard``), MagCache4HunyuanVideo, MagCache4FramePack
     (``framepack``): one call per step, ``cnt`` = step, ``<=``."""
@@ -67,7 +67,7 @@ def _mc_single_branch(mag_ratios, num_steps, thresh, retention, K, *, flux_guard
     return computed
 
 
-def _mc_wan(mag_ratios, steps, thresh, retention, K):
+def _research_wan(mag_ratios, steps, thresh, retention, K):
     """MagCache4Wan2.1 ``magcache_forward``: one counter over 2N calls (cond, uncond), interleaved curve, ``<``."""
     mag = np.asarray(mag_ratios)
     if len(mag) != steps * 2:
@@ -93,7 +93,7 @@ def _mc_wan(mag_ratios, steps, thresh, retention, K):
     return computed
 
 
-def _cu_chroma(mag_ratios, total_steps, thresh, retention, K):
+def _comfyui_chroma(mag_ratios, total_steps, thresh, retention, K):
     """ComfyUI-MagCache ``magcache_chroma_forward`` with cond and uncond as separate calls: the curve is indexed by
     the call counter (so only the calibrated step count is meaningful), retention ``int(total*R)`` on steps, ``<``."""
     acc_err, acc_ratio, acc_steps = [0.0, 0.0], [1.0, 1.0], [0, 0]
@@ -162,7 +162,7 @@ def test_split_branches_interleaved_and_plain():
         split_branches([1.0, 1.0, 2.0], interleaved=True)
 
 
-def test_interleaved_curves_are_resampled_per_branch_like_mc_wan():
+def test_interleaved_curves_are_resampled_per_branch_like_the_research_code_for_wan():
     raw = _raw("wan2.1_t2v_1.3B")
     for steps in (10, 25, 30, 50, 77):
         prepared = P.prepare_curves(get_preset("wan2.1_t2v_1.3B").curves, steps)
@@ -212,7 +212,7 @@ def test_retention_floor_vs_half_up(steps, R, floor_boundary, half_up_boundary):
 
 
 def test_wan_retention_counts_calls_over_interleaved_cfg():
-    # MC Wan: call c = 2*step + branch is eligible once c >= int(2*N*R). N=26, R=0.25 -> 13 calls: cond from step 7
+    # the research code for Wan: call c = 2*step + branch is eligible once c >= int(2*N*R). N=26, R=0.25 -> 13 calls: cond from step 7
     # (call 14), uncond from step 6 (call 13). Per-step floor would give step 6 for both.
     settings = Settings(thresh=10.0, retention_ratio=0.25, K=1000)
     per_call = _decisions([[1.0] * 26, [1.0] * 26], 26, settings, MC_WAN, num_branches=2)
@@ -337,19 +337,19 @@ def test_single_branch_presets_match_the_research_loop(preset_id, step_counts, k
             for K in KS:
                 for R in (0.1, 0.2, 0.3):
                     ours = simulate(p.curves, steps, Settings(thresh, R, K), p.rules).computed["cond"]
-                    assert ours == _mc_single_branch(_raw(preset_id), steps, thresh, R, K, **kw), (steps, thresh, K, R)
+                    assert ours == _research_single_branch(_raw(preset_id), steps, thresh, R, K, **kw), (steps, thresh, K, R)
 
 
 @pytest.mark.parametrize("preset_id", ["wan2.1_t2v_1.3B", "wan2.1_t2v_14B", "wan2.1_i2v_480p_14B",
                                        "wan2.1_i2v_720p_14B", "wan2.1_vace_1.3B", "wan2.1_vace_14B"])
-def test_wan_presets_match_mc_wan_call_counter(preset_id):
+def test_wan_presets_match_the_research_code_call_counter(preset_id):
     p = get_preset(preset_id)
     for steps in (10, 25, 26, 30, 40, 50):
         for thresh in THRESHES:
             for K in KS:
                 for R in (0.1, 0.2, 0.25):
                     ours = simulate(p.curves, steps, Settings(thresh, R, K), p.rules, 2).computed
-                    assert ours == _mc_wan(_raw(preset_id), steps, thresh, R, K), (steps, thresh, K, R)
+                    assert ours == _research_wan(_raw(preset_id), steps, thresh, R, K), (steps, thresh, K, R)
 
 
 def test_chroma_matches_comfyui_at_its_calibrated_step_count():
@@ -358,11 +358,11 @@ def test_chroma_matches_comfyui_at_its_calibrated_step_count():
         for K in KS:
             for R in (0.1, 0.2, 0.25, 0.3):
                 ours = simulate(p.curves, 26, Settings(thresh, R, K), p.rules, 2).computed
-                assert ours == _cu_chroma(_raw("chroma"), 26, thresh, R, K), (thresh, K, R)
+                assert ours == _comfyui_chroma(_raw("chroma"), 26, thresh, R, K), (thresh, K, R)
 
 
 # --------------------------------------------------------------------------------------------------
-# Published defaults: §1.9 counts and hand-checked schedules
+# Published defaults: the published step counts and hand-checked schedules
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("preset_id, steps, per_branch", [
     ("flux", 28, 9),
@@ -437,7 +437,7 @@ def test_preset_rule_sets_follow_their_reference():
 def test_solve_thresh_hits_the_target_within_one_step(preset_id, target):
     p = get_preset(preset_id)
     steps, branches = p.calibrated_steps, len(p.curves)
-    settings, sched = solve_thresh_for_speedup(p.curves, steps, target, p.settings(), p.rules, branches)
+    settings, sched, _ = solve_thresh_for_speedup(p.curves, steps, target, p.settings(), p.rules, branches)
     assert sched.computed == simulate(p.curves, steps, settings, p.rules, branches).computed
     fastest = simulate(p.curves, steps, replace(settings, thresh=1e6), p.rules, branches).predicted_speedup()
     if fastest < target:  # unreachable with this K and retention: the fastest schedule is returned
@@ -452,7 +452,7 @@ def test_solve_thresh_hits_the_target_within_one_step(preset_id, target):
 
 def test_solve_thresh_can_search_K():
     p = get_preset("chroma")  # K=2 cannot reach 2.5x at 26 steps
-    settings, sched = solve_thresh_for_speedup(p.curves, 26, 2.5, p.settings(), p.rules, 2, K_candidates=[2, 3, 4])
+    settings, sched, _ = solve_thresh_for_speedup(p.curves, 26, 2.5, p.settings(), p.rules, 2, K_candidates=[2, 3, 4])
     assert settings.K in (3, 4) and sched.predicted_speedup() >= 2.5
     with pytest.raises(ValueError, match="speed-up"):
         solve_thresh_for_speedup(p.curves, 26, float("nan"), p.settings(), p.rules)
@@ -510,20 +510,10 @@ def test_policy_module_is_pure_python():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_schedule_summary_is_json_ready():
-    import json
-
-    p = get_preset("chroma")
-    summary = P.schedule_summary(simulate(p.curves, 26, p.settings(), p.rules, 2))
-    data = json.loads(json.dumps(summary))
-    assert data["computed_per_branch"] == {"cond": 13, "uncond": 13}
-    assert data["predicted_speedup"] == 2.0
-
-
 def test_solve_thresh_is_exact_where_rounding_or_bisection_would_miss():
     # Chroma K=3 at 2x: the accumulated error sits exactly on a 4-decimal value and Chroma compares with "<";
     # a bisection that rounds to 4 digits returned 0.0625, which gives only 1.86x.
     p = get_preset("chroma")
-    settings, sched = solve_thresh_for_speedup(p.curves, 26, 2.0, p.settings(K=3), p.rules, 2)
+    settings, sched, _ = solve_thresh_for_speedup(p.curves, 26, 2.0, p.settings(K=3), p.rules, 2)
     assert sched.predicted_speedup() >= 2.0
     assert simulate(p.curves, 26, settings, p.rules, 2).computed == sched.computed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,7 @@ from magcache import presets as PR
 from magcache.policy import Settings
 from magcache.presets import get_preset, list_presets
 
-SHARED_RATIOS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mag_ratios.json"
-
-# the seed models of issue #3, keyed as in shared/reference/mag_ratios.json (flux_kontext = the diffusers curve)
+# the first models, keyed as in magcache/data/mag_ratios.json (flux_kontext = the diffusers curve)
 SEED_PRESETS = {
     "flux": ("flux", "flux"),
     "flux_kontext": ("flux_kontext_diffusers", "flux"),
@@ -58,7 +55,7 @@ def test_every_published_inference_curve_is_a_preset():
     curve_keys = {k for k in shipped if k != "_meta" and not k.endswith("_paper_eval")}
     used = {PR._CATALOG[pid][0] for pid in list_presets() if pid in PR._CATALOG}
     assert curve_keys <= used, curve_keys - used
-    # the paper-eval arrays ship as data only: they were used with sqrt and index offsets (magcache.md §1.2)
+    # the paper-eval arrays ship as data only: they were used with sqrt and index offsets
     assert {"wan2.1_t2v_1.3B_paper_eval", "open_sora_1.2_paper_eval"} <= set(shipped)
 
 
@@ -73,11 +70,6 @@ def test_shipped_curves_are_well_formed():
         assert all(v == 1.0 for v in padding), key  # the leading 1.0 padding of the reference arrays
         assert all(0.5 < v < 2.0 for v in ratios), key
         assert entry["source"] and set(entry["defaults"]) == {"magcache_thresh", "retention_ratio", "magcache_K"}
-
-
-@pytest.mark.skipif(not SHARED_RATIOS.exists(), reason="the shared research notes are not next to this checkout")
-def test_package_data_is_the_research_notes_file():
-    assert _shipped() == json.loads(SHARED_RATIOS.read_text(encoding="utf-8"))
 
 
 def test_cfg_presets_have_two_branch_curves():

@@ -11,12 +11,14 @@ import pytest
 
 from magcache.calibration import CalibrationStore
 from magcache.studio import housekeeping, public
-from magcache.studio.compare import InvalidRequest
 from magcache.studio.manager import ModelManager, WeightsNotFound
+from magcache.studio.request import InvalidRequest
+from magcache.studio.tuning import CALIBRATION_PREFIX
 
 from ui import handlers
 
-SMALL = {"prompt": "x", "steps": 4, "width": 32, "height": 32, "guidance": 3.0}
+DEMO_PROMPT = "a red circle on a blue background"  # the demo model reads shapes and colours
+SMALL = {"prompt": DEMO_PROMPT, "steps": 4, "width": 32, "height": 32, "guidance": 3.0}
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ def test_public_mode_refuses_model_sources_and_hides_the_fields(public_on, manag
     with pytest.raises(InvalidRequest, match="public instance"):  # the tuning panel's calibration too
         from ui import tuning
 
-        tuning.calibrate(manager, "flux", dict(SMALL, weights="/root"))
+        tuning.calibrate_tab(manager, "flux", dict(SMALL, weights="/root"))
     assert manager.loaded() == []
     out = handlers.generate(manager, "flux", dict(SMALL, weights="  "))  # an empty field is no source
     assert "Done" in out["status"]
@@ -89,29 +91,42 @@ def test_the_demo_tab_never_runs_a_stand_in_for_a_typed_path(manager, tmp_path):
 
 
 def test_calibrations_are_kept_per_visitor_in_public_mode(public_on, monkeypatch, tmp_path):
-    a, b = public.calibration_store("session-a"), public.calibration_store("session-b")
-    assert a.root != b.root and a.root.parent.parent == tmp_path / "sessions"
-    assert public.calibration_store("session-a").root == a.root == public.calibration_root("session-a")
-    assert public.calibration_store("../../etc").root.parent.parent == tmp_path / "sessions"  # a hash, not a path
-    assert public.calibration_store().root.parent.name != a.root.parent.name  # no event: an empty store
+    a, b = public.calibration_root("session-a"), public.calibration_root("session-b")
+    assert a != b and a.parent.parent == tmp_path / "sessions"
+    assert public.calibration_root("session-a") == a
+    assert public.calibration_root("../../etc").parent.parent == tmp_path / "sessions"  # a hash, not a path
+    assert public.calibration_root().parent.name != a.parent.name  # no event: an empty store
     monkeypatch.setenv("MAGCACHE_SHARED_CALIBRATIONS", "1")  # the owner shares one store
-    assert public.calibration_store("session-a").root == CalibrationStore().root
+    assert public.calibration_root("session-a") == CalibrationStore().root
     monkeypatch.setenv("MAGCACHE_SHARED_CALIBRATIONS", "0")
     monkeypatch.setenv("MAGCACHE_PUBLIC", "0")
-    assert public.calibration_store("session-a").root == CalibrationStore().root  # local: the user store
+    assert public.calibration_root("session-a") == CalibrationStore().root  # local: the user store
+
+
+def test_the_tuning_backend_keeps_only_so_many_visitor_stores_in_memory(public_on, monkeypatch):
+    from magcache.studio import tuning
+
+    monkeypatch.setattr(tuning, "_stores", type(tuning._stores)())
+    roots = []
+    for i in range(tuning.MAX_KEPT_STORES + 5):
+        monkeypatch.setattr(public, "current_session", lambda i=i: f"visitor-{i}")
+        roots.append(tuning.calibration_store().root)
+        assert tuning.calibration_store() is tuning.calibration_store()  # kept while in use
+    assert len(set(roots)) == len(roots) and len(tuning._stores) == tuning.MAX_KEPT_STORES
+    assert list(tuning._stores) == roots[-tuning.MAX_KEPT_STORES:]  # the least recently used went first
 
 
 def test_the_tuning_panel_reads_the_visitors_store(public_on, manager, monkeypatch):
     from ui import tuning
 
     monkeypatch.setattr(public, "current_session", lambda: "visitor-1")
-    mine = tuning.calibrate(manager, "flux", SMALL, session="visitor-1")["calibration"]
-    assert mine is not None and public.calibration_store("visitor-1").load(mine.id).id == mine.id
+    mine = tuning.calibrate_tab(manager, "flux", SMALL, session="visitor-1")["calibration"]
+    assert mine is not None and CalibrationStore(public.calibration_root("visitor-1")).load(mine.id).id == mine.id
     ids = [value for _, value in tuning.curve_options(manager, "flux")]
-    assert tuning.CALIBRATION_PREFIX + mine.id in ids
+    assert CALIBRATION_PREFIX + mine.id in ids
     monkeypatch.setattr(public, "current_session", lambda: "visitor-2")
     ids = [value for _, value in tuning.curve_options(manager, "flux")]
-    assert tuning.CALIBRATION_PREFIX + mine.id not in ids  # another visitor never sees it
+    assert CALIBRATION_PREFIX + mine.id not in ids  # another visitor never sees it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +163,7 @@ def test_every_field_parses_strictly_and_the_next_request_is_unaffected(manager)
             handlers.generate(manager, "flux", dict(SMALL, **fields))
         assert not manager.device_busy
     out = handlers.generate(manager, "flux", SMALL)
-    assert out["result"].baseline is not None and out["result"].magcache.stats[0].completed
+    assert out["result"].baseline is not None and out["result"].cached.stats[0].completed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,15 +339,15 @@ def test_a_public_server_refuses_sources_and_over_budget_requests(public_server)
     assert sources and not any(c["props"].get("visible", True) for c in sources)  # hidden in every tab
     client = Client(public_server.url, verbose=False, download_files=False)
     with pytest.raises(Exception, match="This is a public instance: the Weights field cannot be set here"):
-        client.predict(prompt="x", width=32, height=32, steps=4, weights="/root", api_name="/generate_demo")
+        client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, weights="/root", api_name="/generate_demo")
     with pytest.raises(Exception, match="the Base pipeline field cannot be set here"):
         client.predict(prompt="x", base="black-forest-labs/FLUX.1-dev", api_name="/generate_flux")
     t0 = time.monotonic()
     with pytest.raises(Exception, match=r"over this server.*s compute budget: 64x64 x 8 steps x 2 runs x 2 passes per step = "
                                           r"131,072 pixel-steps; the limit on this CPU is 32,768"):
-        client.predict(prompt="x", width=64, height=64, steps=8, api_name="/generate_demo")
+        client.predict(prompt=DEMO_PROMPT, width=64, height=64, steps=8, api_name="/generate_demo")
     assert time.monotonic() - t0 < 10
-    result = client.predict(prompt="x", width=32, height=32, steps=8, api_name="/generate_demo")  # at the limit
+    result = client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=8, api_name="/generate_demo")  # at the limit
     assert any("Done" in str(v) for v in result)
     client.close()
     assert "public mode on; compute budget 32,768 pixel-steps" in public_server.log.read_text()

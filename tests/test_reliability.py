@@ -1,4 +1,4 @@
-"""Reliability (issue #9) on tiny offline pipelines, through the app's backend (``ui.handlers``, which the Gradio
+"""Reliability on tiny offline pipelines, through the app's backend (``ui.handlers``, which the Gradio
 events call): every bad input gets a clear message and nothing breaks; Stop, a client that goes away, an exception
 at step k or an out-of-memory error leave no stale state and the next run equals a fresh run bit for bit;
 concurrent requests give the outputs of sequential ones; a load for one request never pulls a model out from under
@@ -16,7 +16,7 @@ from PIL import Image
 import magcache
 from magcache.calibration import CalibrationStore
 from magcache.studio import manager as manager_module
-from magcache.studio.compare import InvalidRequest
+from magcache.studio.request import InvalidRequest
 from magcache.studio.manager import (GB, LoadedModel, ModelLoadError, ModelManager, OutOfMemory, WeightsNotFound)
 from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -56,7 +56,7 @@ def values(tab_id, **extra):
 def outputs_of(out):
     """The two runs' outputs as arrays (images or videos)."""
     r = out["result"]
-    return [np.asarray(x.output, dtype=np.float32) if x is not None else None for x in (r.baseline, r.magcache)]
+    return [np.asarray(x.output, dtype=np.float32) if x is not None else None for x in (r.baseline, r.cached)]
 
 
 def assert_same(a, b):
@@ -174,7 +174,7 @@ def test_bad_uploads_get_clear_messages(manager, tmp_path):
     assert not manager.device_busy
 
 
-def test_calibration_curves_of_the_wrong_length_are_refused(manager, tmp_path):
+def test_calibration_curves_of_the_wrong_length_are_refused(manager, tmp_path, monkeypatch):
     store = CalibrationStore(tmp_path / "store")
     record = {"format": "magcache-studio calibration", "version": 1, "model": "tiny", "preset": "flux", "num_steps": 10,
               "resolution": {"height": 32, "width": 32, "frames": 1}, "scheduler": "FlowMatchEulerDiscreteScheduler",
@@ -182,10 +182,13 @@ def test_calibration_curves_of_the_wrong_length_are_refused(manager, tmp_path):
     with pytest.raises(ValueError, match="branches.cond.mag_ratios has 8 values but num_steps is 10"):
         store.import_text(json.dumps(record))
     assert store.list() == []  # nothing written
-    # a curve chosen for a run (the tuning panel's curve_picker) that MagCache cannot use: a message, a clean pipe
+    # a curve chosen for a run that MagCache cannot use (files are validated, so one is put in): a message, a clean pipe
+    from magcache.studio import comparison
+
     bad_curve = SimpleNamespace(curves=[[1.0]], rules=None, options={}, label="bad file")
+    monkeypatch.setattr(comparison, "curve_for_job", lambda job: bad_curve)
     with pytest.raises(InvalidRequest, match="ratio curve: each ratio curve needs at least 2"):
-        handlers.generate(manager, "flux", values("flux", curve_picker=lambda loaded, call: bad_curve))
+        handlers.generate(manager, "flux", values("flux", curve="file"))
     assert_clean(manager, "flux")
 
 
@@ -233,7 +236,7 @@ def test_a_checkpoint_of_the_wrong_architecture_gets_a_clear_message(tmp_path, o
     assert m.loaded() == [] and not m.device_busy
     # the same app keeps serving: the base folder itself loads and runs
     out = handlers.generate(m, "flux", values("flux", weights=str(base), width=32, height=32))
-    assert out["result"].magcache.stats[0].completed
+    assert out["result"].cached.stats[0].completed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +282,44 @@ def test_interrupted_runs_leave_no_state_behind(manager, tmp_path_factory, tab_i
     assert handlers.stop(manager, session) == "Nothing is running in this tab."
     assert_same(outputs_of(handlers.generate(manager, tab_id, values(tab_id), session)),
                 fresh(tmp_path_factory, tab_id))
+
+
+JOB_INTERRUPTIONS = [("calibration", "stop"), ("calibration", "exception"), ("sweep", "stop"), ("sweep", "exception")]
+
+
+@pytest.mark.parametrize("kind,how", JOB_INTERRUPTIONS)
+def test_interrupted_calibrations_and_sweeps_leave_no_state_behind(manager, tmp_path_factory, tmp_path, monkeypatch,
+                                                                     kind, how):
+    """Calibration and sweep run through the same device job as a comparison: stopped or failed at step 3 (the
+    calibration) or at the second point (the sweep, with its MagCache handle on the pipeline), the model is left
+    as a fresh one and nothing is saved."""
+    from magcache.studio import tuning as backend
+    from magcache.studio.manager import Cancelled
+
+    monkeypatch.setenv("MAGCACHE_HOME", str(tmp_path / "home"))
+    stop = threading.Event()
+    req = handlers.request_from_values("demo", values("demo"))
+
+    def at(phase, done, total):
+        hit = (phase == "calibration" and done == 3) if kind == "calibration" else phase.startswith("Sweep 2/")
+        if hit:
+            if how == "stop":
+                stop.set()
+            else:
+                raise RuntimeError(f"injected failure in the {kind}")
+
+    if kind == "calibration":
+        with pytest.raises(Cancelled if how == "stop" else RuntimeError, match="step 3 of|injected"):
+            backend.run_calibration(manager, req, stop, at)
+        assert not (tmp_path / "home").exists()  # nothing saved
+    elif how == "stop":
+        run = backend.run_tab_sweep(manager, req, [0.05, 0.1], [2], [], stop, at)
+        assert run.result.cancelled and len(run.result.rows) == 1
+    else:
+        with pytest.raises(RuntimeError, match="injected"):
+            backend.run_tab_sweep(manager, req, [0.05, 0.1], [2], [], stop, at)
+    assert_clean(manager, "demo")
+    assert_same(outputs_of(handlers.generate(manager, "demo", values("demo"))), fresh(tmp_path_factory, "demo"))
 
 
 def test_a_failure_in_one_tab_leaves_the_others_alone(manager, tmp_path_factory):

@@ -163,7 +163,7 @@ def test_skipping_follows_the_prediction_and_reuses_each_branchs_own_residual(ca
 
 
 @pytest.mark.parametrize("case, steps, expected", [
-    ("flux", 28, [0, 1, 2, 5, 9, 11, 17, 23, 26]),  # magcache.md §1.9, step 11 guarded
+    ("flux", 28, [0, 1, 2, 5, 9, 11, 17, 23, 26]),  # the published schedule, step 11 guarded
     ("kontext_true_cfg", 28, 14),
     ("chroma_cfg4", 26, [0, 1, 2, 3, 4, 5, 7, 10, 13, 16, 19, 22, 24]),
 ])

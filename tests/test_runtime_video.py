@@ -1,4 +1,4 @@
-"""MagCache on the video pipelines (issue #4): HunyuanVideo, Wan2.1 T2V / I2V, Wan VACE, FramePack (+F1).
+"""MagCache on the video pipelines: HunyuanVideo, Wan2.1 T2V / I2V, Wan VACE, FramePack (+F1).
 
 Every test runs the real diffusers 0.42.1 pipeline code on tiny random-weight models (``magcache.studio.tiny``),
 offline, on the CPU. Outputs are compared bit for bit where the claim is exactness.
@@ -476,7 +476,7 @@ def test_vace_video_mask_reference_inputs_work_with_cache_on():
 
 
 # --------------------------------------------------------------------------------------------------
-# Default presets and the CLI at the reference defaults (magcache.md section 1.9)
+# Default presets and the CLI at the reference defaults (the published schedules)
 # --------------------------------------------------------------------------------------------------
 REFERENCE_COUNTS = {  # preset: (steps, computed per branch); framepack_f1 has no published count
     "hunyuan_video": (50, {"cond": 19}),

@@ -1,4 +1,4 @@
-"""Security (issue #9): user weights only from safetensors (never pickle), uploads confined to the upload folder,
+"""Security: user weights only from safetensors (never pickle), uploads confined to the upload folder,
 no path traversal through calibration ids, the server binds to loopback and serves no extra folder, and access
 tokens never reach a message or a log line. The last checks run against the real server (app.py, tiny mode)."""
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from magcache.calibration import CalibrationStore
-from magcache.studio.compare import InvalidRequest
+from magcache.studio.request import InvalidRequest
 from magcache.studio.manager import ModelLoadError, ModelManager, WeightsNotFound, redact
 from magcache.studio.media import MediaError, confine_upload
 from magcache.studio.tiny import build_tiny_pipeline
@@ -25,6 +25,7 @@ from ui import handlers
 
 FAKE_TOKEN = "hf_" + "Zq8xTESTtokenNOTreal" * 2
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_PROMPT = "a red circle on a blue background"  # the demo model reads shapes and colours
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_uploads_outside_the_upload_folder_are_refused(tmp_path, monkeypatch):
     with pytest.raises(InvalidRequest, match="reference image 1: .* is not an uploaded file"):
         handlers.generate(m, "wan_vace", dict(base, reference_images=[str(secret)]), upload_roots=[uploads])
     out = handlers.generate(m, "wan_i2v", dict(base, image=str(inside)), upload_roots=[uploads])  # a real upload
-    assert out["result"].magcache.stats[0].completed
+    assert out["result"].cached.stats[0].completed
 
 
 def test_calibration_ids_and_names_never_become_paths(tmp_path):
@@ -210,7 +211,7 @@ def test_redaction_covers_server_loggers_streams_and_gradio_errors(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from bench.loadtest import start_app
+    from magcache.studio.local_app import start_app
 
     folder = tmp_path_factory.mktemp("server")
     log = folder / "app.log"
@@ -259,16 +260,16 @@ def test_the_server_keeps_tokens_out_of_errors_and_logs(server):
 
     client = Client(server.url, verbose=False)
     with pytest.raises(Exception, match="multiple of 16"):
-        client.predict(prompt="x", width=40, height=32, api_name="/generate_demo")
+        client.predict(prompt=DEMO_PROMPT, width=40, height=32, api_name="/generate_demo")
     # A token typed into a number field: Gradio's own input processing fails and prints its traceback.
     with pytest.raises(Exception) as err:
-        client.predict(prompt="x", seed=FAKE_TOKEN, api_name="/generate_demo")
+        client.predict(prompt=DEMO_PROMPT, seed=FAKE_TOKEN, api_name="/generate_demo")
     assert FAKE_TOKEN not in str(err.value) and "the value passed to the event handler was: '***'" in str(err.value)
     other = "hf_" + "OtherTokenShape123" * 2  # not the server's own token: redacted by its shape
     with pytest.raises(Exception) as err:
-        client.predict(prompt="x", width=32, height=32, steps=4, weights=f"/models/{other}", api_name="/generate_demo")
+        client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, weights=f"/models/{other}", api_name="/generate_demo")
     assert other not in str(err.value) and "/models/hf_***" in str(err.value)
-    result = client.predict(prompt="x", width=32, height=32, steps=4, api_name="/generate_demo")
+    result = client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, api_name="/generate_demo")
     assert any("Done" in str(v) for v in result)
     client.close()
     deadline = time.monotonic() + 20
@@ -287,7 +288,7 @@ def test_a_client_that_goes_away_stops_its_run(server):
 
     before = server.log.read_text(errors="replace").count("client gone or event cancelled")
     client = Client(server.url, verbose=False)
-    job = client.submit(prompt="x", width=32, height=32, steps=100, compare=True, api_name="/generate_demo")
+    job = client.submit(prompt=DEMO_PROMPT, width=32, height=32, steps=100, compare=True, api_name="/generate_demo")
     deadline = time.monotonic() + 60
     while job.status().code not in (Status.PROCESSING, Status.PROGRESS):  # its handler runs
         assert time.monotonic() < deadline and not job.done(), "the request never started"
@@ -304,6 +305,6 @@ def test_a_client_that_goes_away_stops_its_run(server):
     else:
         pytest.fail("the server did not stop the cancelled run")
     assert "stopped during the" in log.splitlines()[-1] or "run stopped" in log
-    result = client.predict(prompt="x", width=32, height=32, steps=4, api_name="/generate_demo")  # next one runs
+    result = client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, api_name="/generate_demo")  # next one runs
     assert any("Done" in str(v) for v in result)
     client.close()

@@ -13,14 +13,13 @@ from magcache.presets import get_preset
 from magcache.studio.sweep import (
     PipelineSweep,
     SweepRow,
-    min_thresh_for_speedup,
-    pareto_figure,
     pareto_front,
     run_sweep,
     solve_for_speedup,
     sweep_grid,
 )
 from magcache.studio.tiny import build_tiny_pipeline, tiny_call_kwargs
+from ui.plots import pareto_figure
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,7 +64,7 @@ def test_target_solver_reports_an_unreachable_target():
     assert again.computed == sol.schedule.computed
     with pytest.raises(ValueError):
         solve_for_speedup(p.curves, 28, 0.5, p.settings(), p.rules)
-    assert min_thresh_for_speedup(p.curves, 28, 20.0, p.settings(K=2), p.rules)[0] is None
+    assert not P.scan_thresh_for_speedup(p.curves, 28, 20.0, p.settings(K=2), p.rules, max_thresh=1.0)[0]
 
 
 # --------------------------------------------------------------------------------------------------

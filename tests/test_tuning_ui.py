@@ -1,4 +1,4 @@
-"""The tuning panel's handlers (ui/tuning.py) on tiny offline pipelines: the preview equals the schedule a real run
+"""The tuning panel (the backend magcache/studio/tuning.py and its display functions in ui/tuning.py) on tiny offline pipelines: the preview equals the schedule a real run
 takes, the speed-up target, calibration round trip (calibrate -> store -> a new run uses it), nearest calibration
 for another step count, rejected uploads, export -> load, a 3x2 sweep, Stop. No browser (tests/test_browser.py)."""
 
@@ -10,9 +10,12 @@ import pytest
 
 import magcache
 from magcache import policy as P
-from magcache.calibration import CalibrationStore, rules_for_calibration
+from magcache.calibration import CalibrationStore
+from magcache.curves import rules_for_calibration
 from magcache.presets import get_preset
-from magcache.studio.compare import InvalidRequest
+from magcache.studio import tuning as backend
+from magcache.studio.defaults import tab_defaults
+from magcache.studio.request import InvalidRequest
 from magcache.studio.manager import ModelManager
 from magcache.studio.sweep import TABLE_HEADERS
 from magcache.studio.tiny import tiny_call_kwargs
@@ -37,7 +40,7 @@ def store_dir(tmp_path, monkeypatch):
 
 def _values(tab_id, **extra):
     """What the tab's inputs deliver: the tab's defaults (tiny sizes), a prompt, the curve choice."""
-    d = handlers.variant_settings(manager_for_defaults, tab_id, None)
+    d = tab_defaults(manager_for_defaults, tab_id, None)
     values = {"prompt": "red background, small blue circle at left", "steps": STEPS, "seed": 1, "compare": False,
               "thresh": d["thresh"], "retention_ratio": d["retention_ratio"], "K": d["K"],
               "guidance": d["guidance_scale"], "curve": tuning.CURVE_AUTO, "curve_file": None}
@@ -57,13 +60,13 @@ manager_for_defaults = ModelManager(tiny=True, demo_dir=Path("/nonexistent/demo_
 
 def _run(manager, tab_id, values):
     """A real run through the comparison runner, with the tab's curve choice (as the Generate button does)."""
-    return handlers.generate(manager, tab_id, tuning.prepare_values(manager, tab_id, values))["result"]
+    return handlers.generate(manager, tab_id, values)["result"]
 
 
 def _preview_schedule(manager, tab_id, values):
-    curve = tuning.current_curve(manager, tab_id, values)
+    curve = backend.current_curve(manager, tab_id, values)
     tab = manager.catalog.tab(tab_id)
-    preset = get_preset(handlers.variant_settings(manager, tab_id, values.get("variant"))["preset"])
+    preset = get_preset(tab_defaults(manager, tab_id, values.get("variant"))["preset"])
     settings = preset.settings(thresh=values["thresh"], retention_ratio=values["retention_ratio"], K=values["K"])
     return curve, P.simulate(curve.curves, values["steps"], settings, curve.rules, tab.num_branches(values["guidance"]))
 
@@ -73,7 +76,7 @@ def _computed_in_text(text):
 
 
 def _calibrate(manager, tab_id, values):
-    out = tuning.calibrate(manager, tab_id, values)
+    out = tuning.calibrate_tab(manager, tab_id, values)
     assert out["calibration"] is not None, out["status"]
     return out
 
@@ -91,26 +94,44 @@ def _calibrate(manager, tab_id, values):
 def test_preview_equals_the_schedule_a_real_run_takes(manager, tab_id, settings):
     values = _values(tab_id, **settings)
     curve, schedule = _preview_schedule(manager, tab_id, values)
-    figure, text = tuning.preview(manager, tab_id, values)
+    figure, text = handlers.live_preview(manager, tab_id, values)
     assert figure is not None and f"ratio curve: {curve.label}" in text
     total = values["steps"] * len(schedule.decisions)
     assert _computed_in_text(text) == f"{schedule.computed_count()}/{total}"
 
     result = _run(manager, tab_id, values)
     assert result.curve.label == curve.label and result.curve.how is None  # empty store: the preset curve
-    assert len(result.magcache.stats) == (2 if tab_id == "framepack" else 1)
-    assert all(run.computed == schedule.computed for run in result.magcache.stats)
+    assert len(result.cached.stats) == (2 if tab_id == "framepack" else 1)
+    assert all(run.computed == schedule.computed for run in result.cached.stats)
     assert result.predicted.computed == schedule.computed
 
 
 def test_preview_says_which_curve_and_preset_choice(manager):
     values = _values("wan_t2v", steps=50)
-    _, text = tuning.preview(manager, "wan_t2v", values)
+    _, text = handlers.live_preview(manager, "wan_t2v", values)
     assert "preset 'wan2.1_t2v_1.3B' curve" in text
-    _, text = tuning.preview(manager, "wan_t2v", dict(values, curve="calibration:does-not-exist"))
+    _, text = handlers.live_preview(manager, "wan_t2v", dict(values, curve="calibration:does-not-exist"))
     assert text.startswith("⚠️ Ratio curve") and "does-not-exist" in text
-    _, text = tuning.preview(manager, "wan_t2v", dict(values, curve=tuning.CURVE_FILE))
+    _, text = handlers.live_preview(manager, "wan_t2v", dict(values, curve=tuning.CURVE_FILE))
     assert "no settings file is loaded" in text
+
+
+def test_the_preview_reads_nothing_from_disk_until_a_calibration_is_saved(manager, monkeypatch):
+    """A slider move redraws from memory: no model plan (paths, folder sizes, demo settings) and no store read;
+    saving a calibration renews the store's records, so the next preview uses it."""
+    values = _values("demo")
+    handlers.live_preview(manager, "demo", values)  # the first draw fills what the preview keeps
+    store_reads, plans = [], []
+    real_read, real_plan = CalibrationStore._read_all, manager.plan
+    monkeypatch.setattr(CalibrationStore, "_read_all", lambda self: store_reads.append(1) or real_read(self))
+    monkeypatch.setattr(manager, "plan", lambda *args, **kwargs: plans.append(args) or real_plan(*args, **kwargs))
+    for thresh in (0.05, 0.1, 0.2):
+        figure, _ = handlers.live_preview(manager, "demo", dict(values, thresh=thresh))
+        assert figure is not None
+    assert store_reads == [] and plans == []
+    cal = _calibrate(manager, "demo", values)["calibration"]
+    _, text = handlers.live_preview(manager, "demo", values)
+    assert f"calibration {cal.id} (exact)" in text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,7 +148,7 @@ def test_target_solve_sets_a_thresh_that_reaches_the_target(manager, tab_id, ste
     # the gentlest such schedule: one computed step more would fall below the target
     total = steps * len(schedule.decisions)
     assert total / (schedule.computed_count() + 1) < target
-    _, text = tuning.preview(manager, tab_id, solved)  # what the sliders show after Solve
+    _, text = handlers.live_preview(manager, tab_id, solved)  # what the sliders show after Solve
     assert f"**{schedule.predicted_speedup():.2f}×**" in text
 
 
@@ -148,7 +169,7 @@ def test_calibrate_then_a_new_run_uses_it(manager, store_dir):
     assert preset_curve.calibration is None
 
     progress = []
-    out = tuning.calibrate(manager, "demo", values, on_progress=lambda text, done, total: progress.append((done, total)))
+    out = tuning.calibrate_tab(manager, "demo", values, on_progress=lambda text, done, total: progress.append((done, total)))
     cal = out["calibration"]
     assert cal is not None and out["figure"] is not None and "Calibrated" in out["status"] and cal.id in out["status"]
     assert (STEPS, STEPS) in progress
@@ -158,7 +179,7 @@ def test_calibrate_then_a_new_run_uses_it(manager, store_dir):
 
     curve, schedule = _preview_schedule(manager, "demo", values)  # the preview now uses it
     assert curve.calibration.id == cal.id and curve.how == "exact"
-    _, text = tuning.preview(manager, "demo", values)
+    _, text = handlers.live_preview(manager, "demo", values)
     assert f"calibration {cal.id} (exact)" in text
 
     result = _run(manager, "demo", values)  # and so does a new run
@@ -167,13 +188,13 @@ def test_calibrate_then_a_new_run_uses_it(manager, store_dir):
     assert f"Ratio curve: calibration {cal.id} (exact)" in status
     p = get_preset("flux")
     expected = P.simulate(cal.curves, STEPS, p.settings(**settings), rules_for_calibration(p.rules), 2)
-    assert result.magcache.stats[0].computed == expected.computed == schedule.computed
+    assert result.cached.stats[0].computed == expected.computed == schedule.computed
     assert expected.computed != preset_schedule.computed  # the calibration changed the schedule
 
     # the preset curve on request; and the dropdown lists the calibration
     preset_run = _run(manager, "demo", dict(values, curve=tuning.CURVE_PRESET))
-    assert preset_run.magcache.stats[0].computed == preset_schedule.computed
-    assert (tuning.CALIBRATION_PREFIX + cal.id) in [v for _, v in tuning.curve_options(manager, "demo")]
+    assert preset_run.cached.stats[0].computed == preset_schedule.computed
+    assert (backend.CALIBRATION_PREFIX + cal.id) in [v for _, v in tuning.curve_options(manager, "demo")]
 
 
 def test_changed_step_count_picks_the_nearest_and_resamples(manager):
@@ -190,13 +211,13 @@ def test_changed_step_count_picks_the_nearest_and_resamples(manager):
         assert schedule.computed == expected.computed
         if steps == 11:
             result = _run(manager, "demo", values)
-            assert result.curve.how == curve.how and result.magcache.stats[0].computed == expected.computed
+            assert result.curve.how == curve.how and result.cached.stats[0].computed == expected.computed
             assert "resampled from 8 steps" in handlers.status_markdown(result)
 
 
 def test_calibration_of_another_size_is_the_nearest_one(manager):
     cal = _calibrate(manager, "flux", _values("flux", width=32, height=32))["calibration"]
-    curve = tuning.current_curve(manager, "flux", _values("flux", width=128, height=128))
+    curve = backend.current_curve(manager, "flux", _values("flux", width=128, height=128))
     assert curve.calibration.id == cal.id and curve.how == "nearest (calibrated at 32x32, run at 128x128)"
 
 
@@ -207,7 +228,7 @@ def test_stop_during_calibration_saves_nothing(manager, store_dir):
         if done == 3:
             manager.cancel(session)
 
-    out = tuning.calibrate(manager, "wan_t2v", _values("wan_t2v"), session, stop_at_step_three)
+    out = tuning.calibrate_tab(manager, "wan_t2v", _values("wan_t2v"), session, stop_at_step_three)
     assert out["calibration"] is None and "Calibration stopped" in out["status"] and "step 3" in out["status"]
     assert not store_dir.exists() or not list(store_dir.iterdir())
     pipe = manager.get("wan_t2v").pipe
@@ -252,13 +273,13 @@ def test_importing_a_calibration_of_another_model_selects_it(manager, tmp_path):
     upload.write_text(_good_calibration_text(steps=6))
     out = tuning.import_calibration(manager, "flux", _values("flux"), str(upload))
     saved = out["calibration"]
-    assert out["curve"] == tuning.CALIBRATION_PREFIX + saved.id and "someone/flux-finetune" in out["status"]
+    assert out["curve"] == backend.CALIBRATION_PREFIX + saved.id and "someone/flux-finetune" in out["status"]
     assert CalibrationStore().load(saved.id).model == "someone/flux-finetune"
     values = _values("flux", curve=out["curve"], thresh=0.05, K=3)
     curve, schedule = _preview_schedule(manager, "flux", values)
     assert curve.calibration.id == saved.id and "chosen by hand, resampled from 6 steps" in curve.label
     result = _run(manager, "flux", values)
-    assert result.curve.label == curve.label and result.magcache.stats[0].computed == schedule.computed
+    assert result.curve.label == curve.label and result.cached.stats[0].computed == schedule.computed
 
     own = tmp_path / "own.json"  # a file of this tab's own model: Auto picks it
     own.write_text(_good_calibration_text(model="tiny:flux", steps=6))
@@ -298,7 +319,7 @@ def test_export_then_load_restores_the_same_schedule(manager, tmp_path, store_di
     assert curve.curves == cal.curves and curve.label.startswith("settings file (calibration")
     assert schedule.computed == original.predicted.computed
     again = _run(manager, "demo", restored)
-    assert again.magcache.stats[0].computed == original.magcache.stats[0].computed
+    assert again.cached.stats[0].computed == original.cached.stats[0].computed
     assert again.curve.how == "settings file"
 
 
@@ -333,7 +354,7 @@ def test_a_bad_settings_file_is_rejected(manager, tmp_path, mutate, message):
 # --------------------------------------------------------------------------------------------------
 def test_sweep_3x2_with_table_pareto_and_apply(manager):
     messages = []
-    out = tuning.sweep(manager, "demo", _values("demo"), "0.05, 0.1, 0.2", "2 4", "",
+    out = tuning.sweep_tab(manager, "demo", _values("demo"), "0.05, 0.1, 0.2", "2 4", "",
                        on_progress=lambda text, done, total: messages.append((text, done, total)))
     result = out["result"]
     assert len(result.rows) == 6 and not result.cancelled and "Sweep done" in out["status"]
@@ -355,18 +376,18 @@ def test_sweep_3x2_with_table_pareto_and_apply(manager):
 
 def test_sweep_uses_the_chosen_curve_and_validates_the_grid(manager):
     cal = _calibrate(manager, "demo", _values("demo"))["calibration"]
-    out = tuning.sweep(manager, "demo", _values("demo"), "0.1", "4", "0.1, 0.2")
+    out = tuning.sweep_tab(manager, "demo", _values("demo"), "0.1", "4", "0.1, 0.2")
     assert f"calibration {cal.id} (exact)" in out["status"] and len(out["result"].rows) == 2
     p = get_preset("flux")
     for row in out["result"].rows:
         expected = P.simulate(cal.curves, STEPS, p.settings(**row.point.settings()), rules_for_calibration(p.rules), 2)
         assert row.computed == {b: len(v) for b, v in expected.computed.items()}
     with pytest.raises(InvalidRequest, match="K values must be whole numbers"):
-        tuning.sweep(manager, "demo", _values("demo"), "0.1", "2.5", "")
+        tuning.sweep_tab(manager, "demo", _values("demo"), "0.1", "2.5", "")
     with pytest.raises(InvalidRequest, match="the limit is"):
-        tuning.sweep(manager, "demo", _values("demo"), " ".join(str(i / 100) for i in range(1, 20)), "1 2", "")
+        tuning.sweep_tab(manager, "demo", _values("demo"), " ".join(str(i / 100) for i in range(1, 20)), "1 2", "")
     with pytest.raises(InvalidRequest, match="thresh must be >= 0"):
-        tuning.sweep(manager, "demo", _values("demo"), "-0.1", "2", "")
+        tuning.sweep_tab(manager, "demo", _values("demo"), "-0.1", "2", "")
 
 
 def test_stop_ends_a_sweep_and_drops_the_interrupted_run(manager):
@@ -376,7 +397,7 @@ def test_stop_ends_a_sweep_and_drops_the_interrupted_run(manager):
         if text.startswith("Sweep 2/6"):
             manager.cancel(session)
 
-    out = tuning.sweep(manager, "demo", _values("demo"), "0.05, 0.1, 0.2", "2, 4", "", session,
+    out = tuning.sweep_tab(manager, "demo", _values("demo"), "0.05, 0.1, 0.2", "2, 4", "", session,
                        stop_during_second_point)
     result = out["result"]
     assert result.cancelled and "Sweep stopped" in out["status"] and len(result.rows) == 1
@@ -395,10 +416,9 @@ def test_every_tab_gets_the_tuning_accordion(manager):
         contexts = [build_tab(tab, manager) for tab in manager.catalog.tabs]
     for ctx in contexts:
         assert {"curve", "curve_file"} <= set(ctx.inputs) and ctx.inputs["curve"].value == tuning.CURVE_AUTO
-        assert ctx.preview is not None and len(ctx.prepare_values) == 1
-        values = ctx.prepare_values[0]({"curve": tuning.CURVE_PRESET})
-        assert callable(values["curve_picker"])
-        d = handlers.variant_settings(manager, ctx.tab.id, None)
+        assert ctx.preview is not None
+        assert handlers.request_from_values(ctx.tab.id, {"curve": tuning.CURVE_PRESET}).curve == tuning.CURVE_PRESET
+        d = tab_defaults(manager, ctx.tab.id, None)
         figure, text = ctx.preview({"steps": d["num_inference_steps"], "thresh": d["thresh"],
                                     "retention_ratio": d["retention_ratio"], "K": d["K"], "curve": tuning.CURVE_AUTO})
         assert figure is not None and "ratio curve: preset" in text

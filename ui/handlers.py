@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from magcache import policy as P
-from magcache.presets import get_preset
-from magcache.studio.compare import (ComparisonResult, GenerationRequest, InvalidRequest, framepack_sections,
-                                     run_comparison, tab_defaults)
+from magcache.studio.comparison import ComparisonResult, run_comparison
+from magcache.studio.jobs import session_token
 from magcache.studio.manager import Cancelled, ModelManager, redact
 from magcache.studio.media import MediaError, confine_upload, side_by_side, to_uint8_frames, upscale_nearest, write_mp4
-from magcache.studio.public import admission, strict_values
+from magcache.studio.public import strict_values
+from magcache.studio.request import GenerationRequest, InvalidRequest
+from magcache.studio.tuning import SchedulePreview, message, preview_schedule
 
 from .plots import schedule_figure
 
@@ -30,7 +30,8 @@ logger = logging.getLogger("magcache.studio.ui")
 
 DISPLAY_MIN_SIDE = 256  # tiny outputs are enlarged (nearest neighbour) to at least this size for display
 PHASES = {"baseline": "Baseline run", "magcache": "MagCache run", "warm-up": "Warm-up", "load": "Loading the model",
-          "queue": "Waiting for the device"}
+          "queue": "Waiting for the device", "calibration": "Calibration run (nothing skipped)"}
+STEPPED = ("baseline", "magcache", "calibration")  # phases that report steps
 
 
 def output_dir() -> Path:
@@ -41,43 +42,31 @@ def output_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Settings and the live schedule preview
+# The live schedule preview
 # --------------------------------------------------------------------------------------------------
-def variant_settings(manager: ModelManager, tab_id: str, variant: str | None) -> dict[str, Any]:
-    """What the inputs show for a variant: generation settings and the MagCache preset defaults."""
-    return tab_defaults(manager, tab_id, variant)
-
-
-def preview(manager: ModelManager, tab_id: str, variant: str | None, steps: Any, thresh: Any, retention_ratio: Any,
-            K: Any, guidance: Any = None, num_frames: Any = None, curve: Any = None) -> tuple[Any, str]:
-    """Redraw which steps each branch will compute, without running a model (``magcache.policy.simulate``).
-    ``curve``: the ratio curve chosen in the tuning panel (``curves``, ``rules``, ``options``, ``label``); None:
-    the preset's."""
-    tab = manager.catalog.tab(tab_id)
-    defaults = tab_defaults(manager, tab_id, variant)
-    preset = get_preset(defaults["preset"])
+def live_preview(manager: ModelManager, tab_id: str, values: Mapping[str, Any]) -> tuple[Any, str]:
+    """Redraw which steps each branch will compute, without running a model (the policy's simulation, with the
+    tab's chosen ratio curve when the inputs have one)."""
     try:
-        steps = int(steps)
-        if steps < 2:
-            raise ValueError("steps must be at least 2")
-        settings = preset.settings(thresh=float(thresh), retention_ratio=float(retention_ratio), K=int(K),
-                                   **(curve.options if curve is not None else {}))
-        branches = tab.num_branches(float(guidance) if guidance not in (None, "") else defaults.get("guidance_scale"))
-    except (TypeError, ValueError) as e:
-        return None, f"⚠️ {e}"
-    curves, rules = (preset.curves, preset.rules) if curve is None else (curve.curves, curve.rules)
-    schedule = P.simulate(curves, steps, settings, rules, branches)
-    computed, total = schedule.computed_count(), steps * branches
+        return show_preview(preview_schedule(manager, tab_id, values))
+    except (KeyError, ValueError, TypeError) as e:
+        return None, f"⚠️ {message(e)}"
+
+
+def show_preview(p: SchedulePreview) -> tuple[Any, str]:
+    """The preview's figure and the sentence under it."""
+    schedule, curve, preset = p.schedule, p.curve, p.preset
+    computed, total = schedule.computed_count(), schedule.num_steps * len(schedule.decisions)
     source = f"{preset.id!r} ratios" if curve is None else f"ratio curve: {curve.label}"
     text = (f"**Predicted schedule** ({source}): {computed}/{total} transformer passes computed → "
             f"**{schedule.predicted_speedup():.2f}×** on the transformer blocks (embeddings, text encoders and VAE "
             "are not sped up, so the wall-clock speed-up is lower).")
-    if tab.task == "framepack" and num_frames:
-        n = framepack_sections(int(num_frames), defaults.get("latent_window_size", 9))
-        text += f" FramePack runs this schedule once per section ({n} section{'s' if n > 1 else ''})."
-    if steps != preset.calibrated_steps and curve is None:  # a chosen curve's label says how it was resampled
-        text += f" The ratios were calibrated for {preset.calibrated_steps} steps and are resampled to {steps}."
-    return schedule_figure(schedule, settings.thresh), text
+    if p.tab.task == "framepack":
+        text += f" FramePack runs this schedule once per section ({p.sections} section{'s' if p.sections > 1 else ''})."
+    if schedule.num_steps != preset.calibrated_steps and curve is None:  # a chosen curve's label says how
+        text += (f" The ratios were calibrated for {preset.calibrated_steps} steps and are resampled to "
+                 f"{schedule.num_steps}.")
+    return schedule_figure(schedule, p.settings.thresh), text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +142,8 @@ def request_from_values(tab_id: str, values: Mapping[str, Any],
         weights=(values.get("weights") or "").strip() or None,
         base=(values.get("base") or "").strip() or None,
         compile_backend=values.get("compile_backend"),
-        curve_picker=values.get("curve_picker"),
+        curve=values.get("curve") or None,
+        curve_file=values.get("curve_file") or None,
     )
 
 
@@ -164,28 +154,24 @@ def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], sess
     """Run a comparison and turn it into display values. Raises ``InvalidRequest`` / ``WeightsNotFound`` /
     ``OutOfMemory`` (the UI shows them as errors); a stop request returns only a status line. ``still_wanted``
     is asked at every step and while queued: False (the client went away) stops the run like Stop does.
-    Before the request waits for the device it passes ``public.admission`` (model source, compute budget, and
-    the per-``client`` limit of requests)."""
+    Before the request waits for the device, the job checks the model source, the compute budget and
+    ``client``'s limit of requests (``public.admission``)."""
     req = request_from_values(tab_id, values, upload_roots)
-    admitted = admission(manager, req, client)
-    token = manager.cancel_token(session)
-    progress = on_progress
     gone = []
-    if still_wanted is not None:
-        def progress(phase: str, done: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(phase, done, total)
-            if not token.is_set() and not still_wanted():
-                gone.append(True)
-                token.set()  # the client is gone: stop at this step, free the device for the next request
-    try:
-        with admitted:
-            result = run_comparison(manager, req, progress, token)
-    except Cancelled as e:
-        logger.info("%s: run stopped (%s)%s", tab_id, e, " - client gone or event cancelled" if gone else "")
-        return {"status": f"⏹ **Stopped** ({e}). The model stays loaded; run again any time."}
-    finally:
-        manager.release_token(session, token)
+    with session_token(manager, session) as token:
+        progress = on_progress
+        if still_wanted is not None:
+            def progress(phase: str, done: int, total: int) -> None:
+                if on_progress is not None:
+                    on_progress(phase, done, total)
+                if not token.is_set() and not still_wanted():
+                    gone.append(True)
+                    token.set()  # the client is gone: stop at this step, free the device for the next request
+        try:
+            result = run_comparison(manager, req, progress, token, client=client)
+        except Cancelled as e:
+            logger.info("%s: run stopped (%s)%s", tab_id, e, " - client gone or event cancelled" if gone else "")
+            return {"status": f"⏹ **Stopped** ({e}). The model stays loaded; run again any time."}
     return present(result)
 
 
@@ -205,7 +191,7 @@ def stop(manager: ModelManager, session: str) -> str:
 def progress_text(phase: str, done: int, total: int) -> str:
     if phase == "queue":
         return f"Waiting for the device ({done} ahead)"
-    if phase in ("baseline", "magcache"):
+    if phase in STEPPED:
         return f"{PHASES[phase]}: step {done}/{total}"
     return PHASES.get(phase, phase)
 
@@ -220,9 +206,9 @@ def present(result: ComparisonResult) -> dict[str, Any]:
         "timing": timing_table(result),
         "metrics": metrics_markdown(result),
         "heatmap": _display(result.heatmap) if result.heatmap is not None else None,
-        "schedule": schedule_figure(result.predicted, result.settings.thresh, result.magcache.stats),
+        "schedule": schedule_figure(result.predicted, result.settings.thresh, result.cached.stats),
     }
-    base, cached = result.baseline, result.magcache
+    base, cached = result.baseline, result.cached
     if result.tab.is_video:
         folder = output_dir() / f"{result.tab.id}-{uuid.uuid4().hex[:8]}"
         fps = result.tab.fps or 16
@@ -256,7 +242,7 @@ def empty_timing_table() -> pd.DataFrame:
 def timing_table(result: ComparisonResult) -> pd.DataFrame:
     """Baseline and MagCache wall times, speed-up = baseline / MagCache, computed/total steps per branch (summed
     over FramePack sections) from the run's MagCache stats, and transformer calls counted on the model."""
-    counts = result.magcache.branch_counts()
+    counts = result.cached.branch_counts()
     predicted = {b: len(v) * result.sections for b, v in result.predicted.computed.items()}
     columns = TIMING_COLUMNS + [f"{b} steps" for b in counts] + ["Calls"]
     rows = []
@@ -264,8 +250,8 @@ def timing_table(result: ComparisonResult) -> pd.DataFrame:
         rows.append(["Baseline (no cache)", f"{result.baseline.seconds:.3f}", "1.00×"]
                     + [f"{t}/{t}" for _, t in counts.values()] + [result.baseline.transformer_calls])
     speedup = result.speedup
-    rows.append(["MagCache", f"{result.magcache.seconds:.3f}", f"{speedup:.2f}×" if speedup is not None else "—"]
-                + [f"{c}/{t}" for c, t in counts.values()] + [result.magcache.transformer_calls])
+    rows.append(["MagCache", f"{result.cached.seconds:.3f}", f"{speedup:.2f}×" if speedup is not None else "—"]
+                + [f"{c}/{t}" for c, t in counts.values()] + [result.cached.transformer_calls])
     rows.append(["Predicted (policy)", "—", f"{result.predicted_speedup:.2f}× blocks only"]
                 + [f"{predicted.get(b, 0)}/{t}" for b, (_, t) in counts.items()] + ["—"])
     extras = [("Model load (not in speed-up)", result.load_seconds), ("Warm-up (not in speed-up)", result.warmup_seconds)]

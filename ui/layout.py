@@ -17,9 +17,10 @@ import gradio as gr
 from gradio import utils as gradio_utils
 
 from magcache.studio.catalog import Tab
-from magcache.studio.compare import InvalidRequest
+from magcache.studio.defaults import tab_defaults
 from magcache.studio.manager import ModelManager, OutOfMemory, WeightsNotFound, redact
 from magcache.studio.public import client_id, generate_slots, public_mode
+from magcache.studio.request import InvalidRequest
 
 from . import handlers
 from .zerogpu import gpu_task
@@ -51,7 +52,7 @@ class TabContext:
     Extensions are called inside the tab's input column, below the Generate / Stop buttons, before the tab's events
     are wired: components an extension adds to ``inputs`` reach Generate's values. An extension may also set
     ``preview(values) -> (figure, text)`` (replaces the live preview, which then also runs on page load and reads
-    the inputs named in ``preview_inputs``) and add ``prepare_values`` hooks (values -> values before a run)."""
+    the inputs named in ``preview_inputs``)."""
 
     tab: Tab
     manager: ModelManager
@@ -59,7 +60,6 @@ class TabContext:
     outputs: dict[str, gr.components.Component]
     preview: Callable[[dict], tuple[Any, str]] | None = None
     preview_inputs: list[str] = field(default_factory=list)
-    prepare_values: list[Callable[[dict], dict]] = field(default_factory=list)
 
 
 TabExtension = Callable[[TabContext], None]
@@ -94,7 +94,7 @@ def build_app(manager: ModelManager | None = None) -> gr.Blocks:
 
 
 def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
-    d = handlers.variant_settings(manager, tab.id, None)
+    d = tab_defaults(manager, tab.id, None)
     inputs: dict[str, Any] = {}
     outputs: dict[str, Any] = {}
     with gr.Row(equal_height=False):
@@ -135,8 +135,9 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                 outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
                 outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220,
                                               format="png", interactive=False)
-            figure, text = handlers.preview(manager, tab.id, None, d["num_inference_steps"], d["thresh"],
-                                            d["retention_ratio"], d["K"], d.get("guidance_scale"), d.get("num_frames"))
+            figure, text = handlers.live_preview(manager, tab.id, {
+                "steps": d["num_inference_steps"], "thresh": d["thresh"], "retention_ratio": d["retention_ratio"],
+                "K": d["K"], "guidance": d.get("guidance_scale"), "num_frames": d.get("num_frames")})
             outputs["schedule"] = gr.Plot(figure, label="Schedule", show_label=False, elem_id=f"schedule-{tab.id}")
             outputs["schedule_text"] = gr.Markdown(text)
 
@@ -162,7 +163,8 @@ def _task_inputs(tab: Tab, d: dict, inputs: dict) -> None:
             inputs["reference_images"] = gr.File(file_count="multiple", file_types=["image"], label="Reference images")
     examples = d.get("examples")
     if examples:
-        gr.Examples([[p] for p in examples], inputs=[inputs["prompt"]], label="Prompts the demo model knows")
+        gr.Examples([[p] for p in examples], inputs=[inputs["prompt"]],
+                    label="Example prompts: plain English, or the model's own caption grammar")
 
 
 def _generation_settings(tab: Tab, d: dict, inputs: dict) -> None:
@@ -220,8 +222,6 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
     # Inputs by keyword: the API endpoint /generate_<tab> takes the same names (prompt, steps, thresh, ...).
     def on_generate(request: gr.Request, progress=gr.Progress(), **values):
-        for prepare in ctx.prepare_values:
-            values = prepare(values)
         still_wanted = _event_alive_check()
 
         def report(phase: str, done: int, total: int) -> None:
@@ -260,9 +260,7 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
         v = dict(zip(preview_names, values))
         if ctx.preview is not None:
             return ctx.preview(v)
-        d = handlers.variant_settings(manager, tab.id, v.get("variant"))
-        return handlers.preview(manager, tab.id, v.get("variant"), v["steps"], v["thresh"], v["retention_ratio"],
-                                v["K"], v.get("guidance"), v.get("num_frames", d.get("num_frames")))
+        return handlers.live_preview(manager, tab.id, v)
 
     preview_inputs = [inputs[n] for n in preview_names]
     # An extension's preview also runs on page load (triggers=None: load + every input's change), so what it
@@ -272,7 +270,7 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
           show_progress="hidden", trigger_mode="always_last")
 
     def on_reset(variant=None):
-        d = handlers.variant_settings(manager, tab.id, variant)
+        d = tab_defaults(manager, tab.id, variant)
         return d["thresh"], d["retention_ratio"], d["K"]
 
     mc = [inputs["thresh"], inputs["retention_ratio"], inputs["K"]]
@@ -283,7 +281,7 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
         keys = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
 
         def on_variant(variant):
-            d = handlers.variant_settings(manager, tab.id, variant)
+            d = tab_defaults(manager, tab.id, variant)
             v = tab.variant(variant)
             return ([d[keys.get(n, n)] for n in settable] + [d["thresh"], d["retention_ratio"], d["K"]]
                     + [gr.update(placeholder=v.weights), gr.update(placeholder=v.base or v.weights)])

@@ -1,5 +1,6 @@
-"""Matplotlib figures for the app: the step timeline (computed vs skipped per branch, predicted and actual) and
-the accumulated error against the threshold. Built on ``matplotlib.figure.Figure`` (no pyplot global state)."""
+"""Every matplotlib figure of the app: the step timeline (computed vs skipped per branch, predicted and actual)
+with the accumulated error against the threshold, a calibration's curves over the preset's, and a sweep's Pareto
+plot. Built on ``matplotlib.figure.Figure`` (no pyplot global state, safe in server threads)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from typing import Sequence
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from magcache import policy as P
+from magcache.calibration import Calibration
 from magcache.policy import Schedule
+from magcache.presets import Preset, get_preset
 from magcache.runtime import RunStats
+from magcache.studio.sweep import SweepResult
 
 COMPUTED, SKIPPED, EDGE = "#2563eb", "#fde68a", "#1e293b"
 
@@ -68,3 +73,61 @@ def _square(x: int, y: int, color: str):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x - 0.42, y - 0.36), 0.84, 0.72, facecolor=color, edgecolor=EDGE, linewidth=0.4)
+
+
+def calibration_figure(cal: Calibration, reference: Preset | str | None = None):
+    """The measured ratio curve per branch (band: +-1 std over tokens) over the reference curve resampled to the
+    same steps, and the cosine distance below. Returns a matplotlib ``Figure`` (no pyplot state)."""
+    ref = get_preset(reference) if isinstance(reference, str) else reference
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ratio_ax, cos_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    steps = list(range(cal.num_steps))
+    for name, curves in cal.branches.items():
+        r, sd = curves["mag_ratios"], curves["mag_std"]
+        line, = ratio_ax.plot(steps, r, marker=".", label=f"{name} (calibrated)")
+        ratio_ax.fill_between(steps, [a - b for a, b in zip(r, sd)], [a + b for a, b in zip(r, sd)],
+                              color=line.get_color(), alpha=0.2, lw=0)
+        cos_ax.plot(steps, curves["cos_dis"], marker=".", color=line.get_color(), label=name)
+    if ref is not None:
+        for i, curve in enumerate(ref.curves):
+            ratio_ax.plot(steps, P.resample(curve, cal.num_steps, ref.rules.step_mapping), ls="--", color="gray",
+                          alpha=0.9 if i == 0 else 0.5, label=f"{P.branch_name(i)} (preset {ref.id})")
+    ratio_ax.axhline(1.0, color="black", lw=0.6, alpha=0.4)
+    ratio_ax.set_ylabel("magnitude ratio")
+    ratio_ax.legend(fontsize=7, loc="best")
+    ratio_ax.set_title(f"{cal.model}: {cal.num_steps} steps, {cal.resolution.label()}", fontsize=10)
+    cos_ax.set_ylabel("cosine distance")
+    cos_ax.set_xlabel("step")
+    for ax in (ratio_ax, cos_ax):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None):
+    """Speed-up vs quality to the baseline, every point labelled with its settings, the Pareto front joined by a
+    line. Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
+    if quality not in ("psnr", "ssim"):
+        raise ValueError("quality is 'psnr' or 'ssim'")
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    axis = result.speedup_axis
+    rows = result.rows
+    if rows:
+        xs = [r.speedup(axis) for r in rows]
+        ys = [getattr(r, quality) for r in rows]
+        colors = ["tab:orange" if r.pareto else "tab:blue" for r in rows]
+        ax.scatter(xs, ys, c=colors, zorder=3)
+        for x, y, r in zip(xs, ys, rows):
+            ax.annotate(r.point.label(), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = sorted((r for r in rows if r.pareto), key=lambda r: r.speedup(axis))
+        ax.plot([r.speedup(axis) for r in front], [getattr(r, quality) for r in front], color="tab:orange",
+                lw=1.2, zorder=2, label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finished points", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"speed-up ({axis}, x)")
+    ax.set_ylabel("PSNR to baseline (dB)" if quality == "psnr" else "SSIM to baseline")
+    ax.grid(alpha=0.3)
+    cancelled = " (cancelled)" if result.cancelled else ""
+    ax.set_title(title or f"Sweep: {len(rows)} of {result.total_points} points{cancelled}", fontsize=10)
+    return fig

@@ -11,8 +11,8 @@ added once — the research code's behaviour, not diffusers' built-in hook, whic
 residual that already holds them.
 
 CFG: diffusers' Wan pipelines run cond and uncond as two calls inside ``cache_context("cond"/"uncond")``; the
-runtime keys each branch's state on that name and uses its half of the interleaved curve, with MC Wan's per-call
-retention (``MC_WAN`` rules in ``magcache/presets.py``).
+runtime keys each branch's state on that name and uses its half of the interleaved curve, with the research code's
+per-call retention (``MC_WAN`` rules in ``magcache/presets.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""The app's model catalog: ``presets.json`` (one entry per tab, one or more variants per tab) read into small
+"""The app's tab catalog: ``presets.json`` (one entry per tab, one or more variants per tab) read into small
 frozen dataclasses, plus the switches that change what a tab loads (``MAGCACHE_TINY``, the demo model folder).
+
+``presets.json`` says which tabs the app has, which models they load and their default settings; the ratio curves
+themselves are the library's presets (:mod:`magcache.presets`), which a tab names by id. The file sits at the top
+of the repository and is installed with the package as a data file (``<prefix>/share/magcache-studio/``), so
+:func:`catalog_file` finds it in a checkout and in an installed package alike.
 
 No Gradio, no torch: the manager, the comparison code, the UI and the tests all read the catalog from here.
 """
@@ -8,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parents[2]
-PRESETS_FILE = ROOT / "presets.json"
+CATALOG_NAME = "presets.json"
+INSTALLED_DATA = Path("share") / "magcache-studio"  # where pyproject.toml's data-files puts it, under sys.prefix
 DEMO_MODEL_DIR = ROOT / "assets" / "demo_model"
 
 TASKS = ("text-to-image", "image-edit", "text-to-video", "image-to-video", "vace", "framepack")
@@ -65,6 +72,9 @@ class Variant:
     components: Mapping[str, Component] = field(default_factory=dict)
     gated: bool = False
     local_only: bool = False
+    # "demo_shapes": the trained demo model knows only its caption grammar, so a plain-English prompt is read into
+    # that grammar first (magcache.studio.demo.prompts), and the result says how it was read
+    prompt_reader: str | None = None
     approx_size_gb: float | None = None
     transformer_gb: float | None = None
 
@@ -130,9 +140,22 @@ class Catalog:
         return [(t, v) for t in self.tabs for v in t.variants]
 
 
+def catalog_file() -> Path:
+    """The tab catalog to read: ``$MAGCACHE_PRESETS``, else the checkout's ``presets.json``, else the copy an
+    installed package carries."""
+    if os.environ.get("MAGCACHE_PRESETS"):
+        return Path(os.environ["MAGCACHE_PRESETS"])
+    candidates = [ROOT / CATALOG_NAME, Path(sys.prefix) / INSTALLED_DATA / CATALOG_NAME]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"no tab catalog: looked for {' and '.join(map(str, candidates))}; set "
+                                "MAGCACHE_PRESETS to a presets.json")
+    return found
+
+
 def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
-    """Read and validate ``presets.json`` (``MAGCACHE_PRESETS`` overrides the path)."""
-    path = Path(path or os.environ.get("MAGCACHE_PRESETS") or PRESETS_FILE)
+    """Read and validate a tab catalog (default: :func:`catalog_file`)."""
+    path = Path(path) if path is not None else catalog_file()
     data = json.loads(path.read_text(encoding="utf-8"))
     return Catalog(tuple(_tab(entry) for entry in data["tabs"]))
 
@@ -162,6 +185,7 @@ def _tab(entry: Mapping[str, Any]) -> Tab:
                         for name, c in v.get("components", {}).items()},
             gated=bool(v.get("gated", False)),
             local_only=bool(v.get("local_only", False)),
+            prompt_reader=_checked_reader(v["id"], v.get("prompt_reader")),
             approx_size_gb=v.get("approx_size_gb"),
             transformer_gb=v.get("transformer_gb"),
         ))
@@ -170,6 +194,15 @@ def _tab(entry: Mapping[str, Any]) -> Tab:
     return Tab(tid, entry["label"], entry["task"], entry.get("description", ""), entry["pipeline"], entry["transformer"],
                entry["cfg"], tuple(entry["inputs"]), entry["tiny"], tuple(variants), entry.get("fps"),
                entry.get("guidance_arg", "guidance_scale"))
+
+
+PROMPT_READERS = ("demo_shapes",)
+
+
+def _checked_reader(owner: str, reader: Any) -> str | None:
+    if reader is not None and reader not in PROMPT_READERS:
+        raise ValueError(f"{owner!r}: unknown prompt_reader {reader!r}; known: {', '.join(PROMPT_READERS)}")
+    return reader
 
 
 def _checked_defaults(owner: str, defaults: Mapping[str, Any]) -> dict[str, Any]:

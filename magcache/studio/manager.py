@@ -207,7 +207,9 @@ def plan_placement(device: str, dtype: torch.dtype, component_bytes: Mapping[str
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    from ..speed import stored_bytes  # quantized weights hold less than their reported dtype says
+
+    return sum(stored_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
 
 
 def pipeline_component_bytes(pipe: Any) -> dict[str, int]:
@@ -405,10 +407,11 @@ class ModelManager:
 
     @contextlib.contextmanager
     def use(self, tab_id: str, variant: str | None = None, weights: str | None = None, base: str | None = None,
-            on_status: Callable[[str], None] | None = None) -> Iterator[LoadedModel]:
+            on_status: Callable[[str], None] | None = None, *, plan: LoadPlan | None = None) -> Iterator[LoadedModel]:
         """:meth:`get`, and keep the model loaded until the ``with`` block ends: a load for another request (an
-        LRU eviction) or an unload request waits for the run instead of pulling the model out from under it."""
-        loaded = self._get(self.plan(tab_id, variant, weights, base), on_status, hold=True)
+        LRU eviction) or an unload request waits for the run instead of pulling the model out from under it.
+        ``plan``: a plan the caller already made for this request (then the other arguments are not read)."""
+        loaded = self._get(plan or self.plan(tab_id, variant, weights, base), on_status, hold=True)
         try:
             yield loaded
         finally:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from magcache.calibration import CalibrationStore, default_store_dir
+from magcache.calibration import default_store_dir
 
 from .catalog import Tab
-from .compare import MAX_PROMPT_CHARS, InvalidRequest
+from .request import MAX_PROMPT_CHARS, InvalidRequest
 
 MAX_PATH_CHARS = 1024  # longer than any real model path; beyond it the OS answers "File name too long"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
@@ -244,21 +244,12 @@ def client_id(request: Any) -> str:
     return host
 
 
-def admission(manager: Any, req: Any, client: str | None, runs: int | None = None):
-    """Context manager around one request, entered before it waits for the device: the model source is one this
-    server loads (public mode: the catalog's; anywhere: a path that plans, see ``ModelManager.plan``), the work
-    fits the budget, and ``client`` has a free place (:data:`CLIENTS`). Raises ``InvalidRequest`` /
-    ``WeightsNotFound`` at once otherwise."""
-    from .compare import tab_defaults
-
-    check_source(req.weights, req.base)
-    try:
-        tab = manager.catalog.tab(req.tab_id)
-        variant = tab.variant(req.variant)
-    except KeyError as e:
-        raise InvalidRequest(str(e).strip("'\"")) from None
-    manager.plan(tab.id, variant.id, req.weights, req.base)
-    check_budget(tab, request_work(tab, req, tab_defaults(manager, tab.id, variant.id), runs), manager.device)
+def admission(tab: Tab, req: Any, defaults: Mapping[str, Any], device: str, client: str | None,
+              runs: int | None = None):
+    """Context manager around one request, entered before it waits for the device (``jobs.device_job`` enters
+    it with the validated request): the work fits the budget and ``client`` has a free place (:data:`CLIENTS`),
+    kept until the job ends. Raises ``InvalidRequest`` at once otherwise."""
+    check_budget(tab, request_work(tab, req, defaults, runs), device)
     return CLIENTS.admit(client)
 
 
@@ -271,8 +262,12 @@ class ClientLimiter:
 
     @contextlib.contextmanager
     def admit(self, client: str | None) -> Iterator[None]:
+        """Count a request of ``client`` (None: a run no client is named for, such as a calibration, is not counted)."""
         limit = client_queue_limit()
-        key = client or "local"
+        if client is None:
+            yield
+            return
+        key = client
         with self._lock:
             if limit and self._active.get(key, 0) >= limit:
                 raise InvalidRequest(f"You already have {self._active[key]} request{'s' if self._active[key] > 1 else ''} "
@@ -287,9 +282,9 @@ class ClientLimiter:
                 if not self._active[key]:
                     del self._active[key]
 
-    def active(self, client: str | None) -> int:
+    def active(self, client: str) -> int:
         with self._lock:
-            return self._active.get(client or "local", 0)
+            return self._active.get(client, 0)
 
 
 CLIENTS = ClientLimiter()  # one per process: every tab and event counts against the same client
@@ -326,7 +321,3 @@ def calibration_root(session: str | None = None) -> Path:
     name = hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return session_root() / name / "calibrations"
 
-
-def calibration_store(session: str | None = None) -> CalibrationStore:
-    """The calibration store of :func:`calibration_root`."""
-    return CalibrationStore(calibration_root(session))

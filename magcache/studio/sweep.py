@@ -7,8 +7,8 @@ No Gradio here: the app's handlers call these functions and draw what they retur
 * :func:`run_sweep` runs a bounded grid for one prompt/seed through any ``generate(point)`` callable (the app
   plugs in its runner; :class:`PipelineSweep` is the default for a diffusers pipeline): a baseline once, then
   per point the measured and predicted speed-up, PSNR/SSIM to the baseline and the computed steps, with a
-  progress callback and cancellation between points. :func:`pareto_front`, :func:`pareto_figure` and
-  :meth:`SweepResult.table` turn the result into a plot and dataframe rows.
+  progress callback and cancellation between points. :func:`pareto_front` and
+  :meth:`SweepResult.table` give the front and dataframe rows (``ui/plots.py`` draws the plot).
 """
 
 from __future__ import annotations
@@ -52,24 +52,6 @@ class TargetSolution:
         return self.schedule.num_steps * len(self.schedule.decisions)
 
 
-def min_thresh_for_speedup(
-    curves: Sequence[Sequence[float]],
-    num_steps: int,
-    target: float,
-    settings: P.Settings,
-    rules: P.Rules,
-    num_branches: int = 1,
-    max_thresh: float = DEFAULT_MAX_THRESH,
-    overhead_fraction: float = 0.0,
-) -> tuple[float | None, P.Schedule]:
-    """The smallest threshold (for ``settings.K``, rounded to 4 decimals where that keeps the schedule) whose
-    predicted speed-up reaches ``target``, with its schedule; ``(None, fastest schedule)`` if no threshold up to
-    ``max_thresh`` reaches it."""
-    reached, thresh, schedule = P.scan_thresh_for_speedup(curves, num_steps, target, settings, rules, num_branches,
-                                                          max_thresh, overhead_fraction)
-    return (thresh if reached else None), schedule
-
-
 def solve_for_speedup(
     curves: Sequence[Sequence[float]],
     num_steps: int,
@@ -91,8 +73,8 @@ def solve_for_speedup(
     Ks = sorted({int(k) for k in K_range if int(k) >= 1})
     if not Ks:
         raise ValueError("K_range needs at least one K >= 1")
-    chosen, schedule, tried = P.search_speedup_settings(curves, num_steps, target, settings, rules, num_branches, Ks,
-                                                        overhead_fraction, max_thresh)
+    chosen, schedule, tried = P.solve_thresh_for_speedup(curves, num_steps, target, settings, rules, num_branches, Ks,
+                                                         overhead_fraction, max_thresh)
     reached = tried[-1][1] is not None
     speedup = schedule.predicted_speedup(overhead_fraction)
     text = _explain(target, reached, chosen, schedule, speedup, tried, rules, max_thresh)
@@ -182,6 +164,12 @@ class SweepRow:
     def actual_block_speedup(self) -> float:
         return self.total_steps / self.computed_steps if self.computed_steps else float("inf")
 
+    def speedup(self, axis: str) -> float:
+        """The speed-up on ``axis``: "measured" (wall clock) or "predicted" (block compute, simulated)."""
+        if axis == "predicted":
+            return self.predicted_speedup if self.predicted_speedup is not None else self.actual_block_speedup
+        return self.measured_speedup
+
 
 TABLE_HEADERS = ["thresh", "K", "retention", "computed", "predicted x", "measured x", "time s", "PSNR dB", "SSIM",
                  "Pareto"]
@@ -217,24 +205,18 @@ class SweepResult:
 
     def front(self) -> list[SweepRow]:
         """Pareto-optimal rows, fastest first."""
-        return sorted((r for r in self.rows if r.pareto), key=lambda r: -_speedup(r, self.speedup_axis))
+        return sorted((r for r in self.rows if r.pareto), key=lambda r: -r.speedup(self.speedup_axis))
 
     def settings_at(self, index: int) -> dict:
         """Settings of the ``index``-th row (a clicked table row or plot point), for ``handle.configure``."""
         return self.rows[index].point.settings()
 
 
-def _speedup(row: SweepRow, axis: str) -> float:
-    if axis == "predicted":
-        return row.predicted_speedup if row.predicted_speedup is not None else row.actual_block_speedup
-    return row.measured_speedup
-
-
 def pareto_front(rows: Sequence[SweepRow], speedup: str = "measured", quality: str = "psnr") -> list[int]:
     """Indices of the rows no other row beats on both speed-up and quality (higher is better for both)."""
     if speedup not in ("measured", "predicted") or quality not in ("psnr", "ssim"):
         raise ValueError("speedup is 'measured' or 'predicted'; quality is 'psnr' or 'ssim'")
-    values = [(_speedup(r, speedup), getattr(r, quality)) for r in rows]
+    values = [(r.speedup(speedup), getattr(r, quality)) for r in rows]
     front = []
     for i, (x, y) in enumerate(values):
         dominated = any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(values) if j != i)
@@ -392,16 +374,11 @@ class PipelineSweep:
         self._own_handle = existing is None
         self.handle = existing if existing is not None else apply(pipe, **apply_kwargs)
 
-    def _synchronize(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     def generate(self, point: SweepPoint | None) -> tuple[Any, float, list]:
         import torch
 
-        from ..calibration import new_runs_of
+        from ..measure import new_runs_of
+        from .jobs import synchronize
 
         h = self.handle
         if point is None:
@@ -411,10 +388,10 @@ class PipelineSweep:
         kwargs = dict(self.call_kwargs)
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.seed)
         with new_runs_of(h) as runs:
-            self._synchronize()
+            synchronize()
             start = time.perf_counter()
             result = self.pipe(**kwargs)
-            self._synchronize()
+            synchronize()
             seconds = time.perf_counter() - start
         return main_output(result), seconds, runs
 
@@ -431,38 +408,3 @@ class PipelineSweep:
                 s = saved[0]
                 h.configure(thresh=s.thresh, retention_ratio=s.retention_ratio, K=s.K, enabled=saved[1],
                             calibrate=saved[2], computed_steps=saved[3])
-
-
-# --------------------------------------------------------------------------------------------------
-# Plot
-# --------------------------------------------------------------------------------------------------
-def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None):
-    """Speed-up vs quality to the baseline, every point labelled with its settings, the Pareto front joined by a
-    line. Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
-    from matplotlib.figure import Figure
-
-    if quality not in ("psnr", "ssim"):
-        raise ValueError("quality is 'psnr' or 'ssim'")
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    axis = result.speedup_axis
-    rows = result.rows
-    if rows:
-        xs = [_speedup(r, axis) for r in rows]
-        ys = [getattr(r, quality) for r in rows]
-        colors = ["tab:orange" if r.pareto else "tab:blue" for r in rows]
-        ax.scatter(xs, ys, c=colors, zorder=3)
-        for x, y, r in zip(xs, ys, rows):
-            ax.annotate(r.point.label(), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        front = sorted((r for r in rows if r.pareto), key=lambda r: _speedup(r, axis))
-        ax.plot([_speedup(r, axis) for r in front], [getattr(r, quality) for r in front], color="tab:orange",
-                lw=1.2, zorder=2, label="Pareto front")
-        ax.legend(loc="best", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no finished points", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"speed-up ({axis}, x)")
-    ax.set_ylabel("PSNR to baseline (dB)" if quality == "psnr" else "SSIM to baseline")
-    ax.grid(alpha=0.3)
-    cancelled = " (cancelled)" if result.cancelled else ""
-    ax.set_title(title or f"Sweep: {len(rows)} of {result.total_points} points{cancelled}", fontsize=10)
-    return fig

@@ -3,8 +3,8 @@
 They run the real diffusers code paths (pipeline ``__call__``, schedulers, transformers, VAEs) with models a few
 thousand parameters big, so tests and the app's offline mode (``MAGCACHE_TINY=1``) exercise every adapter on a CPU
 without any download. Outputs are noise-like: these pipelines check plumbing, never image quality.
-Configurations follow diffusers' own tests (``shared/reference/diffusers.md`` §4-5) with larger block stacks so
-that skipping blocks is visible in timings.
+Configurations follow diffusers' own tests of these pipelines, with larger block stacks so that skipping blocks
+is visible in timings.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The embedded demo model: a small FLUX pipeline trained on procedural shapes (issue #6)."""
+"""The embedded demo model: a small FLUX pipeline trained on procedural shapes."""

@@ -36,6 +36,10 @@ ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MODEL = ROOT / "assets" / "demo_model"
 PRESET_PATH = ROOT / "magcache" / "data" / "demo.json"
 IMG_DIR = ROOT / "docs" / "img"
+# Plain-English prompts with the scene each describes, each set written by someone who had not seen the prompt
+# reader (prompts.py): the reader's rules were refined on the tuning set; the held-out set was used only to measure.
+PLAIN_ENGLISH_TUNING = Path(__file__).with_name("prompts_plain_english_tuning.json")
+PLAIN_ENGLISH_HELD_OUT = Path(__file__).with_name("prompts_plain_english_heldout.json")
 
 # Choice rule for the preset defaults: the fastest setting (fewest computed transformer calls) whose mean
 # PSNR to the uncached image is >= MIN_PSNR and mean SSIM >= MIN_SSIM; ties -> higher PSNR. On the CPU recipe's
@@ -102,6 +106,47 @@ def adherence(pipe, settings: dict, scenes, **overrides) -> dict:
                                for k in sorted({len(r["objects"]) for r in results})},
         "seconds_per_image": round((time.time() - t0) / n, 3),
         "failures": [r for r in results if not r["correct"]],
+    }
+
+
+def scene_from_annotation(item: dict) -> D.Scene:
+    """A scene written as JSON (``background`` and ``objects`` with size, colour, shape and [row, col] cell)."""
+    objects = tuple(D.SceneObject(o["size"], o["colour"], o["shape"], (int(o["cell"][0]), int(o["cell"][1])))
+                    for o in item["objects"])
+    return D.Scene(item["background"], objects)
+
+
+def same_scene(a: D.Scene | None, b: D.Scene) -> bool:
+    """Same background and the same objects, in any order."""
+    return a is not None and a.background == b.background and set(a.objects) == set(b.objects)
+
+
+def plain_english(pipe, settings: dict, items: list[dict]) -> dict:
+    """Each annotated prompt twice, same seed (its index): the model on the prompt as typed, and on the caption the
+    Demo tab rewrites it to (:func:`.prompts.understand`); both images are checked against the annotated scene."""
+    from .prompts import understand
+
+    rows = []
+    for i, item in enumerate(items):
+        scene = scene_from_annotation(item)
+        reading = understand(item["prompt"])
+        as_typed = D.check_adherence(generate(pipe, item["prompt"], i, settings), scene)["correct"]
+        rewritten = (D.check_adherence(generate(pipe, reading.caption, i, settings), scene)["correct"]
+                     if reading.scene else False)
+        rows.append({"prompt": item["prompt"], "kind": item.get("kind", "plain"), "expected": scene.caption,
+                     "read_as": reading.caption, "read_right": same_scene(reading.scene, scene),
+                     "ignored_words": reading.ignored_words, "correct_as_typed": as_typed,
+                     "correct_rewritten": rewritten})
+
+    def count(kind: str, key: str) -> str:
+        sel = [r for r in rows if r["kind"] == kind]
+        return f"{sum(r[key] for r in sel)}/{len(sel)}"
+
+    return {
+        "summary": {kind: {"read_right": count(kind, "read_right"), "correct_as_typed": count(kind, "correct_as_typed"),
+                           "correct_rewritten": count(kind, "correct_rewritten")}
+                    for kind in sorted({r["kind"] for r in rows})},
+        "rows": rows,
     }
 
 
@@ -254,8 +299,8 @@ def baselines(bench: Bench, handle, defaults: dict, targets, random_draws: int) 
     base = replace(handle.settings, thresh=defaults["thresh"], K=defaults["K"], retention_ratio=defaults["retention_ratio"])
     rows, seen = [], set()
     for target in targets:
-        s, sched = P.solve_thresh_for_speedup(handle.curves, n, target, base, handle.rules, branches,
-                                              K_candidates=range(1, 9))
+        s, sched, _ = P.solve_thresh_for_speedup(handle.curves, n, target, base, handle.rules, branches,
+                                                 K_candidates=range(1, 9))
         key = (s.thresh, s.K)
         if key in seen:
             continue
@@ -405,8 +450,22 @@ def main(argv: list[str] | None = None) -> None:
                     help="only the adherence table (e.g. right after training, on the training GPU); writes "
                          "demo_adherence.json to --out-dir")
     ap.add_argument("--device", default="cpu", help="cpu (the app's device; timings) or cuda (--adherence-only)")
+    ap.add_argument("--plain-english", metavar="JSON", nargs="?", const=str(PLAIN_ENGLISH_HELD_OUT),
+                    help="only the plain-English table: annotated prompts (default: the held-out set), as typed "
+                         "and as rewritten by the Demo tab; writes demo_plain_english_<file stem>.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.plain_english:
+        pipe, settings = load_pipeline(args.model)
+        items = json.loads(Path(args.plain_english).read_text())
+        report = plain_english(pipe, settings, items)
+        report.update(model=str(args.model), prompts_file=Path(args.plain_english).name,
+                      true_cfg_scale=settings["true_cfg_scale"])
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"demo_{Path(args.plain_english).stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report["summary"], indent=1))
+        return
     if args.device != "cpu" and not args.adherence_only:
         ap.error("--device other than cpu needs --adherence-only: the timings and the preset are for the CPU demo")
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from .prompts import PLAIN_ENGLISH_EXAMPLES
 from . import model as M
 
 LOG_EVERY = 25
@@ -423,9 +424,11 @@ def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, shift:
     pipe.save_pretrained(out, safe_serialization=True)
     meta = json.loads((work / "train_meta.json").read_text()) if (work / "train_meta.json").exists() else {}
     demo = dict(DEFAULT_SETTINGS, **(settings or {}))
-    demo["example_prompts"] = [s.caption for s in D.held_out_scenes()[:6]]
-    demo["notes"] = ("Prompts follow the training grammar: '<colour> background, <size> <colour> <shape> at <position>, "
-                     "...' with up to 3 objects. Example prompts are held-out captions never seen in training.")
+    demo["example_prompts"] = list(PLAIN_ENGLISH_EXAMPLES) + [s.caption for s in D.held_out_scenes()[:2]]
+    demo["notes"] = ("The model was trained on captions of one grammar: '<colour> background, <size> <colour> <shape> at "
+                     "<position>, ...' with up to 3 objects. The Demo tab reads plain-English prompts into that grammar "
+                     "first (magcache/studio/demo/prompts.py) and shows how it read them. The last two example prompts "
+                     "are held-out captions never seen in training.")
     demo["training"] = meta
     settings_path = out / "demo_settings.json"
     if settings_path.exists():  # keep settings chosen later by evaluate.py (cfg scale, steps)

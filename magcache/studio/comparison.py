@@ -1,0 +1,218 @@
+"""A comparison, the Generate button's run: the baseline (no cache) and the MagCache run of one request, same seed,
+one after the other on the same device, with wall times, per-run MagCache stats, quality metrics and the predicted
+schedule next to the actual one.
+
+Only the pipeline call is timed (with a CUDA sync on both ends), after an untimed warm-up of each new shape. The
+MagCache handle lives for the cached run only, so the baseline is the plain pipeline. The device, the model, Stop
+and the clean-up are the job's (:mod:`.jobs`). No Gradio here: ``ui/`` turns a :class:`ComparisonResult` into
+images, videos, tables and plots.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import magcache
+from magcache import metrics
+from magcache import policy as P
+from magcache.curves import CurveChoice
+from magcache.presets import get_preset
+from magcache.runtime import RunStats
+
+from .catalog import Tab, Variant
+from .jobs import DeviceJob, ProgressFn, device_job, synchronize
+from .manager import ModelManager
+from .request import GenerationRequest, InvalidRequest
+from .tuning import curve_for_job
+
+WARMUP_STEPS = 2  # steps of the untimed warm-up run before the first timed run of a shape
+# what a phase of the comparison does, in words (for an out-of-memory message)
+_DOING = {"warm-up": "warming up", "baseline": "running the baseline", "magcache": "running with MagCache"}
+
+
+@dataclass
+class RunResult:
+    """One timed pipeline call."""
+
+    label: str
+    output: Any  # PIL image (image tasks) or (F, H, W, 3) float array in [0, 1] (video tasks)
+    seconds: float
+    transformer_calls: int
+    steps_done: int
+    stats: list[RunStats] = field(default_factory=list)  # MagCache run: one per scheduler pass (FramePack section)
+
+    def branch_counts(self) -> dict[str, tuple[int, int]]:
+        """Per branch: (computed steps, total steps), summed over the run's sections."""
+        out: dict[str, tuple[int, int]] = {}
+        for run in self.stats:
+            for name, b in run.branches.items():
+                c, t = out.get(name, (0, 0))
+                out[name] = (c + len(b.computed), t + len(b.decisions))
+        return out
+
+
+@dataclass
+class ComparisonResult:
+    """A baseline run (when asked for) and a MagCache run of the same request, with what to show about them."""
+
+    tab: Tab
+    variant: Variant
+    preset: str
+    settings: P.Settings
+    model: str  # what was loaded, in words
+    placement: str
+    num_steps: int
+    num_branches: int
+    sections: int
+    cached: RunResult  # the run with MagCache
+    predicted: P.Schedule  # one section's schedule, from magcache.policy.simulate
+    baseline: RunResult | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    heatmap: np.ndarray | None = None
+    load_seconds: float | None = None  # when this request loaded the model
+    warmup_seconds: float | None = None
+    compiled: bool = False
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    curve: CurveChoice | None = None  # the request's ratio curve (its ``label`` says which); None: the preset's
+
+    @property
+    def speedup(self) -> float | None:
+        """Wall-clock speed-up: baseline seconds / MagCache seconds."""
+        if self.baseline is None or self.cached.seconds <= 0:
+            return None
+        return self.baseline.seconds / self.cached.seconds
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.predicted.predicted_speedup()
+
+    def actual_matches_prediction(self) -> bool:
+        """Every section computed exactly the steps the policy simulation predicted, per branch."""
+        predicted = self.predicted.computed
+        return all(run.computed == {b: predicted.get(b) for b in run.computed} for run in self.cached.stats)
+
+    @property
+    def branches(self) -> list[str]:
+        return list(self.cached.branch_counts())
+
+
+def run_comparison(
+    manager: ModelManager,
+    req: GenerationRequest,
+    on_progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    client: str | None = None,
+) -> ComparisonResult:
+    """Run ``req``: the baseline (when ``req.compare``) and the MagCache run, same seed, one after the other.
+    Progress phases: "queue", "load", "warm-up", "baseline", "magcache". ``client``: who sent it, for the limit of
+    requests per client (``public.admission``)."""
+    with device_job(manager, req, cancel, on_progress, client=client) as job:
+        return _compare(job)
+
+
+def _compare(job: DeviceJob) -> ComparisonResult:
+    req, tab, loaded, pipe, call = job.request, job.tab, job.loaded, job.pipe, job.call
+    curve = curve_for_job(job) if req.curve is not None else None
+    steps = call["num_inference_steps"]
+    warmup_s = None
+    if req.compile and not loaded.compiled:
+        # regional compile (blocks only: MagCache's per-call decisions stay outside compiled code)
+        magcache.compile_blocks(pipe, **({"backend": req.compile_backend} if req.compile_backend else {}))
+        loaded.compiled = True
+    shape = (call.get("height"), call.get("width"), call.get("num_frames"), tab.num_branches(req.guidance_scale))
+    use_compiled = req.compile and loaded.compiled
+    with job.eager_unless_compiled(use_compiled):
+        warm_key = (shape, use_compiled)
+        if warm_key not in loaded.warm:
+            job.phase = _DOING["warm-up"]
+            job.progress("warm-up", 0, 1)
+            warmup_s = _warm_up(job)
+            loaded.warm.add(warm_key)
+        baseline = _timed_run(job, "baseline") if req.compare else None
+        chosen = {} if curve is None else dict(curves=curve.curves, rules=curve.rules, **curve.options)
+        try:
+            handle = magcache.apply(pipe, preset=loaded.preset, thresh=req.thresh, retention_ratio=req.retention_ratio,
+                                    K=req.K, **chosen)
+        except ValueError as e:  # a calibration curve that does not fit: the user's input, not a crash
+            raise InvalidRequest(f"MagCache cannot run with this ratio curve: {e}") from None
+        try:
+            cached = _timed_run(job, "magcache")
+            cached.stats = list(handle.runs)
+            num_branches = max((len(r.branches) for r in cached.stats), default=1)
+            predicted = handle.predict(steps, num_branches)
+            settings = handle.settings
+        finally:
+            handle.remove()
+    result = ComparisonResult(
+        tab=tab, variant=job.variant, preset=loaded.preset, settings=settings, model=loaded.plan.describe(),
+        placement=loaded.placement.reason if loaded.placement else "", num_steps=steps, num_branches=num_branches,
+        sections=job.sections, cached=cached, predicted=predicted, baseline=baseline,
+        load_seconds=loaded.load_seconds if job.loaded_now else None, warmup_seconds=warmup_s,
+        compiled=use_compiled, notes=job.notes + list(loaded.plan.notes), curve=curve,
+    )
+    if baseline is not None:
+        result.psnr, result.ssim = metrics.quality(baseline.output, cached.output)
+        result.heatmap = metrics.difference_heatmap(metrics.as_array(baseline.output), metrics.as_array(cached.output))
+    result.warnings += _warnings(result)
+    return result
+
+
+def _timed_run(job: DeviceJob, label: str) -> RunResult:
+    calls = 0
+
+    def count_call(module: Any, args: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    job.raise_if_stopped(f"{label} run", started=False)
+    job.phase = _DOING[label]
+    job.progress(label, 0, job.total_steps)
+    hook = job.pipe.transformer.register_forward_pre_hook(count_call)
+    callback = job.step_callback(label)
+    try:
+        synchronize(job.manager.device)
+        t0 = time.perf_counter()
+        out = job.pipe(**job.call, generator=job.generator(), callback_on_step_end=callback)
+        synchronize(job.manager.device)
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    job.raise_if_stopped(f"{label} run")
+    output = out.frames[0] if job.tab.is_video else out.images[0]
+    return RunResult(label, output, seconds, calls, job.steps_done)
+
+
+def _warm_up(job: DeviceJob) -> float:
+    """A short run (``WARMUP_STEPS``) at the real shapes before the first timed run of a shape: lazy
+    initialisation, kernel selection and (with compile) the block compilation happen here instead of inflating
+    the baseline's time."""
+    args = dict(job.call, num_inference_steps=WARMUP_STEPS, output_type="latent")
+    synchronize(job.manager.device)
+    t0 = time.perf_counter()
+    job.pipe(**args, generator=job.generator())
+    synchronize(job.manager.device)
+    return time.perf_counter() - t0
+
+
+def _warnings(result: ComparisonResult) -> list[str]:
+    out = []
+    skipped = sum(t - c for c, t in result.cached.branch_counts().values())
+    if skipped == 0:
+        out.append("MagCache skipped no step: raise thresh or K, or lower the retention ratio, for a speed-up.")
+    preset = get_preset(result.preset)
+    if result.num_steps != preset.calibrated_steps and (result.curve is None or result.curve.how is None):
+        out.append(f"The {result.preset!r} ratios were calibrated for {preset.calibrated_steps} steps and are resampled "
+                   f"to {result.num_steps}: schedules at other step counts are approximate.")
+    if result.speedup is not None and result.speedup < 1:
+        out.append("The MagCache run was slower than the baseline: at this size the work outside the transformer "
+                   "blocks (text encoders, VAE, Python overhead) dominates, or the machine was busy.")
+    if not result.actual_matches_prediction():
+        out.append("The steps computed differ from the policy's prediction (see the schedule plot).")
+    return out
