@@ -69,6 +69,23 @@ def test_public_mode_refuses_model_sources_and_hides_the_fields(public_on, manag
     assert weights and accordions and not any(a.visible for a in accordions)
 
 
+def test_public_mode_previews_and_budgets_the_tuning_panel_on_the_catalog_model(public_on, manager, monkeypatch):
+    from magcache.studio import tuning as backend
+    from ui import tuning
+
+    planned = []
+    real_plan = manager.plan
+    monkeypatch.setattr(manager, "plan", lambda *a, **k: planned.append(a) or real_plan(*a, **k))
+    preview = dict(SMALL, thresh=0.1, retention_ratio=0.2, K=2, weights="/root", base="/etc")
+    assert backend.tab_inputs(manager, "flux", preview).plan.key == real_plan("flux").key
+    assert handlers.live_preview(manager, "flux", preview)[0] is not None
+    assert not any("/root" in map(str, a) or "/etc" in map(str, a) for a in planned)  # never even looked at
+    monkeypatch.setenv("MAGCACHE_BUDGET_CPU", str(32 * 32 * 4))  # one run of SMALL (FLUX: one pass) fits
+    with pytest.raises(InvalidRequest, match="32x32 x 5 steps x 1 run x 1 pass per step = 5,120 pixel-steps"):
+        tuning.calibrate_tab(manager, "flux", dict(SMALL, steps=5))  # with Compare on: still one run
+    assert tuning.calibrate_tab(manager, "flux", SMALL)["calibration"] is not None
+
+
 def test_local_mode_keeps_model_sources(monkeypatch, manager, tmp_path):
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("MAGCACHE_PUBLIC", raising=False)
