@@ -11,13 +11,12 @@ ENV HOME=/home/user \
     HF_HOME=/home/user/.cache/huggingface \
     MPLCONFIGDIR=/home/user/.cache/matplotlib \
     GRADIO_ANALYTICS_ENABLED=False \
-    MAGCACHE_OUTPUT_DIR=/home/user/outputs \
     MAGCACHE_HOST=0.0.0.0 \
     MAGCACHE_PORT=7860
 WORKDIR $HOME/app
 
 COPY --chown=user requirements.txt .
-RUN pip install --user -r requirements.txt && mkdir -p $HF_HOME $MPLCONFIGDIR $MAGCACHE_OUTPUT_DIR
+RUN pip install --user -r requirements.txt && mkdir -p $HF_HOME $MPLCONFIGDIR
 COPY --chown=user . .
 
 EXPOSE 7860

@@ -48,7 +48,7 @@ def test_plans_for_hub_tiny_env_and_demo_fallback(tmp_path, monkeypatch):
     assert "demo model" in demo.notes[0]
     assert ModelManager(tiny=True).plan("wan_vace").kind == "tiny"
     monkeypatch.setenv("MAGCACHE_WEIGHTS_WAN_T2V_14B", str(tmp_path))
-    with pytest.raises(WeightsNotFound, match="neither a diffusers pipeline folder"):
+    with pytest.raises(WeightsNotFound, match="is not a diffusers pipeline folder, a transformer folder"):
         real.plan("wan_t2v", "14B (720p)")  # the env var points at an empty folder
 
 
@@ -217,13 +217,13 @@ def test_missing_hub_weights_say_what_to_download_and_what_to_set(offline_empty_
 
 def test_bad_paths_and_unsupported_single_files(tmp_path):
     m = ModelManager(tiny=False)
-    with pytest.raises(WeightsNotFound, match="does not exist"):
+    with pytest.raises(WeightsNotFound, match=r"not a valid .safetensors checkpoint \(or it cannot be read\)"):
         m.plan("chroma", weights=str(tmp_path / "missing.safetensors"))
     ckpt = tmp_path / "framepack.safetensors"
     ckpt.write_bytes(b"\0" * 16)
     with pytest.raises(WeightsNotFound, match="cannot be loaded from a single file"):
         m.plan("framepack", weights=str(ckpt))
-    with pytest.raises(WeightsNotFound, match="not a checkpoint file"):
+    with pytest.raises(WeightsNotFound, match="or a single-file .safetensors checkpoint that this app can read"):
         m.plan("flux", weights=__file__)
 
 

@@ -194,11 +194,23 @@ def test_calibration_curves_of_the_wrong_length_are_refused(manager, tmp_path, m
 
 def test_missing_and_wrong_model_paths(tmp_path):
     m = ModelManager(tiny=False)
-    with pytest.raises(WeightsNotFound, match="does not exist"):
-        handlers.generate(m, "flux", values("flux", weights=str(tmp_path / "no-such-model")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsNotFound, match="neither a diffusers pipeline folder"):
-        handlers.generate(m, "flux", values("flux", weights=str(tmp_path / "empty")))
+    (tmp_path / "notes.txt").write_text("x")
+    answers = {}
+    for name in ("no-such-model", "empty", "notes.txt", "no-such.txt"):
+        with pytest.raises(WeightsNotFound, match="is not a diffusers pipeline folder") as err:
+            handlers.generate(m, "flux", values("flux", weights=str(tmp_path / name)))
+        answers[name] = str(err.value).replace(str(tmp_path / name), "<path>")
+    # A missing path, a folder of something else and a file of another kind get the same answer: the message
+    # tells nothing about the server's files beyond what was typed.
+    assert len(set(answers.values())) == 1, answers
+    (tmp_path / "broken.safetensors").write_bytes(b"\x80\x04" + b"\x00" * 64)
+    checkpoints = set()
+    for name in ("missing.safetensors", "broken.safetensors"):
+        with pytest.raises(WeightsNotFound, match="not a valid .safetensors checkpoint") as err:
+            m.plan("flux", weights=str(tmp_path / name))
+        checkpoints.add(str(err.value).replace(name, "<name>"))
+    assert len(checkpoints) == 1, checkpoints
     assert m.loaded() == [] and not m.device_busy
 
 

@@ -3,6 +3,7 @@ no path traversal through calibration ids, the server binds to loopback and serv
 tokens never reach a message or a log line. The last checks run against the real server (app.py, tiny mode)."""
 
 import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +25,7 @@ from ui import handlers
 
 FAKE_TOKEN = "hf_" + "Zq8xTESTtokenNOTreal" * 2
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_PROMPT = "a red circle on a blue background"  # the demo model reads shapes and colours
 
 
 @pytest.fixture
@@ -59,7 +61,7 @@ def test_a_pickle_file_named_safetensors_is_refused(tmp_path, no_pickle):
     fake.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle stream does not parse as a safetensors header
     with pytest.raises(WeightsNotFound, match="not a valid .safetensors checkpoint"):
         ModelManager(tiny=False).plan("flux", weights=str(fake))
-    with pytest.raises(WeightsNotFound, match="not a checkpoint file the app loads: single files must be .safetensors"):
+    with pytest.raises(WeightsNotFound, match="or a single-file .safetensors checkpoint that this app can read"):
         ModelManager(tiny=False).plan("flux", weights=str(ROOT / "app.py"))
 
 
@@ -145,7 +147,8 @@ def test_the_server_binds_to_loopback_and_serves_no_extra_folder(monkeypatch, tm
     assert (options["server_name"], options["share"], options["allowed_paths"]) == ("127.0.0.1", False, [])
     assert options["max_file_size"] == "500mb"
     elsewhere = Path("/srv/magcache-outputs-test")  # outside the temp dir and the working directory
-    assert app.launch_options(args, elsewhere)["allowed_paths"] == [str(elsewhere)]
+    with pytest.raises(SystemExit, match="lies outside the working directory and the temp dir"):
+        app.launch_options(args, elsewhere)  # never served as a whole folder
     monkeypatch.setenv("MAGCACHE_MAX_UPLOAD", "20mb")
     assert app.launch_options(args, tmp_path)["max_file_size"] == "20mb"
 
@@ -175,31 +178,80 @@ def test_tokens_are_redacted_from_messages_and_logs(monkeypatch, caplog, tmp_pat
     assert FAKE_TOKEN not in caplog.text
 
 
+def test_redaction_covers_server_loggers_streams_and_gradio_errors(monkeypatch):
+    import io
+
+    from gradio import queueing, utils
+
+    from magcache.studio import redaction
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("uvicorn.access")  # uvicorn makes its handlers while the server starts
+    logger.addHandler(handler)
+    try:
+        assert redaction.filter_log_handlers() >= 1
+        logger.warning('"GET /gradio_api/file=/x/%s HTTP/1.1" 403', FAKE_TOKEN)
+    finally:
+        logger.removeHandler(handler)
+    assert FAKE_TOKEN not in out.getvalue() and "/x/*** " in out.getvalue()
+
+    raw = io.StringIO()
+    stream = redaction.RedactingStream(raw)
+    stream.write(f"ValueError: could not convert string to float: '{FAKE_TOKEN}'\n")
+    assert FAKE_TOKEN not in raw.getvalue() and "'***'" in raw.getvalue()
+
+    monkeypatch.setattr(utils, "error_payload", utils.error_payload)  # restored after the test
+    monkeypatch.setattr(queueing, "error_payload", queueing.error_payload)
+    redaction.redact_gradio_errors()
+    payload = queueing.error_payload(ValueError(f"bad value {FAKE_TOKEN}"), True)
+    assert payload["error"] == "bad value ***" and utils.error_payload is queueing.error_payload
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from magcache.studio.local_app import start_app
 
     folder = tmp_path_factory.mktemp("server")
     log = folder / "app.log"
-    with start_app(log, env={"HF_TOKEN": FAKE_TOKEN}) as url:
-        yield SimpleNamespace(url=url, log=log, outputs=folder / "app-outputs")
+    with start_app(log, env={"HF_TOKEN": FAKE_TOKEN, "GRADIO_TEMP_DIR": str(folder / "gradio")}) as url:
+        yield SimpleNamespace(url=url, log=log, outputs=folder / "app-outputs", gradio=folder / "gradio")
 
 
 def _status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
+            r.read()
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
 
 
+def _file_url(server, path: Path | str) -> str:
+    return f"{server.url}gradio_api/file={urllib.parse.quote(str(path))}"
+
+
 def test_the_server_serves_only_what_it_must(server):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False, download_files=False)
+    result = client.predict(prompt="x", width=32, height=32, steps=4, num_frames=5, api_name="/generate_wan_t2v")
+    client.close()
+    videos = [v for v in result if isinstance(v, dict) and str(v.get("path", "")).endswith(".mp4")]
+    assert len(videos) == 3, result
+    served = Path(videos[0]["path"])
+    assert server.gradio in served.parents  # the copy Gradio made into its own folder ...
+    with urllib.request.urlopen(_file_url(server, served), timeout=10) as r:  # ... is served, on this route
+        assert r.status == 200 and r.read() == served.read_bytes()
+    written = sorted(server.outputs.rglob("*.mp4"))
+    assert written and written[0].read_bytes() in {Path(v["path"]).read_bytes() for v in videos}
     secret = server.outputs / "secret.txt"
-    secret.parent.mkdir(parents=True, exist_ok=True)
     secret.write_text("not for download")
-    for path in ("/etc/passwd", str(ROOT / "app.py"), str(ROOT / "presets.json"), str(secret), "../../etc/passwd"):
-        code = _status(f"{server.url}gradio_api/file={urllib.parse.quote(path)}")
-        assert code in (403, 404), (path, code)
+    # The same route refuses the app's own output file (same bytes as the served copy), the output folder, the
+    # repository and the system.
+    for path in (written[0], secret, "/etc/passwd", ROOT / "app.py", ROOT / "presets.json", "../../etc/passwd"):
+        assert _status(_file_url(server, path)) == 403, path
     assert _status(server.url) == 200
 
 
@@ -208,10 +260,51 @@ def test_the_server_keeps_tokens_out_of_errors_and_logs(server):
 
     client = Client(server.url, verbose=False)
     with pytest.raises(Exception, match="multiple of 16"):
-        client.predict(prompt="x", width=40, height=32, api_name="/generate_demo")
-    result = client.predict(prompt="x", width=32, height=32, steps=4, api_name="/generate_demo")
+        client.predict(prompt=DEMO_PROMPT, width=40, height=32, api_name="/generate_demo")
+    # A token typed into a number field: Gradio's own input processing fails and prints its traceback.
+    with pytest.raises(Exception) as err:
+        client.predict(prompt=DEMO_PROMPT, seed=FAKE_TOKEN, api_name="/generate_demo")
+    assert FAKE_TOKEN not in str(err.value) and "the value passed to the event handler was: '***'" in str(err.value)
+    other = "hf_" + "OtherTokenShape123" * 2  # not the server's own token: redacted by its shape
+    with pytest.raises(Exception) as err:
+        client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, weights=f"/models/{other}", api_name="/generate_demo")
+    assert other not in str(err.value) and "/models/hf_***" in str(err.value)
+    result = client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, api_name="/generate_demo")
     assert any("Done" in str(v) for v in result)
     client.close()
+    deadline = time.monotonic() + 20
+    while "Could not preprocess input component" not in server.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "Gradio's input-processing traceback never reached the log"
+        time.sleep(0.2)
     log = server.log.read_text(errors="replace")
-    assert "generate_demo" in log or "Running on" in log  # the log is the server's
-    assert FAKE_TOKEN not in log
+    assert "was: '***'" in log  # the traceback was printed, redacted ...
+    assert FAKE_TOKEN not in log and other not in log  # ... and nowhere else in the log either
+
+
+def test_a_client_that_goes_away_stops_its_run(server):
+    """The real alive check (``ui/layout._event_alive_check``, reading Gradio's queue) stops a cancelled run."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    before = server.log.read_text(errors="replace").count("client gone or event cancelled")
+    client = Client(server.url, verbose=False)
+    job = client.submit(prompt=DEMO_PROMPT, width=32, height=32, steps=100, compare=True, api_name="/generate_demo")
+    deadline = time.monotonic() + 60
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS):  # its handler runs
+        assert time.monotonic() < deadline and not job.done(), "the request never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert not job.done()  # 100 steps with the baseline take far longer
+    job.cancel()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = server.log.read_text(errors="replace")
+        if log.count("client gone or event cancelled") > before:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the server did not stop the cancelled run")
+    assert "stopped during the" in log.splitlines()[-1] or "run stopped" in log
+    result = client.predict(prompt=DEMO_PROMPT, width=32, height=32, steps=4, api_name="/generate_demo")  # next one runs
+    assert any("Done" in str(v) for v in result)
+    client.close()

@@ -20,7 +20,7 @@ from magcache.studio.comparison import ComparisonResult, run_comparison
 from magcache.studio.jobs import session_token
 from magcache.studio.manager import Cancelled, ModelManager, redact
 from magcache.studio.media import MediaError, confine_upload, side_by_side, to_uint8_frames, upscale_nearest, write_mp4
-
+from magcache.studio.public import strict_values
 from magcache.studio.request import GenerationRequest, InvalidRequest
 from magcache.studio.tuning import SchedulePreview, message, preview_schedule
 
@@ -87,6 +87,7 @@ def request_from_values(tab_id: str, values: Mapping[str, Any],
     """Inputs (by name, as the UI delivers them: sliders give floats, empty fields give '' or None). Anything else
     a client may send (text for numbers, 8.5 steps, NaN) raises ``InvalidRequest`` naming the field. With
     ``upload_roots``, file inputs must be paths inside those folders (the app passes Gradio's upload folder)."""
+    values = strict_values(values)  # text without NULs or lone surrogates, bounded paths, real booleans
 
     def num(name: str, cast=int):
         value = values.get(name)
@@ -154,10 +155,12 @@ def request_from_values(tab_id: str, values: Mapping[str, Any],
 def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], session: str = "local",
              on_progress: Callable[[str, int, int], None] | None = None, *,
              still_wanted: Callable[[], bool] | None = None,
-             upload_roots: Sequence[str | os.PathLike] | None = None) -> dict[str, Any]:
+             upload_roots: Sequence[str | os.PathLike] | None = None, client: str | None = None) -> dict[str, Any]:
     """Run a comparison and turn it into display values. Raises ``InvalidRequest`` / ``WeightsNotFound`` /
     ``OutOfMemory`` (the UI shows them as errors); a stop request returns only a status line. ``still_wanted``
-    is asked at every step and while queued: False (the client went away) stops the run like Stop does."""
+    is asked at every step and while queued: False (the client went away) stops the run like Stop does.
+    Before the request waits for the device, the job checks the model source, the compute budget and
+    ``client``'s limit of requests (``public.admission``)."""
     req = request_from_values(tab_id, values, upload_roots)
     gone = []
     with session_token(manager, session) as token:
@@ -170,7 +173,7 @@ def generate(manager: ModelManager, tab_id: str, values: Mapping[str, Any], sess
                     gone.append(True)
                     token.set()  # the client is gone: stop at this step, free the device for the next request
         try:
-            result = run_comparison(manager, req, progress, token)
+            result = run_comparison(manager, req, progress, token, client=client)
         except Cancelled as e:
             logger.info("%s: run stopped (%s)%s", tab_id, e, " - client gone or event cancelled" if gone else "")
             return {"status": f"⏹ **Stopped** ({e}). The model stays loaded; run again any time."}

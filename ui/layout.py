@@ -19,6 +19,7 @@ from gradio import utils as gradio_utils
 from magcache.studio.catalog import Tab
 from magcache.studio.defaults import tab_defaults
 from magcache.studio.manager import ModelManager, OutOfMemory, WeightsNotFound, redact
+from magcache.studio.public import client_id, generate_slots, public_mode
 from magcache.studio.request import InvalidRequest
 
 from . import handlers
@@ -186,7 +187,8 @@ def _generation_settings(tab: Tab, d: dict, inputs: dict) -> None:
 
 def _model_source(tab: Tab, inputs: dict) -> None:
     v = tab.variants[0]
-    with gr.Accordion("Model source", open=False):
+    # Public mode: hidden, and the backend refuses the fields (an API client still sees them).
+    with gr.Accordion("Model source", open=False, visible=not public_mode()):
         inputs["weights"] = gr.Textbox("", label="Weights", placeholder=v.weights,
                                        info="Hub id, local diffusers folder, or single-file transformer checkpoint "
                                             "(.safetensors). Empty = default (above) or $" + v.env_weights + ".")
@@ -227,7 +229,8 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
             progress((done, total) if phase in ("baseline", "magcache") else 0.0, desc=text)
 
         try:
-            out = _generate_on_device(manager, tab.id, values, _session(request, tab), report, still_wanted)
+            out = _generate_on_device(manager, tab.id, values, _session(request, tab), report, still_wanted,
+                                      client_id(request))
         except (InvalidRequest, WeightsNotFound) as e:
             raise gr.Error(handlers.error_html(e), duration=None, title="Cannot run") from None
         except OutOfMemory as e:
@@ -240,8 +243,11 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
         return {outputs[n]: v for n, v in out.items() if n in outputs and n != "schedule_text"}
 
     main_output = outputs["split_video"] if tab.is_video else outputs["slider"]
+    # Several Generate requests run their handler at once: each is validated (and over-budget or malformed ones
+    # refused) at once, then waits for the device in arrival order in ModelManager.device_slot.
     event = run.click(on_generate, inputs_kwargs=dict(inputs), outputs=result_outputs, api_name=f"generate_{tab.id}",
-                      show_progress_on=[outputs["status"], main_output], concurrency_id="device", concurrency_limit=1)
+                      show_progress_on=[outputs["status"], main_output], concurrency_id="generate",
+                      concurrency_limit=generate_slots())
     def on_stop(request: gr.Request):
         return handlers.stop(manager, _session(request, tab))
 
@@ -286,9 +292,9 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
 
 @gpu_task
-def _generate_on_device(manager, tab_id, values, session, report, still_wanted=None):
+def _generate_on_device(manager, tab_id, values, session, report, still_wanted=None, client=None):
     return handlers.generate(manager, tab_id, values, session, report, still_wanted=still_wanted,
-                             upload_roots=[gradio_utils.get_upload_folder()])
+                             upload_roots=[gradio_utils.get_upload_folder()], client=client)
 
 
 def _event_alive_check() -> Callable[[], bool]:

@@ -110,10 +110,12 @@ def run_comparison(
     req: GenerationRequest,
     on_progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    client: str | None = None,
 ) -> ComparisonResult:
     """Run ``req``: the baseline (when ``req.compare``) and the MagCache run, same seed, one after the other.
-    Progress phases: "queue", "load", "warm-up", "baseline", "magcache"."""
-    with device_job(manager, req, cancel, on_progress) as job:
+    Progress phases: "queue", "load", "warm-up", "baseline", "magcache". ``client``: who sent it, for the limit of
+    requests per client (``public.admission``)."""
+    with device_job(manager, req, cancel, on_progress, client=client) as job:
         return _compare(job)
 
 

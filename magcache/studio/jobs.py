@@ -2,7 +2,9 @@
 
 :func:`device_job` does what every kind shares, so a kind is a small function of what it does with the model:
 
-* the request is validated and the model planned once, before waiting for the device (a bad input never queues);
+* the request is validated and the model planned once, before waiting for the device (a bad input never queues),
+  and admitted (:mod:`.public`: in public mode the catalog's model only, the compute budget, the requests per
+  client, the client's place held until the job ends);
 * the device is held first come first served (:meth:`ModelManager.device_slot`) and the model kept loaded while
   the job runs (:meth:`ModelManager.use`);
 * a stop request (the session's token, :func:`session_token`) interrupts the pipeline at its next step: the step
@@ -33,10 +35,11 @@ import torch
 
 import magcache
 
+from . import public
 from .catalog import Tab, Variant
 from .defaults import tab_defaults
 from .manager import Cancelled, LoadedModel, LoadPlan, ModelManager, OutOfMemory, is_out_of_memory, out_of_memory_message
-from .request import GenerationRequest, build_call_kwargs, framepack_sections, read_prompt, validate
+from .request import GenerationRequest, InvalidRequest, build_call_kwargs, framepack_sections, read_prompt, validate
 
 # (phase, done, total): "queue" (done = requests ahead), "load", then the phases each kind of run names
 ProgressFn = Callable[[str, int, int], None]
@@ -159,18 +162,26 @@ def reset_pipeline(pipe: Any) -> None:
 
 @contextlib.contextmanager
 def device_job(manager: ModelManager, req: GenerationRequest, stop: threading.Event | None = None,
-               on_progress: ProgressFn | None = None) -> Iterator[DeviceJob]:
-    """Validate ``req``, wait for the device, load (or reuse) the model and yield the job; the pipeline is reset
-    however the block ends. Raises ``InvalidRequest`` before queueing, ``WeightsNotFound`` / ``ModelLoadError``
-    from the load, :class:`OutOfMemory` with what to change."""
+               on_progress: ProgressFn | None = None, *, client: str | None = None,
+               runs: int | None = None) -> Iterator[DeviceJob]:
+    """Validate and admit ``req``, wait for the device, load (or reuse) the model and yield the job; the pipeline
+    is reset however the block ends. ``client`` (who sent the request) and ``runs`` (full denoising runs the job
+    makes; None: 2 with the baseline comparison, else 1) are what :func:`.public.admission` counts. Raises
+    ``InvalidRequest`` / ``WeightsNotFound`` before queueing, ``WeightsNotFound`` / ``ModelLoadError`` from the
+    load, :class:`OutOfMemory` with what to change."""
     progress = on_progress or _no_progress
-    tab = manager.catalog.tab(req.tab_id)
-    variant = tab.variant(req.variant)
+    public.check_source(req.weights, req.base)  # before the plan: a visitor's path is never even looked at
+    try:
+        tab = manager.catalog.tab(req.tab_id)
+        variant = tab.variant(req.variant)
+    except KeyError as e:
+        raise InvalidRequest(str(e).strip("'\"")) from None
     plan = manager.plan(tab.id, variant.id, req.weights, req.base)
     defaults = tab_defaults(manager, tab.id, variant.id, plan=plan)
     request, prompt_note = read_prompt(variant, validate(tab, req, defaults))
     job = DeviceJob(manager, tab, variant, request, plan, stop, progress, notes=[prompt_note] if prompt_note else [])
-    with manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead)):
+    with public.admission(tab, request, defaults, manager.device, client, runs), \
+            manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead)):
         job.loaded_now = plan.key not in {m.key for m in manager.loaded()}
         with manager.use(tab.id, variant.id, plan=plan, on_status=lambda msg: progress("load", 0, 1)) as loaded:
             job.loaded = loaded

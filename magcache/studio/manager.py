@@ -333,11 +333,19 @@ class ModelManager:
         preset, note = preset_or_fallback(v.magcache.preset, v.magcache.fallback_preset)
         notes = [note] if note else []
         common = dict(tab_id=tab.id, variant_id=v.id, pipeline_cls=tab.pipeline, transformer_cls=tab.transformer)
-        weights = (weights or "").strip() or v.weights_from_env() or v.weights
+        typed = (weights or "").strip()
+        weights = typed or v.weights_from_env() or v.weights
         base = (base or "").strip() or v.base_from_env() or v.base
+        if typed:
+            _check_single_file_suffix(Path(typed))  # pickle checkpoints are refused by name, existing or not
 
-        if v.local_only:  # the Demo tab: its own model folder, or a tiny stand-in
+        if v.local_only:  # the Demo tab: its own model folder, or (not typed in the tab) a tiny stand-in
             folder = self.demo_dir if self.demo_dir is not None and weights == v.weights else _resolve(weights)
+            if typed and _pipeline_class(folder) != tab.pipeline:  # never a silent stand-in for a typed path
+                raise WeightsNotFound(f"{tab.label}: {typed!r} is not a demo model folder (a {tab.pipeline} in "
+                                      "diffusers format, as `python -m magcache.studio.demo.train` writes) that "
+                                      "this app can read (or it does not exist). Leave the Weights field empty to "
+                                      f"run the demo model ({v.env_weights} or {v.weights}).")
             if (folder / "model_index.json").is_file():
                 return LoadPlan(key=f"{v.id}|{folder}", kind="pretrained", preset=preset, pipeline_source=str(folder),
                                 estimate_bytes=_folder_bytes(folder), notes=tuple(notes), **common)
@@ -358,8 +366,11 @@ class ModelManager:
         approx = int((v.approx_size_gb or 0) * GB * factor)
         default_base = v.base if v.weights_role == "transformer" else v.weights
         path = Path(os.path.expanduser(weights))
-        if path.is_file():
+        what = "a diffusers pipeline folder, a transformer folder, or a single-file .safetensors checkpoint"
+        if path.is_file() or (path.suffix.lower() == ".safetensors" and not path.is_dir()):
             _check_single_file_suffix(path)
+            if path.suffix.lower() != ".safetensors":  # the same answer as for a path that does not exist
+                raise WeightsNotFound(unloadable_path_message(tab, v, weights, what))
             _check_single_file_loadable(tab, v)
             _check_safetensors_header(path)
             base = base or default_base
@@ -377,14 +388,9 @@ class ModelManager:
                 return LoadPlan(key=f"{v.id}|{path}|{base}", kind="transformer+base", preset=preset,
                                 pipeline_source=base, transformer_source=str(path), components=v.components,
                                 estimate_bytes=max(approx, _folder_bytes(path) * factor), notes=tuple(notes), **common)
-            raise WeightsNotFound(
-                f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a transformer folder "
-                f"(no config.json). Point {v.env_weights} / the Weights field at the folder that "
-                f"`hf download {v.weights} --local-dir <folder>` creates.")
+            raise WeightsNotFound(unloadable_path_message(tab, v, weights, what))
         if _looks_like_path(weights):
-            raise WeightsNotFound(
-                f"{tab.label} ({v.label}): the weights path {weights!r} does not exist. Set {v.env_weights} / the "
-                f"Weights field to a local diffusers folder, a single-file checkpoint, or a hub id such as {v.weights!r}.")
+            raise WeightsNotFound(unloadable_path_message(tab, v, weights, what))
         if v.weights_role == "transformer":
             return LoadPlan(key=f"{v.id}|{weights}|{base}", kind="transformer+base", preset=preset, pipeline_source=base,
                             transformer_source=weights, components=v.components, estimate_bytes=approx,
@@ -655,6 +661,24 @@ def _release(loaded: LoadedModel) -> None:
     loaded.pipe = None
 
 
+def unloadable_path_message(tab: Tab, v: Variant, typed: str, what: str) -> str:
+    """One answer for every path that cannot be loaded (missing, unreadable, a folder of something else, a file
+    of another kind): the message tells nothing about the server's files beyond the path that was typed."""
+    return (f"{tab.label} ({v.label}): {typed!r} is not {what} that this app can read (or it does not exist). Set "
+            f"{v.env_weights} / the Weights field to one, or to a hub id such as {v.weights!r}; "
+            f"`hf download {v.weights} --local-dir <folder>` creates such a folder.")
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder declares (``model_index.json``), None for anything else."""
+    import json
+
+    try:
+        return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _check_single_file_suffix(path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -662,9 +686,6 @@ def _check_single_file_suffix(path: Path) -> None:
             f"{path.name}: {suffix} checkpoints are pickle files, which can run code when loaded, so the app never "
             "loads them. Use a .safetensors checkpoint, or convert this one on a trusted machine "
             "(`safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')`).")
-    if suffix != ".safetensors":
-        raise WeightsNotFound(f"{path} is not a checkpoint file the app loads: single files must be .safetensors "
-                              "(or point the Weights field at a diffusers folder).")
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -676,8 +697,10 @@ def _check_safetensors_header(path: Path) -> None:
             if not list(f.keys()):
                 raise ValueError("it holds no tensors")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
-        raise WeightsNotFound(f"{path.name} is not a valid .safetensors checkpoint ({e}). Download it again, or "
-                              "point the Weights field at a diffusers folder.") from None
+        # The reason goes to the log only: the message must not tell a file that exists from one that does not.
+        logger.info("%s: not a readable safetensors file: %s", redact(str(path)), redact(f"{type(e).__name__}: {e}"))
+        raise WeightsNotFound(f"{path.name} is not a valid .safetensors checkpoint (or it cannot be read). Download "
+                              "it again, or point the Weights field at a diffusers folder.") from None
 
 
 def load_failure_message(tab: Tab, plan: LoadPlan, error: BaseException) -> str:
@@ -759,8 +782,9 @@ def _check_available(tab: Tab, v: Variant, plan: LoadPlan) -> None:
     """Fail fast, with instructions, when hub weights are neither cached nor downloadable."""
     for source in (plan.pipeline_source, plan.transformer_source):
         if source and _looks_like_path(source) and not _is_local(source):
-            raise WeightsNotFound(f"{tab.label} ({v.label}): {source!r} does not exist. Set {v.env_base} / the "
-                                  f"Base pipeline field to a local diffusers folder or a hub id.")
+            raise WeightsNotFound(f"{tab.label} ({v.label}): {source!r} is not a local diffusers folder this app "
+                                  f"can read (or it does not exist). Set {v.env_base} / the Base pipeline field to a "
+                                  "local diffusers folder or a hub id.")
     missing = [r for r in plan.hub_ids if not _cached(r)]
     if not missing or hub_reachable():
         return

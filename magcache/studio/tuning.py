@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from magcache import policy as P
-from magcache.calibration import Calibration, CalibrationStore, Match, as_resolution, default_store_dir, \
-    read_calibration_file
+from magcache.calibration import Calibration, CalibrationStore, Match, as_resolution, read_calibration_file
 from magcache.curves import (CurveChoice, choose_curves, rules_for_calibration, run_resolution, scheduler_label,
                              source_name)
 from magcache.export import SettingsSnapshot, extra_options, load_settings_json
@@ -34,6 +34,7 @@ from magcache.jsonfile import MAX_FILE_BYTES
 from magcache.measure import calibrate
 from magcache.presets import Preset, get_preset
 
+from . import public
 from .catalog import Tab
 from .defaults import tab_defaults
 from .jobs import DeviceJob, ProgressFn, device_job
@@ -49,17 +50,24 @@ CALIBRATION_PREFIX = "calibration:"
 # --------------------------------------------------------------------------------------------------
 # What the preview keeps in memory
 # --------------------------------------------------------------------------------------------------
-_stores: dict[Path, CalibrationStore] = {}
+MAX_KEPT_STORES = 32  # public mode has one store per visitor: only the most recently used stay in memory
+_stores: OrderedDict[Path, CalibrationStore] = OrderedDict()
 _tab_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> {(tab, variant, weights, base): ...}
 _cache_lock = threading.Lock()
 
 
 def calibration_store(fresh: bool = False) -> CalibrationStore:
-    """The user calibration store (``$MAGCACHE_HOME/calibrations``, else the user data dir; docs/tuning.md), its
+    """The calibration store of whoever asks (:func:`.public.calibration_root`: the user store,
+    ``$MAGCACHE_HOME/calibrations`` else the user data dir, docs/tuning.md; in public mode the visitor's own), its
     records kept in memory; ``fresh``: read the directory again first (what a run does)."""
-    root = default_store_dir()
+    root = public.calibration_root()
     with _cache_lock:
-        store = _stores.setdefault(root, CalibrationStore(root, cached=True))
+        store = _stores.get(root)
+        if store is None:
+            store = _stores[root] = CalibrationStore(root, cached=True)
+        _stores.move_to_end(root)
+        while len(_stores) > MAX_KEPT_STORES:
+            _stores.popitem(last=False)
     if fresh:
         store.refresh()
     return store
@@ -74,6 +82,8 @@ def refresh(manager: ModelManager) -> None:
 
 def _plan_and_defaults(manager: ModelManager, tab_id: str, variant: str | None, weights: Any,
                        base: Any) -> tuple[LoadPlan, dict]:
+    if public.public_mode():  # the catalog's model only: a visitor's path is never even looked at
+        weights = base = None
     key = (tab_id, variant, weights or None, base or None)
     with _cache_lock:
         cached = _tab_plans.setdefault(manager, {}).get(key)
@@ -300,7 +310,7 @@ def run_calibration(manager: ModelManager, req: GenerationRequest, stop: threadi
     """Run the tab's model once with nothing skipped at the request's steps, size and scheduler (through the
     device queue, stoppable) and save the measured curves to the user store. Progress phase: "calibration".
     Raises :class:`~.manager.Cancelled` (nothing saved) when stopped."""
-    with device_job(manager, req, stop, on_progress) as job:
+    with device_job(manager, req, stop, on_progress, runs=1) as job:
         job.phase = "running the calibration"
         tab, variant, loaded = job.tab, job.variant, job.loaded
         call = dict(job.call, generator=job.generator(), **job.step_arguments("calibration"))
@@ -413,7 +423,7 @@ def run_tab_sweep(manager: ModelManager, req: GenerationRequest, thresholds: lis
     except ValueError as e:
         raise InvalidRequest(f"Sweep: {message(e)}") from None
     interrupted: list = []
-    with device_job(manager, req, stop, on_progress) as job:
+    with device_job(manager, req, stop, on_progress, runs=1) as job:  # the budget counts one run at a time
         job.phase = "running the sweep"
         curve = curve_for_job(job)
         if not curve.curves:  # a calibrate-first model: every point would run uncached
