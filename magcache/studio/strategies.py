@@ -462,8 +462,8 @@ class TabStrategies:
     planned_runs: int  # pipeline calls planned, the uncached one included
 
 
-def plan_tab_strategies(strategies: Sequence[str], levels: Sequence[float],
-                        max_runs: int = MAX_RUNS) -> list[StrategyPoint]:
+def plan_tab_strategies(strategies: Sequence[str], levels: Sequence[float], max_runs: int = MAX_RUNS,
+                        knobs: Mapping[str, Sequence[float]] | None = None) -> list[StrategyPoint]:
     """The points of a Strategies run, refused with :class:`InvalidRequest` (saying what to lower) when there is
     nothing to run or more than ``max_runs`` pipeline calls, before anything queues."""
     if not strategies:
@@ -475,7 +475,7 @@ def plan_tab_strategies(strategies: Sequence[str], levels: Sequence[float],
     if bad:
         raise InvalidRequest(f"Strategies: speed-up levels must be between 1 and 50, got {bad[0]:g}.")
     try:
-        points = strategy_points(strategies, levels)
+        points = strategy_points(strategies, levels, knobs)
     except ValueError as e:
         raise InvalidRequest(f"Strategies: {e}") from None
     runs = 1 + len(points)
@@ -491,14 +491,15 @@ def plan_tab_strategies(strategies: Sequence[str], levels: Sequence[float],
 
 def run_tab_strategies(manager: ModelManager, req: GenerationRequest, levels: Sequence[float] = DEFAULT_LEVELS,
                        strategies: Sequence[str] = STRATEGIES, stop: threading.Event | None = None,
-                       on_progress: ProgressFn | None = None, max_runs: int = MAX_RUNS) -> TabStrategies:
+                       on_progress: ProgressFn | None = None, max_runs: int = MAX_RUNS,
+                       knobs: Mapping[str, Sequence[float]] | None = None) -> TabStrategies:
     """Every strategy of ``strategies`` on the tab's model for the request's prompt and seed (:func:`run_strategies`):
     MagCache with the request's ratio curve, retention and K (the threshold rule at the smallest thresh reaching
     each level, and the optimal schedule), uniform and random skipping at the same compute, and the diffusers hooks
-    over their knobs. An untimed warm-up first for a new shape. Stop ends it after the current run; a run that was
+    over their knobs (``knobs`` overrides ``HOOK_KNOBS``). An untimed warm-up first for a new shape. Stop ends it after the current run; a run that was
     interrupted is dropped (all of them if it was the uncached one). Progress phases: "Strategies: run k of n ..."."""
     levels = sorted({float(x) for x in levels})
-    points = plan_tab_strategies(strategies, levels, max_runs)
+    points = plan_tab_strategies(strategies, levels, max_runs, knobs)
     total = len(points) + 1
     running = ["uncached"]
     interrupted: set[str] = set()
@@ -530,7 +531,7 @@ def run_tab_strategies(manager: ModelManager, req: GenerationRequest, levels: Se
             job.progress(f"Strategies: run 1 of {total}, uncached (the reference)", 0, total)
             results = run_strategies(job.pipe, dict(job.call, callback_on_step_end=on_step_end),
                                      [(job.request.prompt, int(job.request.seed))], levels, strategies,
-                                     progress=progress, cancel=lambda: job.stopped)
+                                     knobs=knobs, progress=progress, cancel=lambda: job.stopped)
     if interrupted or job.stopped:
         results.cancelled = True
         results.rows = [] if "uncached" in interrupted else \
