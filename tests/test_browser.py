@@ -128,3 +128,47 @@ def test_tuning_panel_in_a_real_browser(app_url, tmp_path):
             assert (shots / "tuning_sweep.png").stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def test_strategies_view_in_a_real_browser(app_url, tmp_path):
+    """The Demo tab's Strategies accordion: two strategies at one level fill the table and the plot; the speed-up
+    target shows the optimal schedule beside the threshold solution."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium); the browser test needs it.")
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url)
+            expect(page.locator("#run-demo")).to_be_visible(timeout=60_000)
+            tab = page.locator("#tab-demo")
+            steps = tab.get_by_label("number input for Steps")
+            steps.fill("8")
+            steps.press("Enter")
+
+            tuning = page.locator("#tuning-demo")
+            tuning.get_by_text("Tuning: ratio curve").click()
+            page.locator("#solve-demo").click()
+            expect(page.locator("#solve-text-demo")).to_contain_text("Optimal-budget schedule", timeout=20_000)
+
+            view = page.locator("#strategies-demo")
+            view.get_by_text("Strategies: every cache").click()
+            page.locator("#strategies-levels-demo textarea").fill("2")
+            chosen = page.locator("#strategies-chosen-demo")
+            for name in ("magcache_optimal", "random", "first_block_cache", "taylorseer", "faster_cache",
+                         "pyramid_attention_broadcast", "diffusers_magcache"):
+                chosen.get_by_label(name, exact=True).uncheck()
+            page.locator("#strategies-run-demo").click()
+            expect(page.locator("#strategies-status-demo")).to_contain_text("Strategies done: 2 points",
+                                                                             timeout=180_000)
+            table = page.locator("#strategies-table-demo")
+            expect(table.locator('[role="row"]')).to_have_count(3)  # header + magcache + uniform
+            expect(page.locator("#strategies-plot-demo")).to_be_visible()
+            view.screenshot(path=str(shots / "strategies.png"))
+        finally:
+            browser.close()
