@@ -3,7 +3,6 @@ tab: a strategy's row equals a direct run of the same cache on the job's pipelin
 run cap refuses before anything loads."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
