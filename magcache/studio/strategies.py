@@ -503,7 +503,8 @@ def run_tab_strategies(manager: ModelManager, req: GenerationRequest, levels: Se
     total = len(points) + 1
     running = ["uncached"]
     interrupted: set[str] = set()
-    with device_job(manager, req, stop, on_progress) as job:
+    # like the sweep, the budget counts one run at a time; MAX_RUNS bounds how many there are
+    with device_job(manager, req, stop, on_progress, runs=1) as job:
         job.phase = "running the strategies"
         curve = curve_for_job(job)
         count_steps = job.step_callback(None)
