@@ -27,6 +27,7 @@ import torch
 from magcache.studio import strategies as S
 from magcache.studio.demo import data as D
 from magcache.studio.demo import evaluate as E
+from ui.plots import strategies_figure
 
 
 def machine() -> dict:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(results: S.StrategyResults, path: str, prompt_set: str, call: dict) -> None:
-    fig = S.strategies_figure(results, title=f"demo model, {prompt_set} prompts ({len(results.items)} images), "
+    fig = strategies_figure(results, title=f"demo model, {prompt_set} prompts ({len(results.items)} images), "
                                              f"{call['num_inference_steps']} steps, true CFG")
     fig.savefig(path, dpi=110)
 

@@ -66,13 +66,14 @@ TabExtension = Callable[[TabContext], None]
 
 
 def tab_extensions() -> list[TabExtension]:
-    """``ui/tuning.py``'s ``build_tuning(ctx)`` when that module exists (one-click calibration, speed-up target,
-    sweeps, export: built by its own module)."""
-    name = f"{__package__}.tuning"
-    if importlib.util.find_spec(name) is None:
-        return []
-    build = getattr(importlib.import_module(name), "build_tuning", None)
-    return [build] if build is not None else []
+    """``ui/tuning.py``'s ``build_tuning(ctx)`` (one-click calibration, speed-up target, sweeps, export) and then
+    ``ui/strategies.py``'s ``build_strategies(ctx)`` (strategies side by side), each when its module exists."""
+    builds = []
+    for module, function in (("tuning", "build_tuning"), ("strategies", "build_strategies")):
+        name = f"{__package__}.{module}"
+        build = getattr(importlib.import_module(name), function, None) if importlib.util.find_spec(name) else None
+        builds += [build] if build is not None else []
+    return builds
 
 
 def build_app(manager: ModelManager | None = None) -> gr.Blocks:

@@ -1,6 +1,6 @@
 """Every matplotlib figure of the app: the step timeline (computed vs skipped per branch, predicted and actual)
-with the accumulated error against the threshold, a calibration's curves over the preset's, and a sweep's Pareto
-plot. Built on ``matplotlib.figure.Figure`` (no pyplot global state, safe in server threads)."""
+with the accumulated error against the threshold, a calibration's curves over the preset's, a sweep's Pareto
+plot and the strategies' quality against speed-up. Built on ``matplotlib.figure.Figure`` (no pyplot global state, safe in server threads)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from magcache.calibration import Calibration
 from magcache.policy import Schedule
 from magcache.presets import Preset, get_preset
 from magcache.runtime import RunStats
+from magcache.studio.strategies import StrategyResults
 from magcache.studio.sweep import SweepResult
 
 COMPUTED, SKIPPED, EDGE, EXPERT_SWITCH = "#2563eb", "#fde68a", "#1e293b", "#7c3aed"
@@ -136,4 +137,29 @@ def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None 
     ax.grid(alpha=0.3)
     cancelled = " (cancelled)" if result.cancelled else ""
     ax.set_title(title or f"Sweep: {len(rows)} of {result.total_points} points{cancelled}", fontsize=10)
+    return fig
+
+
+def strategies_figure(results: StrategyResults, quality: str = "psnr", title: str | None = None):
+    """Quality vs speed-up in block work, one line per strategy (each over its own knob). Returns a matplotlib
+    ``Figure`` (no pyplot state)."""
+    if quality not in ("psnr", "ssim"):
+        raise ValueError("quality is 'psnr' or 'ssim'")
+    fig = Figure(figsize=(7.2, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    markers = "osD^v<>xP*"
+    for i, (name, rows) in enumerate(results.by_strategy().items()):
+        # a setting that skipped nothing reproduces the uncached output (100 dB): left out, it would only stretch the axis
+        rows = sorted((r for r in rows if r.compute_fraction < 1), key=lambda r: r.compute_speedup)
+        ax.plot([r.compute_speedup for r in rows], [getattr(r, quality) for r in rows], marker=markers[i % len(markers)],
+                lw=2.2 if name.startswith("magcache") else 1.2, label=name)
+    if not results.rows:
+        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("speed-up in block work (uncached / executed, counted)")
+    ax.set_ylabel("PSNR to the uncached output (dB)" if quality == "psnr" else "SSIM to the uncached output")
+    ax.grid(alpha=0.3)
+    if results.rows:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
     return fig

@@ -21,7 +21,7 @@ from magcache.studio.defaults import tab_defaults
 from magcache.studio.jobs import session_token
 from magcache.studio.manager import Cancelled, ModelManager, WeightsNotFound
 from magcache.studio.request import InvalidRequest
-from magcache.studio.sweep import DEFAULT_MAX_POINTS, SweepResult
+from magcache.studio.sweep import DEFAULT_MAX_POINTS, OptimalSolution, SweepResult
 from magcache.studio.tuning import CURVE_AUTO, CURVE_FILE, CURVE_PRESET, curve_options, message
 
 from . import handlers
@@ -44,7 +44,20 @@ def solve_target(manager: ModelManager, tab_id: str, values: Mapping[str, Any], 
     solution, curve = backend.solve_target(manager, tab_id, values, target)
     mark = "✅" if solution.reached else "⚠️"
     return {"thresh": solution.settings.thresh, "K": solution.settings.K, "solution": solution,
-            "text": f"{mark} {solution.explanation} Ratio curve: {curve.label}."}
+            "text": f"{mark} {solution.explanation} Ratio curve: {curve.label}.{optimal_text(solution.optimal)}"}
+
+
+def optimal_text(o: OptimalSolution | None) -> str:
+    """The optimal-budget schedule for the same target, and the modelled error of both schedules."""
+    if o is None:
+        return ""
+    if o.schedule is None:
+        return f"\n\nOptimal-budget schedule ({o.budget} computed steps per branch): not possible here, {o.problem}."
+    steps = "; ".join(f"{b} {', '.join(map(str, v))}" for b, v in o.schedule.computed.items())
+    return (f"\n\nOptimal-budget schedule (`schedule=\"optimal\"`, {o.budget} computed steps per branch, "
+            f"{o.schedule.predicted_speedup():.2f}×): computes steps {steps}. Modelled error ({o.error_model} model, "
+            f"lower is better): **{o.modelled_error:.3g}** optimal vs **{o.threshold_error:.3g}** threshold rule. "
+            "A model, not a measurement: *Strategies* measures both at equal compute.")
 
 
 # --------------------------------------------------------------------------------------------------

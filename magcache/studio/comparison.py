@@ -123,20 +123,13 @@ def _compare(job: DeviceJob) -> ComparisonResult:
     req, tab, loaded, pipe, call = job.request, job.tab, job.loaded, job.pipe, job.call
     curve = curve_for_job(job) if req.curve is not None else None
     steps = call["num_inference_steps"]
-    warmup_s = None
     if req.compile and not loaded.compiled:
         # regional compile (blocks only: MagCache's per-call decisions stay outside compiled code)
         magcache.compile_blocks(pipe, **({"backend": req.compile_backend} if req.compile_backend else {}))
         loaded.compiled = True
-    shape = (call.get("height"), call.get("width"), call.get("num_frames"), tab.num_branches(req.guidance_scale))
     use_compiled = req.compile and loaded.compiled
     with job.eager_unless_compiled(use_compiled):
-        warm_key = (shape, use_compiled)
-        if warm_key not in loaded.warm:
-            job.phase = _DOING["warm-up"]
-            job.progress("warm-up", 0, 1)
-            warmup_s = _warm_up(job)
-            loaded.warm.add(warm_key)
+        warmup_s = warm_up(job, use_compiled)
         baseline = _timed_run(job, "baseline") if req.compare else None
         chosen = {} if curve is None else dict(curves=curve.curves, rules=curve.rules, **curve.options)
         try:
@@ -195,15 +188,23 @@ def _timed_run(job: DeviceJob, label: str) -> RunResult:
     return RunResult(label, output, seconds, calls, job.steps_done)
 
 
-def _warm_up(job: DeviceJob) -> float:
-    """A short run (``WARMUP_STEPS``) at the real shapes before the first timed run of a shape: lazy
-    initialisation, kernel selection and (with compile) the block compilation happen here instead of inflating
-    the baseline's time."""
-    args = dict(job.call, num_inference_steps=WARMUP_STEPS, output_type="latent")
+def warm_up(job: DeviceJob, compiled: bool = False) -> float | None:
+    """A short run (``WARMUP_STEPS``) at the real shapes before the first timed run of a shape on the loaded model
+    (compiled blocks or not): lazy initialisation, kernel selection and (with compile) the block compilation happen
+    here instead of inflating the first timed run. Its seconds, or None when this shape was warm already."""
+    call = job.call
+    key = ((call.get("height"), call.get("width"), call.get("num_frames"),
+            job.tab.num_branches(job.request.guidance_scale)), compiled)
+    if key in job.loaded.warm:
+        return None
+    job.phase = _DOING["warm-up"]
+    job.progress("warm-up", 0, 1)
+    args = dict(call, num_inference_steps=WARMUP_STEPS, output_type="latent")
     synchronize(job.manager.device)
     t0 = time.perf_counter()
     job.pipe(**args, generator=job.generator())
     synchronize(job.manager.device)
+    job.loaded.warm.add(key)
     return time.perf_counter() - t0
 
 

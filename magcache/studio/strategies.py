@@ -1,9 +1,9 @@
 """Caching strategies side by side at equal compute, on a loaded pipeline.
 
-    from magcache.studio.strategies import run_strategies, strategies_figure
+    from magcache.studio.strategies import run_strategies
     results = run_strategies(pipe, {"num_inference_steps": 28, "height": 128, "width": 128},
                              items=[("a red circle", 0)], levels=(2, 3, 4))
-    results.to_json(); strategies_figure(results)
+    results.to_json()          # ui.plots.strategies_figure(results) draws it
 
 Every strategy runs the same prompts and seeds (a fresh CPU generator per call, so every run starts from the same
 noise) and is measured against the uncached output of the same item:
@@ -23,6 +23,9 @@ of every ``nn.Linear`` inside the adapter's block lists and of every scaled-dot-
 block runs), so a strategy that skips attention but runs the MLPs, or runs the first block to decide, is charged for
 what it ran. Wall time and PSNR/SSIM (:mod:`magcache.metrics`) are measured too. A strategy that fails on the model
 is reported in ``StrategyResults.unsupported`` with its error, not silently dropped.
+
+The app's run kind, :func:`run_tab_strategies`, runs them on a tab's model through :func:`~.jobs.device_job` (the
+queue, Stop and the clean-up every kind of run shares) for the tab's prompt and seed, with a cap on the runs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -41,8 +45,15 @@ from .. import optimal as O
 from .. import policy as P
 from ..adapters import adapter_for
 from ..metrics import PSNR_IDENTICAL, psnr, ssim
+from ..curves import CurveChoice
+from ..presets import get_preset
 from ..runtime import MagCacheHandle, apply, get_handle
+from .comparison import warm_up
+from .jobs import ProgressFn, device_job
+from .manager import ModelManager, is_out_of_memory
+from .request import GenerationRequest, InvalidRequest
 from .sweep import main_output
+from .tuning import cos_curves_for, curve_for_job
 
 SCHEDULE_STRATEGIES = ("magcache", "magcache_optimal", "uniform", "random")
 # diffusers cache hooks and the knob each is swept over (values from gentle to aggressive)
@@ -305,6 +316,26 @@ class _Runner:
         return row, outputs
 
 
+def strategy_points(strategies: Sequence[str] = STRATEGIES, levels: Sequence[float] = (2.0, 3.0, 4.0),
+                    knobs: Mapping[str, Sequence[float]] | None = None,
+                    error_models: Sequence[str] = (O.DEFAULT_ERROR_MODEL,)) -> list[StrategyPoint]:
+    """The points :func:`run_strategies` measures, in order: each schedule strategy at every level, each hook over
+    its knob values (``knobs`` overrides ``HOOK_KNOBS``). One pipeline call per point and item, plus the uncached one."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    points: list[StrategyPoint] = []
+    for s in strategies:
+        if s in HOOK_KNOBS:
+            knob, values = HOOK_KNOBS[s]
+            points += [StrategyPoint(s, knob, float(v)) for v in (knobs or {}).get(s, values)]
+        elif s == "magcache_optimal" and len(error_models) > 1:
+            points += [StrategyPoint(f"{s}/{m}", "target_speedup", float(x)) for m in error_models for x in levels]
+        else:
+            points += [StrategyPoint(s, "target_speedup", float(x)) for x in levels]
+    return points
+
+
 def run_strategies(
     pipe: Any,
     call_kwargs: Mapping[str, Any],
@@ -330,25 +361,14 @@ def run_strategies(
     ``cancel()`` is checked between points. With ``keep_outputs`` the rows' outputs are kept in ``.outputs``
     (``{label: [output per item]}``; the uncached ones under ``"uncached"``).
     """
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     if not items:
         raise ValueError("run_strategies needs at least one (prompt, seed) item")
     num_steps = int(call_kwargs["num_inference_steps"])
+    points = strategy_points(strategies, levels, knobs, error_models)
     existing = get_handle(pipe)
     handle = existing if existing is not None else apply(pipe, **apply_kwargs)
     saved = (handle.settings, handle.enabled, handle.calibrate, handle.computed_steps, handle.plan)
     runner = _Runner(pipe, call_kwargs, items, handle)
-    points: list[StrategyPoint] = []
-    for s in strategies:
-        if s in HOOK_KNOBS:
-            knob, values = HOOK_KNOBS[s]
-            points += [StrategyPoint(s, knob, float(v)) for v in (knobs or {}).get(s, values)]
-        elif s == "magcache_optimal" and len(error_models) > 1:
-            points += [StrategyPoint(f"{s}/{m}", "target_speedup", float(x)) for m in error_models for x in levels]
-        else:
-            points += [StrategyPoint(s, "target_speedup", float(x)) for x in levels]
     results = StrategyResults(num_steps, [tuple(i) for i in items], 0.0)
     outputs: dict[str, list] = {}
     try:
@@ -370,6 +390,8 @@ def run_strategies(
                                random_seed) as prepare:
                     row, outs = runner.measure(point, prepare)
             except Exception as e:  # a hook that does not fit this model: report it, go on with the others
+                if is_out_of_memory(e):  # not the hook's fault: the caller frees memory and says what to change
+                    raise
                 results.unsupported[point.strategy] = f"{type(e).__name__}: {e}"
                 continue
             results.rows.append(row)
@@ -426,27 +448,95 @@ def _strategy(point: StrategyPoint, pipe: Any, handle: MagCacheHandle, runner: _
 
 
 # --------------------------------------------------------------------------------------------------
-# Plot
+# The app's run kind: every strategy on a tab's model, one prompt and seed
 # --------------------------------------------------------------------------------------------------
-def strategies_figure(results: StrategyResults, quality: str = "psnr", title: str | None = None):
-    """Quality vs compute speed-up, one line per strategy (each over its own knob)."""
-    import matplotlib
+DEFAULT_LEVELS = (2.0, 3.0, 4.0)
+# pipeline calls of one Strategies run in the app, the uncached one included: the default plan (every strategy at
+# three levels) fits, and a run on a large model stays a matter of minutes
+MAX_RUNS = 40
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    markers = "osD^v<>xP*"
-    for i, (name, rows) in enumerate(results.by_strategy().items()):
-        # a setting that skipped nothing reproduces the uncached output (100 dB): left out, it would only stretch the axis
-        rows = sorted((r for r in rows if r.compute_fraction < 1), key=lambda r: r.compute_speedup)
-        ax.plot([r.compute_speedup for r in rows], [getattr(r, quality) for r in rows], marker=markers[i % len(markers)],
-                lw=2.2 if name.startswith("magcache") else 1.2, label=name)
-    ax.set_xlabel("speed-up in block work (uncached / executed, counted)")
-    ax.set_ylabel("PSNR to the uncached output (dB)" if quality == "psnr" else "SSIM to the uncached output")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+@dataclass
+class TabStrategies:
+    results: StrategyResults
+    curve: CurveChoice
+    request: GenerationRequest  # validated
+    planned_runs: int  # pipeline calls planned, the uncached one included
+
+
+def plan_tab_strategies(strategies: Sequence[str], levels: Sequence[float], max_runs: int = MAX_RUNS,
+                        knobs: Mapping[str, Sequence[float]] | None = None) -> list[StrategyPoint]:
+    """The points of a Strategies run, refused with :class:`InvalidRequest` (saying what to lower) when there is
+    nothing to run or more than ``max_runs`` pipeline calls, before anything queues."""
+    if not strategies:
+        raise InvalidRequest("Strategies: choose at least one strategy.")
+    if any(s in SCHEDULE_STRATEGIES for s in strategies) and not levels:
+        raise InvalidRequest("Strategies: give at least one speed-up level for the MagCache, uniform and random "
+                             "strategies.")
+    bad = [x for x in levels if not (math.isfinite(x) and 1 <= x <= 50)]
+    if bad:
+        raise InvalidRequest(f"Strategies: speed-up levels must be between 1 and 50, got {bad[0]:g}.")
+    try:
+        points = strategy_points(strategies, levels, knobs)
+    except ValueError as e:
+        raise InvalidRequest(f"Strategies: {e}") from None
+    runs = 1 + len(points)
+    if runs > max_runs:
+        per = {}
+        for point in points:
+            per[point.strategy] = per.get(point.strategy, 0) + 1
+        detail = ", ".join(f"{name} {count}" for name, count in per.items())
+        raise InvalidRequest(f"Strategies: {runs} pipeline runs planned (the uncached one, then {detail}); the limit "
+                             f"is {max_runs}. Give fewer speed-up levels or choose fewer strategies.")
+    return points
+
+
+def run_tab_strategies(manager: ModelManager, req: GenerationRequest, levels: Sequence[float] = DEFAULT_LEVELS,
+                       strategies: Sequence[str] = STRATEGIES, stop: threading.Event | None = None,
+                       on_progress: ProgressFn | None = None, max_runs: int = MAX_RUNS,
+                       knobs: Mapping[str, Sequence[float]] | None = None) -> TabStrategies:
+    """Every strategy of ``strategies`` on the tab's model for the request's prompt and seed (:func:`run_strategies`):
+    MagCache with the request's ratio curve, retention and K (the threshold rule at the smallest thresh reaching
+    each level, and the optimal schedule), uniform and random skipping at the same compute, and the diffusers hooks
+    over their knobs (``knobs`` overrides ``HOOK_KNOBS``). An untimed warm-up first for a new shape. Stop ends it after the current run; a run that was
+    interrupted is dropped (all of them if it was the uncached one). Progress phases: "Strategies: run k of n ..."."""
+    levels = sorted({float(x) for x in levels})
+    points = plan_tab_strategies(strategies, levels, max_runs, knobs)
+    total = len(points) + 1
+    running = ["uncached"]
+    interrupted: set[str] = set()
+    # like the sweep, the budget counts one run at a time; MAX_RUNS bounds how many there are
+    with device_job(manager, req, stop, on_progress, runs=1) as job:
+        job.phase = "running the strategies"
+        curve = curve_for_job(job)
+        count_steps = job.step_callback(None)
+
+        def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+            out = count_steps(p, i, t, kwargs)
+            if job.stopped:
+                interrupted.add(running[0])
+            return out
+
+        def progress(done: int, _points: int, label: str) -> None:
+            running[0] = label
+            job.progress(f"Strategies: run {done + 2} of {total}, {label}", done + 1, total)
+
+        with job.eager_unless_compiled():
+            warm_up(job)
+            job.raise_if_stopped("strategies", started=False)
+            try:
+                handle = apply(job.pipe, preset=job.loaded.preset, thresh=job.request.thresh,
+                               retention_ratio=job.request.retention_ratio, K=job.request.K, curves=curve.curves,
+                               rules=curve.rules, **curve.options)
+            except ValueError as e:  # a calibration curve that does not fit: the user's input, not a crash
+                raise InvalidRequest(f"MagCache cannot run with this ratio curve: {e}") from None
+            handle.cos_curves = cos_curves_for(curve, get_preset(job.loaded.preset))
+            job.progress(f"Strategies: run 1 of {total}, uncached (the reference)", 0, total)
+            results = run_strategies(job.pipe, dict(job.call, callback_on_step_end=on_step_end),
+                                     [(job.request.prompt, int(job.request.seed))], levels, strategies,
+                                     knobs=knobs, progress=progress, cancel=lambda: job.stopped)
+    if interrupted or job.stopped:
+        results.cancelled = True
+        results.rows = [] if "uncached" in interrupted else \
+            [r for r in results.rows if StrategyPoint(r.strategy, r.knob, r.value).label not in interrupted]
+    return TabStrategies(results, curve, job.request, total)

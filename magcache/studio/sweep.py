@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .. import optimal as O
 from .. import policy as P
 
 DEFAULT_MAX_POINTS = 36
@@ -42,6 +43,7 @@ class TargetSolution:
     predicted_speedup: float
     explanation: str
     tried: list[tuple[int, float | None, float]] = field(default_factory=list)  # (K, thresh or None, best speed-up)
+    optimal: OptimalSolution | None = None  # the budget-optimal schedule for the same target (optimal_for_target)
 
     @property
     def computed(self) -> int:
@@ -50,6 +52,37 @@ class TargetSolution:
     @property
     def total(self) -> int:
         return self.schedule.num_steps * len(self.schedule.decisions)
+
+
+@dataclass
+class OptimalSolution:
+    """The budget-optimal schedule (:mod:`magcache.optimal`) for a speed-up target, beside the threshold rule's: both
+    scored by the same error model (summed over branches; a model of the output error, not a measurement)."""
+
+    budget: int  # computed steps per branch: ceil(N / target)
+    error_model: str
+    schedule: P.Schedule | None  # None: the budget cannot satisfy the retention, the rules' guards and K (problem)
+    modelled_error: float | None
+    threshold_error: float  # the threshold rule's schedule of the same solve
+    problem: str = ""
+
+
+def optimal_for_target(solution: TargetSolution, curves: Sequence[Sequence[float]], rules: P.Rules,
+                       cos_curves: Sequence[Sequence[float]] | None = None,
+                       error_model: str = O.DEFAULT_ERROR_MODEL) -> OptimalSolution:
+    """The optimal schedule of ``ceil(N / target)`` computed steps per branch under the settings ``solution`` chose
+    (its retention and K), and the modelled error of both schedules."""
+    settings, threshold = solution.settings, solution.schedule
+    n, branches = threshold.num_steps, len(threshold.decisions)
+    budget = O.budget_for_speedup(n, solution.target)
+    threshold_error = sum(O.modelled_error(threshold, curves, settings, rules, error_model, cos_curves).values())
+    try:
+        schedule = O.simulate_plan(curves, n, settings, rules, O.Plan(budget=budget, error_model=error_model), branches,
+                                   cos_curves)
+    except ValueError as e:
+        return OptimalSolution(budget, error_model, None, None, threshold_error, str(e))
+    error = sum(O.modelled_error(schedule, curves, settings, rules, error_model, cos_curves).values())
+    return OptimalSolution(budget, error_model, schedule, error, threshold_error)
 
 
 def solve_for_speedup(

@@ -40,8 +40,8 @@ from .defaults import tab_defaults
 from .jobs import DeviceJob, ProgressFn, device_job
 from .manager import LoadedModel, LoadPlan, ModelManager, WeightsNotFound
 from .request import GenerationRequest, InvalidRequest
-from .sweep import (DEFAULT_MAX_POINTS, PipelineSweep, SweepResult, TargetSolution, pareto_front, predictor,
-                    run_sweep, solve_for_speedup, sweep_grid)
+from .sweep import (DEFAULT_MAX_POINTS, PipelineSweep, SweepResult, TargetSolution, optimal_for_target, pareto_front,
+                    predictor, run_sweep, solve_for_speedup, sweep_grid)
 
 CURVE_AUTO, CURVE_PRESET, CURVE_FILE = "auto", "preset", "file"
 CALIBRATION_PREFIX = "calibration:"
@@ -284,15 +284,29 @@ def preview_schedule(manager: ModelManager, tab_id: str, values: Mapping[str, An
 
 def solve_target(manager: ModelManager, tab_id: str, values: Mapping[str, Any],
                  target: Any) -> tuple[TargetSolution, CurveChoice]:
-    """Thresh and K that reach ``target`` (predicted block speed-up) with the current curve, retention and steps."""
+    """Thresh and K that reach ``target`` (predicted block speed-up) with the current curve, retention and steps;
+    ``solution.optimal``: the budget-optimal schedule for the same target and the modelled error of both."""
     try:
         run = tab_inputs(manager, tab_id, values)
         curve = current_curve(manager, tab_id, values, run)
         settings = run.preset.settings(thresh=float(values["thresh"]), retention_ratio=float(values["retention_ratio"]),
                                        K=int(values["K"]), **curve.options)
-        return solve_for_speedup(curve.curves, run.steps, float(target), settings, curve.rules, run.branches), curve
+        solution = solve_for_speedup(curve.curves, run.steps, float(target), settings, curve.rules, run.branches)
+        solution.optimal = optimal_for_target(solution, curve.curves, curve.rules, cos_curves_for(curve, run.preset))
+        return solution, curve
     except (KeyError, ValueError, TypeError) as e:
         raise InvalidRequest(f"Speed-up target: {message(e)}") from None
+
+
+def cos_curves_for(curve: CurveChoice, preset: Preset) -> list[list[float]] | None:
+    """The cosine-distance curves measured with ``curve`` (the optimal schedule's error model uses them): a
+    calibration's, the preset's with its own curve, none for a settings file's curve."""
+    if curve.calibration is not None:
+        cal = curve.calibration
+        return [list(cal.branches[b]["cos_dis"]) for b in P.BRANCH_NAMES if b in cal.branches][:len(curve.curves)]
+    if curve.how is None and preset.cos_curves is not None:
+        return [list(c) for c in preset.cos_curves]
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,8 +384,9 @@ def import_calibration(manager: ModelManager, tab_id: str, values: Mapping[str, 
 # --------------------------------------------------------------------------------------------------
 # Sweep
 # --------------------------------------------------------------------------------------------------
-def parse_list(text: Any, cast: type, what: str) -> list:
-    """``"0.05, 0.1 0.2"`` -> ``[0.05, 0.1, 0.2]``; a clear message for anything that is not a number."""
+def parse_list(text: Any, cast: type, what: str, panel: str = "Sweep") -> list:
+    """``"0.05, 0.1 0.2"`` -> ``[0.05, 0.1, 0.2]``; a clear message (starting with ``panel``) for anything that is
+    not a number."""
     out = []
     for token in re.split(r"[,;\s]+", str(text or "").strip()):
         if not token:
@@ -383,7 +398,7 @@ def parse_list(text: Any, cast: type, what: str) -> list:
                     raise ValueError
                 value = int(value)
         except ValueError:
-            raise InvalidRequest(f"Sweep: {what} must be {'whole ' if cast is int else ''}numbers separated by "
+            raise InvalidRequest(f"{panel}: {what} must be {'whole ' if cast is int else ''}numbers separated by "
                                  f"commas, got {token!r}.") from None
         out.append(value)
     return out
