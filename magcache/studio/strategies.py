@@ -509,7 +509,8 @@ def run_tab_strategies(manager: ModelManager, req: GenerationRequest, levels: Se
     with device_job(manager, req, stop, on_progress, runs=1) as job:
         job.phase = "running the strategies"
         curve = curve_for_job(job)
-        count_steps = job.step_callback(None)
+        step_arguments = job.step_arguments(None)  # nothing for a pipeline without a step callback
+        count_steps = step_arguments.get("callback_on_step_end")
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
             out = count_steps(p, i, t, kwargs)
@@ -532,7 +533,8 @@ def run_tab_strategies(manager: ModelManager, req: GenerationRequest, levels: Se
                 raise InvalidRequest(f"MagCache cannot run with this ratio curve: {e}") from None
             handle.cos_curves = cos_curves_for(curve, get_preset(job.loaded.preset))
             job.progress(f"Strategies: run 1 of {total}, uncached (the reference)", 0, total)
-            results = run_strategies(job.pipe, dict(job.call, callback_on_step_end=on_step_end),
+            call = dict(job.call, **({"callback_on_step_end": on_step_end} if count_steps is not None else {}))
+            results = run_strategies(job.pipe, call,
                                      [(job.request.prompt, int(job.request.seed))], levels, strategies,
                                      knobs=knobs, progress=progress, cancel=lambda: job.stopped)
     if interrupted or job.stopped:
