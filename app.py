@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     from magcache.studio import public, workers
     from magcache.studio.housekeeping import Janitor, Limits
     from magcache.studio.manager import ModelManager
-    from magcache.studio.redaction import filter_log_handlers, redact_gradio_errors
+    from magcache.studio.redaction import filter_log_handlers
     from ui import CSS, THEME, build_app
+    from ui.redaction import redact_gradio_errors
     from ui.handlers import output_dir
 
     options = launch_options(args, output_dir())

@@ -204,7 +204,9 @@ def test_redaction_covers_server_loggers_streams_and_gradio_errors(monkeypatch):
 
     monkeypatch.setattr(utils, "error_payload", utils.error_payload)  # restored after the test
     monkeypatch.setattr(queueing, "error_payload", queueing.error_payload)
-    redaction.redact_gradio_errors()
+    from ui.redaction import redact_gradio_errors
+
+    redact_gradio_errors()
     payload = queueing.error_payload(ValueError(f"bad value {FAKE_TOKEN}"), True)
     assert payload["error"] == "bad value ***" and utils.error_payload is queueing.error_payload
 

@@ -19,7 +19,7 @@ from gradio import utils as gradio_utils
 from magcache.studio.catalog import Tab
 from magcache.studio.defaults import tab_defaults
 from magcache.studio.manager import ModelManager, OutOfMemory, WeightsNotFound, redact
-from magcache.studio.public import client_id, generate_slots, public_mode
+from magcache.studio.public import client_id, generate_slots, public_mode, read_sessions_with
 from magcache.studio.request import InvalidRequest
 
 from . import handlers
@@ -76,8 +76,17 @@ def tab_extensions() -> list[TabExtension]:
     return builds
 
 
+def _event_session() -> str | None:
+    """The session of the Gradio event running in this thread (Gradio keeps its request in a context variable)."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    return getattr(request, "session_hash", None)
+
+
 def build_app(manager: ModelManager | None = None) -> gr.Blocks:
     manager = manager or ModelManager()
+    read_sessions_with(_event_session)  # calibrations per visitor in public mode
     with gr.Blocks(title="MagCache Studio") as app:
         gr.Markdown(INTRO, elem_id="mc-intro")
         with gr.Tabs():

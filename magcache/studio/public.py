@@ -5,7 +5,7 @@ visitor), a compute budget per request and a limit of requests per client.
 Public mode is ``MAGCACHE_PUBLIC=1``, on by default where ``SPACE_ID`` is set (as on Hugging Face Spaces);
 ``MAGCACHE_PUBLIC=0`` turns it off there. The limits and their variables are in docs/reliability.md.
 
-No Gradio here, except :func:`current_session`, which reads the running event's session from Gradio's context.
+No Gradio here: the UI registers how to read the running event's session (:func:`read_sessions_with`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from magcache.calibration import default_store_dir
 
@@ -300,15 +300,26 @@ def session_root() -> Path:
 
 
 def current_session() -> str | None:
-    """The session of the Gradio event running in this thread (None outside an event). Read from Gradio's
-    context (gradio 6.31 is pinned), so backend code needs no request argument to find the visitor's store."""
+    """The visitor's session of the event running in this thread, from the provider the UI registered
+    (:func:`read_sessions_with`; None outside an event or without a UI), so backend code needs no request argument
+    to find the visitor's store."""
     try:
-        from gradio.context import LocalContext
-
-        request = LocalContext.request.get(None)
-    except Exception:  # noqa: BLE001 - no Gradio, or another version: no session
+        return _session_provider() or None
+    except Exception:  # noqa: BLE001 - a provider that cannot tell: no session
         return None
-    return getattr(request, "session_hash", None) or None
+
+
+def _no_session() -> str | None:
+    return None
+
+
+_session_provider: Callable[[], str | None] = _no_session
+
+
+def read_sessions_with(provider: Callable[[], str | None]) -> None:
+    """Register how to find the running event's session (the UI knows its web framework; this module does not)."""
+    global _session_provider
+    _session_provider = provider
 
 
 def calibration_root(session: str | None = None) -> Path:

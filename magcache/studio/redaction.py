@@ -1,6 +1,6 @@
 """Access tokens out of every log line and every error a client sees, whoever produced it.
 
-Three layers, installed by ``app.py`` at start-up (:func:`install`):
+Three layers, installed by ``app.py`` at start-up:
 
 * a :class:`RedactTokens` filter on the handlers of the root logger and of Gradio's and uvicorn's loggers (their
   handlers are created while the server starts, so ``app.py`` calls :func:`filter_log_handlers` again after
@@ -9,7 +9,8 @@ Three layers, installed by ``app.py`` at start-up (:func:`install`):
   ``traceback.print_exc()`` of a failed input, ``print``, warnings, handlers bound to the streams later) is
   redacted as it is written;
 * Gradio's error payload (the text a client receives for an exception that is not a ``gr.Error``, e.g. an input
-  that fails Gradio's own processing, ``could not convert string to float: '<what was typed>'``) redacted.
+  that fails Gradio's own processing, ``could not convert string to float: '<what was typed>'``) redacted: that
+  layer patches Gradio, so it lives in the UI (``ui.redaction``).
 
 ``manager.redact`` says what a token is: the values of ``HF_TOKEN`` and friends, and anything shaped ``hf_…``.
 """
@@ -86,32 +87,3 @@ def redact_streams() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, RedactingStream):
             setattr(sys, name, RedactingStream(stream))
-
-
-def redact_gradio_errors() -> None:
-    """Wrap Gradio's ``error_payload`` (the queue and the HTTP routes build every error response with it) so the
-    message a client gets is redacted. Gradio 6.31 is pinned; the queue imports the function by name, so both
-    references are replaced."""
-    from gradio import queueing, utils
-
-    original = utils.error_payload
-    if getattr(original, "redacts", False):
-        return
-
-    def error_payload(error: BaseException | None, show_error: bool) -> dict[str, Any]:
-        content = original(error, show_error)
-        for key in ("error", "title"):
-            if isinstance(content.get(key), str):
-                content[key] = redact(content[key])
-        return content
-
-    error_payload.redacts = True  # type: ignore[attr-defined]
-    utils.error_payload = error_payload
-    queueing.error_payload = error_payload
-
-
-def install() -> None:
-    """All three layers (see the module docstring); safe to call more than once."""
-    redact_streams()
-    filter_log_handlers()
-    redact_gradio_errors()

@@ -162,7 +162,7 @@ def curve_for_job(job: DeviceJob) -> CurveChoice:
     try:
         return pick_curve(job.loaded.preset, req.curve, model_key(job.plan), int(call["num_inference_steps"]),
                           resolution, scheduler_label(pipe.scheduler),
-                          job.tab.num_branches(call.get(job.tab.guidance_arg)) > 1, req.curve_file,
+                          job.tab.num_branches(req.guidance_scale) > 1, req.curve_file,
                           calibration_store(fresh=True))
     except (KeyError, ValueError) as e:
         raise InvalidRequest(f"Ratio curve: {message(e)}") from None
