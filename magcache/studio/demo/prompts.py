@@ -187,22 +187,12 @@ def understand(prompt: str) -> Understanding:
                 understood.add(idx[k])
                 if k and words[k - 1] in _BACKGROUND_PREPOSITIONS and not _describes_next(words, k):
                     background = background or colour  # "a red circle on blue"
-                elif not _describes_next(words, k) and k and words[k - 1] in _FOR_ALL:
-                    for m in mentions:  # "..., all red"
-                        m.colour = m.colour or colour
-                elif not _describes_next(words, k) and mentions and not mentions[-1].colour:
-                    mentions[-1].colour = colour  # "a circle coloured red"
-                else:
+                elif not _attached_after(words, k, mentions, "colour", colour):
                     pending_colour = colour
             elif w in SIZE_WORDS:
                 size = SIZE_WORDS[w]
                 understood.add(idx[k])
-                if not _describes_next(words, k) and k and words[k - 1] in _FOR_ALL:
-                    for m in mentions:  # "..., both small"
-                        m.size = m.size or size
-                elif not _describes_next(words, k) and mentions and not mentions[-1].size:
-                    mentions[-1].size = size  # "green circle, small, on the left"
-                else:
+                if not _attached_after(words, k, mentions, "size", size):
                     pending_size = size
             elif w in ("one", "ones") and (pending_colour or pending_size) and mentions:
                 # "three circles: a red one top left, ...": one of the last plural's objects
@@ -320,6 +310,22 @@ _PLACEMENT_ORDER: tuple[tuple[int, int], ...] = (
     (1, 1), (1, 0), (1, 2), (0, 1), (2, 1), (0, 0), (0, 2), (2, 0), (2, 2),
 )
 assert len(_PLACEMENT_ORDER) == GRID * GRID
+
+
+def _attached_after(words: list[str], k: int, mentions: list[_Mention], attribute: str, value: str) -> bool:
+    """An adjective that follows what it describes: after ``both`` / ``all`` it goes to every object named so far
+    ("..., both small"), else to the last object if that has none yet ("a circle coloured red", "green circle,
+    small, on the left"). False when it describes something later in its clause."""
+    if _describes_next(words, k) or not mentions:
+        return False
+    if k and words[k - 1] in _FOR_ALL:
+        for m in mentions:
+            setattr(m, attribute, getattr(m, attribute) or value)
+        return True
+    if getattr(mentions[-1], attribute):
+        return False
+    setattr(mentions[-1], attribute, value)
+    return True
 
 
 def _describes_next(words: list[str], k: int) -> bool:
