@@ -1,0 +1,148 @@
+"""A schedule searched on measured error: hill climbing over computed steps, scored by the demo model's mean PSNR on
+a prompt set, then evaluated on the other set.
+
+    python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 9 --json bench/results/demo_schedule_search_tuning.json
+    python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
+
+Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``) and moves one computed
+step (never step 0) one step earlier or later, taking the first move that raises the mean PSNR to the uncached
+images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6) skips in a row.
+Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
+each also with the last step computed (``protect_last_steps=1``), at the same budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+import magcache
+import magcache.optimal as O
+from magcache.metrics import PSNR_IDENTICAL, psnr
+from magcache.presets import get_preset
+from magcache.studio.demo import data as D
+from magcache.studio.demo import evaluate as E
+from magcache.studio.strategies import uniform_steps
+
+from .strategies import machine
+
+
+class Scorer:
+    """Mean PSNR of a schedule (both branches alike) over fixed items, each schedule measured once."""
+
+    def __init__(self, set_name: str, prompts: int, seeds: int):
+        self.items = D.prompt_set(set_name, prompts, seeds)
+        self.pipe, self.settings = E.load_pipeline()
+        self.num_steps = self.settings["num_inference_steps"]
+        self.references = [E.generate(self.pipe, p, s, self.settings) for p, s in self.items]
+        self.handle = magcache.apply(self.pipe, preset="demo")
+        self.measured: dict[str, list[float]] = {}
+
+    def per_item(self, computed: list[int] | dict[str, list[int]]) -> list[float]:
+        """Per-item PSNR of ``computed``: one schedule for both branches, or one per branch."""
+        if not isinstance(computed, dict):
+            computed = {"cond": computed, "uncond": computed}
+        key = json.dumps(computed, sort_keys=True)
+        if key not in self.measured:
+            self.handle.configure(computed_steps=computed)
+            self.measured[key] = [round(min(psnr(E.generate(self.pipe, p, s, self.settings), ref), PSNR_IDENTICAL), 3)
+                                  for (p, s), ref in zip(self.items, self.references)]
+        return self.measured[key]
+
+    def score(self, steps: list[int]) -> float:
+        return float(np.mean(self.per_item(steps)))
+
+
+def neighbours(steps: list[int], num_steps: int, max_skips: int) -> list[list[int]]:
+    out = []
+    for i in range(1, len(steps)):
+        for delta in (-1, 1):
+            moved = steps[i] + delta
+            if not 1 <= moved < num_steps or moved in steps:
+                continue
+            cand = sorted(steps[:i] + [moved] + steps[i + 1:])
+            if max(b - a - 1 for a, b in zip(cand, cand[1:] + [num_steps])) <= max_skips:
+                out.append(cand)
+    return out
+
+
+def search(scorer: Scorer, budget: int, seconds: float, max_skips: int) -> dict:
+    steps = uniform_steps(scorer.num_steps, budget)
+    best = scorer.score(steps)
+    trace = [{"steps": steps, "psnr": round(best, 3)}]
+    deadline = time.time() + seconds
+    improved, out_of_time = True, False
+    while improved and not out_of_time:
+        improved = False
+        for cand in neighbours(steps, scorer.num_steps, max_skips):
+            out_of_time = time.time() >= deadline
+            if out_of_time:
+                break
+            value = scorer.score(cand)
+            print(f"  {budget} steps {cand} PSNR {value:.3f} (best {best:.3f})", flush=True)
+            if value > best:
+                steps, best, improved = cand, value, True
+                trace.append({"steps": steps, "psnr": round(best, 3)})
+                break
+    return {"budget": budget, "start": "uniform", "steps": steps, "psnr": round(best, 3),
+            "stopped": "time limit" if out_of_time else "no better neighbour", "evaluated": len(scorer.measured), "trace": trace}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--search", action="store_true")
+    mode.add_argument("--evaluate", metavar="SEARCH_JSON")
+    ap.add_argument("--set", choices=("tuning", "heldout"), default="tuning")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--budgets", default="9,7", help="computed steps per branch (3x: 9 of 28, 4x: 7)")
+    ap.add_argument("--minutes", type=float, default=9.0, help="search time per budget")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start, load = time.time(), os.getloadavg()
+    scorer = Scorer(args.set, args.prompts, args.seeds)
+    preset = get_preset("demo")
+    rows = []
+    if args.search:
+        for budget in [int(b) for b in args.budgets.split(",")]:
+            rows.append(search(scorer, budget, args.minutes * 60, preset.K))
+            print(f"{budget} steps: {rows[-1]['steps']} PSNR {rows[-1]['psnr']:.3f}", flush=True)
+    else:
+        for found in json.loads(Path(args.evaluate).read_text())["rows"]:
+            budget = found["budget"]
+            candidates = {"searched on tuning": {"cond": found["steps"], "uncond": found["steps"]},
+                          "uniform": {b: uniform_steps(scorer.num_steps, budget) for b in ("cond", "uncond")}}
+            for model in ("residual", "run_squared"):
+                for last in (0, 1):
+                    plan = O.Plan(budget=budget, error_model=model)
+                    settings = preset.settings(retention_ratio=0.0, protect_last_steps=last)
+                    candidates[f"optimal {model}, retention 0" + (", last step computed" if last else "")] = \
+                        O.simulate_plan(preset.curves, scorer.num_steps, settings, preset.rules, plan, 2,
+                                        preset.cos_curves).computed
+            for name, computed in candidates.items():
+                ps = scorer.per_item(computed)
+                rows.append({"budget": budget, "name": name, "computed": computed, "psnr": round(float(np.mean(ps)), 3),
+                             "psnr_min": round(float(np.min(ps)), 3), "psnr_per_item": ps})
+                print(f"  {budget} steps {name:<52} {computed} PSNR {rows[-1]['psnr']:.3f}", flush=True)
+    report = {"command": "python -m bench.schedule_search " + " ".join(sys.argv[1:] if argv is None else argv),
+              "prompt_set": args.set, "items": [list(i) for i in scorer.items],
+              "machine": {**machine(), "load_average_at_start": load}, "minutes": round((time.time() - start) / 60, 2),
+              "rows": rows, "measured": [{"computed": json.loads(k), "psnr_per_item": v} for k, v in scorer.measured.items()]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
