@@ -2,9 +2,11 @@
 a prompt set, then evaluated on the other set.
 
     python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 9 --json bench/results/demo_schedule_search_tuning.json
+    python -m bench.schedule_search --search --resume bench/results/demo_schedule_search_tuning.json ... # go on
     python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
 
-Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``) and moves one computed
+Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``; with ``--resume``, where
+an earlier search stopped) and moves one computed
 step (never step 0) one step earlier or later, taking the first move that raises the mean PSNR to the uncached
 images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6) skips in a row.
 Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
@@ -75,10 +77,11 @@ def neighbours(steps: list[int], num_steps: int, max_skips: int) -> list[list[in
     return out
 
 
-def search(scorer: Scorer, budget: int, seconds: float, max_skips: int) -> dict:
-    steps = uniform_steps(scorer.num_steps, budget)
+def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: dict | None = None) -> dict:
+    """Hill climbing from uniform skipping, or from ``start`` (a row of an earlier search: its schedule and trace)."""
+    steps = start["steps"] if start else uniform_steps(scorer.num_steps, budget)
     best = scorer.score(steps)
-    trace = [{"steps": steps, "psnr": round(best, 3)}]
+    trace = start["trace"] if start else [{"steps": steps, "psnr": round(best, 3)}]
     deadline = time.time() + seconds
     improved, out_of_time = True, False
     while improved and not out_of_time:
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--budgets", default="9,7", help="computed steps per branch (3x: 9 of 28, 4x: 7)")
     ap.add_argument("--minutes", type=float, default=9.0, help="search time per budget")
+    ap.add_argument("--resume", metavar="SEARCH_JSON", help="go on from an earlier search of the same set and items "
+                    "(its measured schedules are not measured again)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -116,8 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     preset = get_preset("demo")
     rows = []
     if args.search:
+        earlier = json.loads(Path(args.resume).read_text()) if args.resume else {"items": [], "rows": [], "measured": []}
+        if args.resume and [tuple(i) for i in earlier["items"]] != scorer.items:
+            raise SystemExit(f"{args.resume} was measured on other items")
+        scorer.measured.update({json.dumps(m["computed"], sort_keys=True): m["psnr_per_item"] for m in earlier["measured"]})
+        starts = {row["budget"]: row for row in earlier["rows"]}
         for budget in [int(b) for b in args.budgets.split(",")]:
-            rows.append(search(scorer, budget, args.minutes * 60, preset.K))
+            rows.append(search(scorer, budget, args.minutes * 60, preset.K, starts.get(budget)))
             print(f"{budget} steps: {rows[-1]['steps']} PSNR {rows[-1]['psnr']:.3f}", flush=True)
     else:
         for found in json.loads(Path(args.evaluate).read_text())["rows"]:
