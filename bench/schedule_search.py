@@ -29,6 +29,7 @@ import torch
 
 import magcache
 import magcache.optimal as O
+import magcache.policy as P
 from magcache.metrics import PSNR_IDENTICAL, psnr
 from magcache.presets import get_preset
 from magcache.studio.demo import data as D
@@ -100,6 +101,26 @@ def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: d
             "stopped": "time limit" if out_of_time else "no better neighbour", "evaluated": len(scorer.measured), "trace": trace}
 
 
+def flow_gain_schedule(scorer: Scorer, preset, budget: int) -> dict[str, list[int]]:
+    """The optimal schedule for the ``residual`` step errors weighted by how much a latent error at noise level sigma
+    reaches the output under rectified flow with unit-variance Gaussian data (``1 / sqrt((1 - sigma)^2 + sigma^2)``;
+    the demo's latents are scaled to unit variance), summed per skip run and squared per run (retention 0)."""
+    n = scorer.num_steps
+    scorer.pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))  # as FluxPipeline passes them
+    sigmas = scorer.pipe.scheduler.sigmas.tolist()
+    gain = [1.0 / (((1.0 - x) ** 2 + x ** 2) ** 0.5) for x in sigmas[:n]]
+    settings = preset.settings(retention_ratio=0.0)
+    prepared = P.prepare_curves(preset.curves, n, settings.sqrt_ratios, preset.rules.step_mapping)
+    out = {}
+    for b, name in enumerate(("cond", "uncond")):
+        ratios = P.branch_curve(prepared, b)
+        errors = O.step_errors(ratios, "residual", O.branch_cos_curve(preset.cos_curves, n, preset.rules, b))
+        weighted = [[e * gain[s] for s, e in enumerate(row)] for row in errors]
+        forced = O.forced_steps(ratios, settings, preset.rules, b, 2)
+        out[name], _ = O.optimal_computed_steps(O.run_costs(weighted, "run_squared"), budget, forced, settings.K)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -141,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                     candidates[f"optimal {model}, retention 0" + (", last step computed" if last else "")] = \
                         O.simulate_plan(preset.curves, scorer.num_steps, settings, preset.rules, plan, 2,
                                         preset.cos_curves).computed
+            candidates["flow-gain residual, squared per run, retention 0"] = flow_gain_schedule(scorer, preset, budget)
             for name, computed in candidates.items():
                 ps = scorer.per_item(computed)
                 rows.append({"budget": budget, "name": name, "computed": computed, "psnr": round(float(np.mean(ps)), 3),
