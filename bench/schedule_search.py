@@ -3,12 +3,15 @@ a prompt set, then evaluated on the other set.
 
     python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 9 --json bench/results/demo_schedule_search_tuning.json
     python -m bench.schedule_search --search --resume bench/results/demo_schedule_search_tuning.json ... # go on
+    python -m bench.schedule_search --rank-models bench/results/demo_schedule_search_tuning.json
     python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
 
 Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``; with ``--resume``, where
 an earlier search stopped) and moves one computed
 step (never step 0) one step earlier or later, taking the first move that raises the mean PSNR to the uncached
 images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6) skips in a row.
+Rank models (``--rank-models SEARCH_JSON``, no model runs): how often each error model orders the search's measured
+schedules as their PSNR does.
 Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
 each also with the last step computed (``protect_last_steps=1``), at the same budgets.
 """
@@ -107,18 +110,52 @@ def flow_gain_schedule(scorer: Scorer, preset, budget: int) -> dict[str, list[in
     the demo's latents are scaled to unit variance), summed per skip run and squared per run (retention 0)."""
     n = scorer.num_steps
     scorer.pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))  # as FluxPipeline passes them
-    sigmas = scorer.pipe.scheduler.sigmas.tolist()
-    gain = [1.0 / (((1.0 - x) ** 2 + x ** 2) ** 0.5) for x in sigmas[:n]]
     settings = preset.settings(retention_ratio=0.0)
-    prepared = P.prepare_curves(preset.curves, n, settings.sqrt_ratios, preset.rules.step_mapping)
     out = {}
+    for b, (name, ratios, errors) in enumerate(branch_errors(preset, n, flow_gain(scorer.pipe.scheduler.sigmas.tolist()))):
+        forced = O.forced_steps(ratios, settings, preset.rules, b, 2)
+        out[name], _ = O.optimal_computed_steps(O.run_costs(errors, "run_squared"), budget, forced, settings.K)
+    return out
+
+
+def flow_gain(sigmas: list[float], data_std: float = 1.0) -> list[float]:
+    """Per step: how much a latent error at that noise level reaches the output under rectified flow with Gaussian
+    data of standard deviation ``data_std`` (the flow map from sigma to 0 scales by ``a / sqrt((1-s)^2 a^2 + s^2)``)."""
+    return [data_std / (((1.0 - x) ** 2 * data_std ** 2 + x ** 2) ** 0.5) for x in sigmas]
+
+
+def branch_errors(preset, num_steps: int, gain: list[float] | None):
+    """``(branch name, ratios, residual step errors x gain[s])`` per branch of the demo preset (retention 0)."""
+    settings = preset.settings(retention_ratio=0.0)
+    prepared = P.prepare_curves(preset.curves, num_steps, settings.sqrt_ratios, preset.rules.step_mapping)
     for b, name in enumerate(("cond", "uncond")):
         ratios = P.branch_curve(prepared, b)
-        errors = O.step_errors(ratios, "residual", O.branch_cos_curve(preset.cos_curves, n, preset.rules, b))
-        weighted = [[e * gain[s] for s, e in enumerate(row)] for row in errors]
-        forced = O.forced_steps(ratios, settings, preset.rules, b, 2)
-        out[name], _ = O.optimal_computed_steps(O.run_costs(weighted, "run_squared"), budget, forced, settings.K)
+        errors = O.step_errors(ratios, "residual", O.branch_cos_curve(preset.cos_curves, num_steps, preset.rules, b))
+        yield name, ratios, [[e * (gain[s] if gain else 1.0) for s, e in enumerate(row)] for row in errors]
+
+
+def rank_models(path: str) -> dict:
+    """How often each error model orders two measured schedules of a search (at least 0.3 dB apart) as their mean
+    PSNR does; the models' cost is the sum over both branches."""
+    data = json.loads(Path(path).read_text())
+    n = 28
+    sigmas = np.linspace(1.0, 1.0 / n, n).tolist()
+    measured = [(m["computed"], float(np.mean(m["psnr_per_item"]))) for m in data["measured"]]
+    out = {}
+    for label, gain in [("no gain", None)] + [(f"flow gain, data std {a:g}", flow_gain(sigmas, a))
+                                              for a in (2, 1, 0.5, 0.3, 0.2, 0.1)]:
+        errors = {name: e for name, _, e in branch_errors(get_preset("demo"), n, gain)}
+        for aggregate in ("residual", "run_squared"):
+            costs = {name: O.run_costs(e, aggregate) for name, e in errors.items()}
+            scored = [(sum(O.schedule_cost(c[name], costs[name]) for name in costs), p) for c, p in measured]
+            pairs = [(x, y) for i, x in enumerate(scored) for y in scored[i + 1:] if abs(x[1] - y[1]) > 0.3]
+            right = sum((x[0] < y[0]) == (x[1] > y[1]) for x, y in pairs)
+            key = f"residual{', squared per run' if aggregate == 'run_squared' else ''}, {label}"
+            out[key] = {"pairs_ordered_right": round(right / len(pairs), 3), "pairs": len(pairs)}
+            print(f"  {key:<52} {right}/{len(pairs)} ({right / len(pairs):.3f})")
     return out
+
+
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--search", action="store_true")
     mode.add_argument("--evaluate", metavar="SEARCH_JSON")
+    mode.add_argument("--rank-models", metavar="SEARCH_JSON", help="score error models on a search's measured schedules")
     ap.add_argument("--set", choices=("tuning", "heldout"), default="tuning")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=2)
@@ -136,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.rank_models:
+        rank_models(args.rank_models)
+        return
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()
     scorer = Scorer(args.set, args.prompts, args.seeds)
