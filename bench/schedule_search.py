@@ -1,7 +1,7 @@
 """A schedule searched on measured error: hill climbing over computed steps, scored by the demo model's mean PSNR on
 a prompt set, then evaluated on the other set.
 
-    python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 9 --json bench/results/demo_schedule_search_tuning.json
+    python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 8 --json bench/results/demo_schedule_search_tuning.json
     python -m bench.schedule_search --search --resume bench/results/demo_schedule_search_tuning.json ... # go on
     python -m bench.schedule_search --rank-models bench/results/demo_schedule_search_tuning.json
     python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
@@ -13,7 +13,8 @@ images, until no move helps or the per-budget time runs out. At most ``K`` (the 
 Rank models (``--rank-models SEARCH_JSON``, no model runs): how often each error model orders the search's measured
 schedules as their PSNR does.
 Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
-each also with the last step computed (``protect_last_steps=1``), at the same budgets.
+each also with the last step computed (``protect_last_steps=1``), and the flow-gain model's schedule, at the same
+budgets.
 """
 
 from __future__ import annotations
