@@ -40,6 +40,7 @@ from magcache.studio.demo import data as D
 from magcache.studio.demo import evaluate as E
 from magcache.studio.strategies import uniform_steps
 
+from .error_model_fit import ordered_pairs
 from .strategies import machine
 
 
@@ -149,11 +150,10 @@ def rank_models(path: str) -> dict:
         for aggregate in ("residual", "run_squared"):
             costs = {name: O.run_costs(e, aggregate) for name, e in errors.items()}
             scored = [(sum(O.schedule_cost(c[name], costs[name]) for name in costs), p) for c, p in measured]
-            pairs = [(x, y) for i, x in enumerate(scored) for y in scored[i + 1:] if abs(x[1] - y[1]) > 0.3]
-            right = sum((x[0] < y[0]) == (x[1] > y[1]) for x, y in pairs)
+            right, total = ordered_pairs(scored)
             key = f"residual{', squared per run' if aggregate == 'run_squared' else ''}, {label}"
-            out[key] = {"pairs_ordered_right": round(right / len(pairs), 3), "pairs": len(pairs)}
-            print(f"  {key:<52} {right}/{len(pairs)} ({right / len(pairs):.3f})")
+            out[key] = {"pairs_ordered_right": round(right / total, 3), "pairs": total}
+            print(f"  {key:<52} {right}/{total} ({right / total:.3f})")
     return out
 
 
