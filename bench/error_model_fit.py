@@ -55,6 +55,13 @@ def collect(path: str, prompts: int = 8) -> None:
         Path(path).write_text(json.dumps({"items": items, "schedules": out}) + "\n")  # partial results survive
 
 
+def ordered_pairs(scored: list[tuple[float, float]], min_db: float = 0.3) -> tuple[int, int]:
+    """Of the pairs of ``(modelled error, measured PSNR)`` at least ``min_db`` apart in PSNR: how many the model
+    orders as the measurement does (lower error = higher PSNR), and how many there are."""
+    pairs = [(a, b) for a, b in itertools.combinations(scored, 2) if abs(a[1] - b[1]) > min_db]
+    return sum((a[0] < b[0]) == (a[1] > b[1]) for a, b in pairs), len(pairs)
+
+
 def analyze(path: str) -> dict:
     data = json.loads(Path(path).read_text())
     p = get_preset("demo")
@@ -88,10 +95,8 @@ def analyze(path: str) -> dict:
         rhos = []
         for count in sorted({len(r["steps"]) for r in multi}):
             group = [(O.schedule_cost(r["steps"], cost), psnr(r["mse"])) for r in multi if len(r["steps"]) == count]
-            for a, b in itertools.combinations(group, 2):
-                if abs(a[1] - b[1]) > 0.3:
-                    total += 1
-                    right += (a[0] < b[0]) == (a[1] > b[1])
+            group_right, group_total = ordered_pairs(group)
+            right, total = right + group_right, total + group_total
             if len(group) > 2:
                 ranks = lambda xs: np.argsort(np.argsort(xs))  # noqa: E731
                 rhos.append(float(np.corrcoef(ranks([g[0] for g in group]), ranks([-g[1] for g in group]))[0, 1]))

@@ -1,0 +1,220 @@
+"""A schedule searched on measured error: hill climbing over computed steps, scored by the demo model's mean PSNR on
+a prompt set, then evaluated on the other set.
+
+    python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 8 --json bench/results/demo_schedule_search_tuning.json
+    python -m bench.schedule_search --search --resume bench/results/demo_schedule_search_tuning.json ... # go on
+    python -m bench.schedule_search --rank-models bench/results/demo_schedule_search_tuning.json
+    python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
+
+Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``; with ``--resume``, where
+an earlier search stopped) and moves one computed
+step (never step 0) one step earlier or later, taking the first move that raises the mean PSNR to the uncached
+images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6) skips in a row.
+Rank models (``--rank-models SEARCH_JSON``, no model runs): how often each error model orders the search's measured
+schedules as their PSNR does.
+Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
+each also with the last step computed (``protect_last_steps=1``), and the flow-gain model's schedule, at the same
+budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+import magcache
+import magcache.optimal as O
+import magcache.policy as P
+from magcache.metrics import PSNR_IDENTICAL, psnr
+from magcache.presets import get_preset
+from magcache.studio.demo import data as D
+from magcache.studio.demo import evaluate as E
+from magcache.studio.strategies import uniform_steps
+
+from .error_model_fit import ordered_pairs
+from .strategies import machine
+
+
+class Scorer:
+    """Mean PSNR of a schedule (both branches alike) over fixed items, each schedule measured once."""
+
+    def __init__(self, set_name: str, prompts: int, seeds: int):
+        self.items = D.prompt_set(set_name, prompts, seeds)
+        self.pipe, self.settings = E.load_pipeline()
+        self.num_steps = self.settings["num_inference_steps"]
+        self.references = [E.generate(self.pipe, p, s, self.settings) for p, s in self.items]
+        self.handle = magcache.apply(self.pipe, preset="demo")
+        self.measured: dict[str, list[float]] = {}
+
+    def per_item(self, computed: list[int] | dict[str, list[int]]) -> list[float]:
+        """Per-item PSNR of ``computed``: one schedule for both branches, or one per branch."""
+        if not isinstance(computed, dict):
+            computed = {"cond": computed, "uncond": computed}
+        key = json.dumps(computed, sort_keys=True)
+        if key not in self.measured:
+            self.handle.configure(computed_steps=computed)
+            self.measured[key] = [round(min(psnr(E.generate(self.pipe, p, s, self.settings), ref), PSNR_IDENTICAL), 3)
+                                  for (p, s), ref in zip(self.items, self.references)]
+        return self.measured[key]
+
+    def score(self, steps: list[int]) -> float:
+        return float(np.mean(self.per_item(steps)))
+
+
+def neighbours(steps: list[int], num_steps: int, max_skips: int) -> list[list[int]]:
+    out = []
+    for i in range(1, len(steps)):
+        for delta in (-1, 1):
+            moved = steps[i] + delta
+            if not 1 <= moved < num_steps or moved in steps:
+                continue
+            cand = sorted(steps[:i] + [moved] + steps[i + 1:])
+            if max(b - a - 1 for a, b in zip(cand, cand[1:] + [num_steps])) <= max_skips:
+                out.append(cand)
+    return out
+
+
+def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: dict | None = None) -> dict:
+    """Hill climbing from uniform skipping, or from ``start`` (a row of an earlier search: its schedule and trace)."""
+    steps = start["steps"] if start else uniform_steps(scorer.num_steps, budget)
+    best = scorer.score(steps)
+    trace = start["trace"] if start else [{"steps": steps, "psnr": round(best, 3)}]
+    deadline = time.time() + seconds
+    improved, out_of_time = True, False
+    while improved and not out_of_time:
+        improved = False
+        for cand in neighbours(steps, scorer.num_steps, max_skips):
+            out_of_time = time.time() >= deadline
+            if out_of_time:
+                break
+            value = scorer.score(cand)
+            print(f"  {budget} steps {cand} PSNR {value:.3f} (best {best:.3f})", flush=True)
+            if value > best:
+                steps, best, improved = cand, value, True
+                trace.append({"steps": steps, "psnr": round(best, 3)})
+                break
+    return {"budget": budget, "start": "uniform", "steps": steps, "psnr": round(best, 3),
+            "stopped": "time limit" if out_of_time else "no better neighbour", "evaluated": len(scorer.measured), "trace": trace}
+
+
+def flow_gain_schedule(scorer: Scorer, preset, budget: int) -> dict[str, list[int]]:
+    """The optimal schedule for the ``residual`` step errors weighted by how much a latent error at noise level sigma
+    reaches the output under rectified flow with unit-variance Gaussian data (``1 / sqrt((1 - sigma)^2 + sigma^2)``;
+    the demo's latents are scaled to unit variance), summed per skip run and squared per run (retention 0)."""
+    n = scorer.num_steps
+    scorer.pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))  # as FluxPipeline passes them
+    settings = preset.settings(retention_ratio=0.0)
+    out = {}
+    for b, (name, ratios, errors) in enumerate(branch_errors(preset, n, flow_gain(scorer.pipe.scheduler.sigmas.tolist()))):
+        forced = O.forced_steps(ratios, settings, preset.rules, b, 2)
+        out[name], _ = O.optimal_computed_steps(O.run_costs(errors, "run_squared"), budget, forced, settings.K)
+    return out
+
+
+def flow_gain(sigmas: list[float], data_std: float = 1.0) -> list[float]:
+    """Per step: how much a latent error at that noise level reaches the output under rectified flow with Gaussian
+    data of standard deviation ``data_std`` (the flow map from sigma to 0 scales by ``a / sqrt((1-s)^2 a^2 + s^2)``)."""
+    return [data_std / (((1.0 - x) ** 2 * data_std ** 2 + x ** 2) ** 0.5) for x in sigmas]
+
+
+def branch_errors(preset, num_steps: int, gain: list[float] | None):
+    """``(branch name, ratios, residual step errors x gain[s])`` per branch of the demo preset (retention 0)."""
+    settings = preset.settings(retention_ratio=0.0)
+    prepared = P.prepare_curves(preset.curves, num_steps, settings.sqrt_ratios, preset.rules.step_mapping)
+    for b, name in enumerate(("cond", "uncond")):
+        ratios = P.branch_curve(prepared, b)
+        errors = O.step_errors(ratios, "residual", O.branch_cos_curve(preset.cos_curves, num_steps, preset.rules, b))
+        yield name, ratios, [[e * (gain[s] if gain else 1.0) for s, e in enumerate(row)] for row in errors]
+
+
+def rank_models(path: str) -> dict:
+    """How often each error model orders two measured schedules of a search (at least 0.3 dB apart) as their mean
+    PSNR does; the models' cost is the sum over both branches."""
+    data = json.loads(Path(path).read_text())
+    n = 28
+    sigmas = np.linspace(1.0, 1.0 / n, n).tolist()
+    measured = [(m["computed"], float(np.mean(m["psnr_per_item"]))) for m in data["measured"]]
+    out = {}
+    for label, gain in [("no gain", None)] + [(f"flow gain, data std {a:g}", flow_gain(sigmas, a))
+                                              for a in (2, 1, 0.5, 0.3, 0.2, 0.1)]:
+        errors = {name: e for name, _, e in branch_errors(get_preset("demo"), n, gain)}
+        for aggregate in ("residual", "run_squared"):
+            costs = {name: O.run_costs(e, aggregate) for name, e in errors.items()}
+            scored = [(sum(O.schedule_cost(c[name], costs[name]) for name in costs), p) for c, p in measured]
+            right, total = ordered_pairs(scored)
+            key = f"residual{', squared per run' if aggregate == 'run_squared' else ''}, {label}"
+            out[key] = {"pairs_ordered_right": round(right / total, 3), "pairs": total}
+            print(f"  {key:<52} {right}/{total} ({right / total:.3f})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--search", action="store_true")
+    mode.add_argument("--evaluate", metavar="SEARCH_JSON")
+    mode.add_argument("--rank-models", metavar="SEARCH_JSON", help="score error models on a search's measured schedules")
+    ap.add_argument("--set", choices=("tuning", "heldout"), default="tuning")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--budgets", default="9,7", help="computed steps per branch (3x: 9 of 28, 4x: 7)")
+    ap.add_argument("--minutes", type=float, default=9.0, help="search time per budget")
+    ap.add_argument("--resume", metavar="SEARCH_JSON", help="go on from an earlier search of the same set and items "
+                    "(its measured schedules are not measured again)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.rank_models:
+        rank_models(args.rank_models)
+        return
+    torch.set_num_threads(args.threads)
+    start, load = time.time(), os.getloadavg()
+    scorer = Scorer(args.set, args.prompts, args.seeds)
+    preset = get_preset("demo")
+    rows = []
+    if args.search:
+        earlier = json.loads(Path(args.resume).read_text()) if args.resume else {"items": [], "rows": [], "measured": []}
+        if args.resume and [tuple(i) for i in earlier["items"]] != scorer.items:
+            raise SystemExit(f"{args.resume} was measured on other items")
+        scorer.measured.update({json.dumps(m["computed"], sort_keys=True): m["psnr_per_item"] for m in earlier["measured"]})
+        starts = {row["budget"]: row for row in earlier["rows"]}
+        for budget in [int(b) for b in args.budgets.split(",")]:
+            rows.append(search(scorer, budget, args.minutes * 60, preset.K, starts.get(budget)))
+            print(f"{budget} steps: {rows[-1]['steps']} PSNR {rows[-1]['psnr']:.3f}", flush=True)
+    else:
+        for found in json.loads(Path(args.evaluate).read_text())["rows"]:
+            budget = found["budget"]
+            candidates = {"searched on tuning": {"cond": found["steps"], "uncond": found["steps"]},
+                          "uniform": {b: uniform_steps(scorer.num_steps, budget) for b in ("cond", "uncond")}}
+            for model in ("residual", "run_squared"):
+                for last in (0, 1):
+                    plan = O.Plan(budget=budget, error_model=model)
+                    settings = preset.settings(retention_ratio=0.0, protect_last_steps=last)
+                    candidates[f"optimal {model}, retention 0" + (", last step computed" if last else "")] = \
+                        O.simulate_plan(preset.curves, scorer.num_steps, settings, preset.rules, plan, 2,
+                                        preset.cos_curves).computed
+            candidates["flow-gain residual, squared per run, retention 0"] = flow_gain_schedule(scorer, preset, budget)
+            for name, computed in candidates.items():
+                ps = scorer.per_item(computed)
+                rows.append({"budget": budget, "name": name, "computed": computed, "psnr": round(float(np.mean(ps)), 3),
+                             "psnr_min": round(float(np.min(ps)), 3), "psnr_per_item": ps})
+                print(f"  {budget} steps {name:<52} {computed} PSNR {rows[-1]['psnr']:.3f}", flush=True)
+    report = {"command": "python -m bench.schedule_search " + " ".join(sys.argv[1:] if argv is None else argv),
+              "prompt_set": args.set, "items": [list(i) for i in scorer.items],
+              "machine": {**machine(), "load_average_at_start": load}, "minutes": round((time.time() - start) / 60, 2),
+              "rows": rows, "measured": [{"computed": json.loads(k), "psnr_per_item": v} for k, v in scorer.measured.items()]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
