@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from magcache.studio import workers
     from magcache.studio.manager import ModelManager
-    from ui import CSS, THEME, build_app
+    from ui import CSS, JS, THEME, build_app
     from ui.handlers import output_dir
 
     gpus = workers.gpu_count()  # MAGCACHE_GPUS=N: every generation runs on N GPUs (this process is rank 0)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     # schedule previews and the Stop buttons bypass the queue.
     app.queue(default_concurrency_limit=1, max_size=32)
     try:
-        app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], **launch_options(args, output_dir()))
+        app.launch(theme=THEME, css=CSS, js=JS, footer_links=["gradio", "settings"], **launch_options(args, output_dir()))
     finally:
         if gpus > 1:
             manager.shutdown()
