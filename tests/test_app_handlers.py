@@ -351,3 +351,8 @@ def test_tiny_mode_shrinks_an_upload_to_the_tabs_size(manager):
 
     kw = build_call_kwargs(tab, tab.variants[0], loaded, validate(tab, req, d))
     assert kw["image"].size == (d["width"], d["height"])
+
+
+def test_a_typed_demo_weights_path_that_does_not_exist_is_an_error(manager):
+    with pytest.raises(WeightsNotFound, match="'/nonexistent/model' is not a demo model folder"):
+        handlers.generate(manager, "demo", _values("demo", weights="/nonexistent/model"))

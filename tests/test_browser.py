@@ -1,6 +1,8 @@
-"""A real browser against the real app: start ``app.py`` (MAGCACHE_TINY=1) on a free loopback port, drive Debian's
-chromium with Playwright, run the Demo tab with comparison on, wait for both images and the timing table, save a
-screenshot, then open every other tab. Fails (never skips) when chromium is missing: CI installs it."""
+"""A real browser against the real app: start ``app.py`` (MAGCACHE_TINY=1, the Demo tab on its own model) once on
+a free loopback port, drive Debian's chromium with Playwright at a desktop (1400×1000) and a phone (390×844)
+viewport: the Demo tab's comparison and its headline, inline validation, Compare off, the tuning section, Stop.
+Screenshots go to ``MAGCACHE_SCREENSHOT_DIR`` (default: the test's temp dir). Fails (never skips) when chromium
+is missing: CI installs it."""
 
 import os
 import shutil
@@ -12,119 +14,248 @@ from magcache.studio.local_app import start_app
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+DESKTOP = {"width": 1400, "height": 1000}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The app as the load test starts it (``magcache.studio.local_app.start_app``), with an empty calibration
+    store and the Demo tab on its default model (the trained one when it exists, else the tiny stand-in); one app
+    for the module's tests (starting one costs more than a test)."""
+    root = tmp_path_factory.mktemp("browser")
+    env = dict(MAGCACHE_HOME=str(root / "home"), MAGCACHE_WEIGHTS_DEMO="")  # never the user's calibrations
+    with start_app(root / "app.log", env=env) as url:
+        yield url, root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium); the browser test needs it.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture
-def app_url(tmp_path):
-    """The app as the load test starts it (``magcache.studio.local_app.start_app``), with an empty calibration store and the
-    Demo tab on its default model (the trained one when it exists, else the tiny stand-in)."""
-    env = dict(MAGCACHE_HOME=str(tmp_path / "home"), MAGCACHE_WEIGHTS_DEMO="")  # never the user's calibrations
-    with start_app(tmp_path / "app.log", env=env) as url:
-        yield url
+def shots(tmp_path):
+    folder = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
-def test_demo_tab_in_a_real_browser(app_url, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium); the browser test needs it.")
-    from playwright.sync_api import expect, sync_playwright
+def _no_horizontal_overflow(locator) -> bool:
+    """Every column of a Gradio table is on screen: nothing scrolls sideways inside it."""
+    return locator.evaluate("el => [...el.querySelectorAll('*')].every(e => e.scrollWidth <= e.clientWidth + 2 || "
+                            "getComputedStyle(e).overflowX === 'visible')")
+
+
+def _open(browser, url, viewport):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport=viewport)
+    page.goto(url)
+    expect(page.locator("#run-demo")).to_be_visible(timeout=60_000)
+    return page
+
+
+def test_demo_tab_on_a_desktop(app, browser, shots):
+    """Generate with Compare: the headline card (speed-up with spread, PSNR, SSIM, passes), a timing table that
+    fits, provenance folded away; a typed out-of-range value refused next to its slider; Compare off leaves no
+    empty boxes; a typed weights path that does not exist is an error. Then every other tab opens."""
+    from playwright.sync_api import expect
 
     from magcache.studio.catalog import load_catalog
 
-    shots = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(app_url)
-            run = page.locator("#run-demo")
-            expect(run).to_be_visible(timeout=60_000)
-            expect(page.locator("#mc-intro")).to_contain_text("MagCache Studio")
-            # Compare with baseline is on by default; run the Demo tab
-            run.click()
-            expect(page.locator("#status-demo")).to_contain_text("Done: Demo", timeout=240_000)
-            for side in ("baseline", "magcache"):
-                expect(page.locator(f"#{side}-demo img")).to_be_visible(timeout=30_000)
-            timing = page.locator("#timing-demo")
-            expect(timing).to_contain_text("Baseline (no cache)")
-            expect(timing).to_contain_text("MagCache")
-            expect(timing).to_contain_text("×")
-            expect(page.locator("#metrics-demo")).to_contain_text("PSNR")
-            page.screenshot(path=str(shots / "demo_tab.png"), full_page=True)
-            assert (shots / "demo_tab.png").stat().st_size > 10_000
+    url, _ = app
+    page = _open(browser, url, DESKTOP)
+    try:
+        expect(page.locator("#mc-intro")).to_be_visible()  # the intro is open on a wide screen
+        tab = page.locator("#tab-demo")
+        expect(page.locator("#baseline-demo")).to_be_hidden()  # no empty result boxes before a run
+        page.locator("#run-demo").click()
+        expect(page.locator("#status-demo")).to_contain_text("Done: Demo", timeout=240_000)
+        headline = page.locator("#headline-demo")
+        expect(headline).to_contain_text("× faster")
+        for part in ("PSNR", "SSIM", "of 56 transformer passes", "Median of"):
+            expect(headline).to_contain_text(part)
+        for side in ("baseline", "magcache"):
+            expect(page.locator(f"#{side}-demo img")).to_be_visible(timeout=30_000)
+        timing = page.locator("#timing-demo")
+        for text in ("Baseline (no cache)", "MagCache", "Passes computed", "Calls", "×"):
+            expect(timing).to_contain_text(text)
+        assert _no_horizontal_overflow(timing)
+        expect(page.locator("#passes-help-demo")).to_contain_text("Calls")
+        expect(page.locator("#metrics-demo")).to_contain_text("PSNR")
+        details = page.locator("#details-demo")
+        expect(details).to_contain_text("Details")
+        expect(details.get_by_text("Model:")).to_be_hidden()  # provenance is folded away
+        page.screenshot(path=str(shots / "demo_tab.png"), full_page=True)
+        assert (shots / "demo_tab.png").stat().st_size > 10_000
 
-            for tab in load_catalog().tabs[1:]:
-                page.get_by_role("tab", name=tab.label, exact=True).click()
-                expect(page.locator(f"#run-{tab.id}")).to_be_visible(timeout=20_000)
-                expect(page.locator(f"#schedule-{tab.id}")).to_be_visible()
-            page.screenshot(path=str(shots / "last_tab.png"), full_page=True)
-        finally:
-            browser.close()
+        # a typed value out of range: refused next to the slider with its range, the box restored, the preview kept
+        preview = tab.locator("p", has_text="Predicted schedule")
+        before = preview.inner_text()
+        steps = tab.get_by_label("number input for Steps")
+        kept = steps.input_value()
+        steps.fill("1000")
+        steps.press("Enter")
+        expect(tab.get_by_text("Steps takes 2 to 100; 1000 was not taken.")).to_be_visible(timeout=10_000)
+        expect(steps).to_have_value(kept, timeout=10_000)
+        expect(preview).to_have_text(before)
+        K = tab.get_by_label("number input for K (max consecutive skips)")
+        K.fill("-2")
+        K.press("Enter")
+        expect(tab.get_by_text("K takes 0 to 10; -2 was not taken.")).to_be_visible(timeout=10_000)
+        page.locator("#status-demo").screenshot(path=str(shots / "desktop_status.png"))
+        tab.screenshot(path=str(shots / "desktop_inline_validation.png"))
+
+        # Compare off: one image, no baseline / slider / difference map boxes, the headline says what is missing
+        tab.get_by_label("Compare with baseline").uncheck()
+        page.locator("#run-demo").click()
+        expect(headline).to_contain_text("Turn on Compare with baseline", timeout=120_000)
+        expect(page.locator("#magcache-demo img")).to_be_visible()
+        for hidden in ("#baseline-demo", "#slider-demo", "#heatmap-demo"):
+            expect(page.locator(hidden)).to_be_hidden()
+        page.screenshot(path=str(shots / "desktop_compare_off.png"), full_page=True)
+
+        # a weights path typed by hand that does not exist: an error, not a silent stand-in model
+        tab.get_by_text("Model source").click()
+        tab.get_by_label("Weights").fill("/nonexistent/model")
+        page.locator("#run-demo").click()
+        expect(page.get_by_text("is not a demo model folder")).to_be_visible(timeout=30_000)
+
+        for other in load_catalog().tabs[1:]:
+            page.get_by_role("tab", name=other.label, exact=True).click()
+            expect(page.locator(f"#run-{other.id}")).to_be_visible(timeout=20_000)
+            expect(page.locator(f"#schedule-{other.id}")).to_be_visible()
+    finally:
+        page.close()
 
 
-def test_tuning_panel_in_a_real_browser(app_url, tmp_path):
-    """The Demo tab's tuning panel: moving the thresh slider redraws the live preview, a one-click calibration
-    is saved and then named by the preview as the curve in use, a 3x2 sweep fills its table and Pareto plot, and
-    clicking a row sets the sliders."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium); the browser test needs it.")
-    from playwright.sync_api import expect, sync_playwright
+def test_tuning_section_on_a_desktop(app, browser, shots):
+    """The Demo tab's tuning section (full width): moving the thresh slider redraws the live preview, a one-click
+    calibration is saved and then named by the preview as the curve in use, a 3x2 sweep fills a table that shows
+    every column and a Pareto plot, clicking a row sets the sliders, Stop reads "stopped after N of M", the
+    export is readable code."""
+    from playwright.sync_api import expect
 
-    shots = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(app_url)
-            expect(page.locator("#run-demo")).to_be_visible(timeout=60_000)
-            tab = page.locator("#tab-demo")
-            preview = tab.locator("p", has_text="Predicted schedule")
-            expect(preview).to_contain_text("ratio curve: preset", timeout=20_000)
+    url, root = app
+    page = _open(browser, url, DESKTOP)
+    try:
+        tab = page.locator("#tab-demo")
+        preview = tab.locator("p", has_text="Predicted schedule")
+        expect(preview).to_contain_text("ratio curve: preset", timeout=20_000)
 
-            # the live preview follows the sliders (no model run); 8 steps keep the runs below short with any model
-            before = preview.inner_text()
-            steps = tab.get_by_label("number input for Steps")
-            steps.fill("8")
-            steps.press("Enter")
-            expect(preview).not_to_have_text(before, timeout=20_000)
-            before = preview.inner_text()
-            thresh = tab.get_by_label("number input for thresh (error budget)")
-            thresh.fill("0.02")
-            thresh.press("Enter")
-            expect(preview).not_to_have_text(before, timeout=20_000)
-            assert "transformer passes computed" in preview.inner_text()
+        # the live preview follows the sliders (no model run); 8 steps keep the runs below short with any model
+        before = preview.inner_text()
+        steps = tab.get_by_label("number input for Steps")
+        steps.fill("8")
+        steps.press("Enter")
+        expect(preview).not_to_have_text(before, timeout=20_000)
+        before = preview.inner_text()
+        thresh = tab.get_by_label("number input for thresh (error budget)")
+        thresh.fill("0.02")
+        thresh.press("Enter")
+        expect(preview).not_to_have_text(before, timeout=20_000)
+        assert "transformer passes computed" in preview.inner_text()
 
-            # one-click calibration: saved to the store, plotted, and from now on the curve in use
-            tuning = page.locator("#tuning-demo")
-            tuning.get_by_text("Tuning: ratio curve").click()
-            tuning.get_by_role("tab", name="Calibrate").click()
-            page.locator("#calibrate-demo").click()
-            status = page.locator("#calibrate-status-demo")
-            expect(status).to_contain_text("Calibrated", timeout=120_000)
-            expect(page.locator("#calibrate-plot-demo")).to_be_visible()
-            saved = list((tmp_path / "home" / "calibrations").glob("*.json"))
-            assert len(saved) == 1 and saved[0].stem in status.inner_text()
-            expect(preview).to_contain_text(f"calibration {saved[0].stem} (exact)", timeout=20_000)
-            tuning.screenshot(path=str(shots / "tuning_calibration.png"))
+        # one-click calibration: saved to the store, plotted, and from now on the curve in use
+        tuning = page.locator("#tuning-demo")
+        tuning.get_by_text("Tuning: ratio curve").click()
+        tuning_box = tuning.bounding_box()
+        assert tuning_box["width"] > 0.8 * DESKTOP["width"]  # a full-width section, not a corner of the inputs
+        tuning.get_by_role("tab", name="Calibrate").click()
+        page.locator("#calibrate-demo").click()
+        status = page.locator("#calibrate-status-demo")
+        expect(status).to_contain_text("Calibrated", timeout=120_000)
+        expect(page.locator("#calibrate-plot-demo")).to_be_visible()
+        saved = list((root / "home" / "calibrations").glob("*.json"))
+        assert len(saved) == 1 and saved[0].stem in status.inner_text()
+        expect(preview).to_contain_text(f"calibration {saved[0].stem} (exact)", timeout=20_000)
 
-            # a 3x2 sweep: table, Pareto plot; a clicked row sets the sliders
-            tuning.get_by_role("tab", name="Sweep").click()
-            page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2")
-            page.locator("#sweep-K-demo textarea").fill("2, 4")
-            page.locator("#sweep-demo").click()
-            expect(page.locator("#sweep-status-demo")).to_contain_text("Sweep done: 6 points", timeout=180_000)
-            table = page.locator("#sweep-table-demo")
-            expect(table.locator('[role="row"]')).to_have_count(7)  # header + 6 points
-            expect(page.locator("#sweep-plot-demo")).to_be_visible()
-            last = table.locator('[role="row"][aria-rowindex="7"] [role="gridcell"]')
-            expect(last.nth(1)).to_have_text("0.2")
-            last.nth(1).click()
-            expect(thresh).to_have_value("0.2", timeout=10_000)
-            expect(tab.get_by_label("number input for K (max consecutive skips)")).to_have_value("4")
-            tuning.screenshot(path=str(shots / "tuning_sweep.png"))
-            assert (shots / "tuning_sweep.png").stat().st_size > 10_000
-        finally:
-            browser.close()
+        # a 3x2 sweep: every column on screen, Pareto plot; a clicked row sets the sliders
+        tuning.get_by_role("tab", name="Sweep").click()
+        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2")
+        page.locator("#sweep-K-demo textarea").fill("2, 4")
+        page.locator("#sweep-demo").click()
+        sweep_status = page.locator("#sweep-status-demo")
+        expect(sweep_status).to_contain_text("Sweep done: 6 points", timeout=180_000)
+        table = page.locator("#sweep-table-demo")
+        expect(table.locator('[role="row"]')).to_have_count(7)  # header + 6 points
+        for header in ("measured", "PSNR", "SSIM", "Pareto"):
+            expect(table.get_by_text(header).first).to_be_in_viewport()
+        assert _no_horizontal_overflow(table)
+        expect(page.locator("#sweep-plot-demo")).to_be_visible()
+        last = table.locator('[role="row"][aria-rowindex="7"] [role="gridcell"]')
+        expect(last.nth(1)).to_have_text("0.2")
+        last.nth(1).click()
+        expect(thresh).to_have_value("0.2", timeout=10_000)
+        expect(tab.get_by_label("number input for K (max consecutive skips)")).to_have_value("4")
+        tuning.screenshot(path=str(shots / "tuning_sweep.png"))
+
+        # Stop during a sweep: "stopped after N of M points", no error
+        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2, 0.3, 0.4, 0.5")
+        page.locator("#sweep-demo").click()
+        expect(sweep_status).not_to_contain_text("Sweep done", timeout=10_000)  # the last status is cleared
+        page.wait_for_timeout(1500)
+        page.locator("#sweep-stop-demo").click()
+        expect(sweep_status).to_contain_text("Sweep stopped", timeout=120_000)
+        expect(sweep_status).to_contain_text("of 12 points")
+        expect(tuning.get_by_text("Error", exact=True)).to_have_count(0)
+
+        # export: readable code with a copy button
+        tuning.get_by_role("tab", name="Export / load").click()
+        page.locator("#export-format-demo").get_by_text("magcache Python snippet").click()
+        code = page.locator("#export-code-demo")
+        expect(code).to_contain_text("magcache", timeout=20_000)
+        assert _no_horizontal_overflow(code)
+        tuning.screenshot(path=str(shots / "tuning_export.png"))
+    finally:
+        page.close()
+
+
+def test_demo_tab_on_a_phone(app, browser, shots):
+    """390×844: the intro and the model description collapsed, Generate on the first screen, the page scrolls to
+    the progress on press, the headline and the timing table readable; Stop says after which step."""
+    from playwright.sync_api import expect
+
+    url, _ = app
+    page = _open(browser, url, PHONE)
+    try:
+        expect(page.locator("#mc-intro")).to_be_hidden(timeout=10_000)
+        expect(page.locator("#about-demo").get_by_text("procedurally drawn shapes")).to_be_hidden()
+        run = page.locator("#run-demo")
+        box = run.bounding_box()
+        assert box["y"] + box["height"] <= PHONE["height"], f"Generate at y={box['y']:.0f}, below the first screen"
+        page.screenshot(path=str(shots / "phone_first_screen.png"))
+        run.click()
+        status = page.locator("#status-demo")
+        expect(status).to_be_in_viewport(timeout=10_000)
+        expect(status).to_contain_text("Done: Demo", timeout=240_000)
+        headline = page.locator("#headline-demo")
+        expect(headline).to_contain_text("× faster")
+        headline.scroll_into_view_if_needed()
+        assert _no_horizontal_overflow(page.locator("#timing-demo"))
+        page.screenshot(path=str(shots / "phone_result.png"))
+        page.screenshot(path=str(shots / "phone_full.png"), full_page=True)
+
+        # Stop during a long run: the status says after which step
+        steps = page.locator("#tab-demo").get_by_label("number input for Steps")
+        steps.fill("100")
+        steps.press("Enter")
+        run.click()
+        expect(status).to_contain_text("step", timeout=60_000)
+        page.locator("#stop-demo").click()
+        expect(status).to_contain_text("Stopped", timeout=60_000)
+        expect(status).to_contain_text(" after step ")
+        page.screenshot(path=str(shots / "phone_stopped.png"))
+    finally:
+        page.close()

@@ -267,10 +267,6 @@ PASSES_HELP = ("**Passes** are runs of the transformer's block stack, one per st
                "so they are equal for both runs.")
 
 
-def empty_timing_table() -> pd.DataFrame:
-    return pd.DataFrame([], columns=TIMING_COLUMNS)
-
-
 def _seconds(median: float, spread: float, pairs: int) -> str:
     return f"{median:.3f} ± {spread:.3f}" if pairs > 1 else f"{median:.3f}"
 
@@ -309,6 +305,16 @@ def timing_table(result: ComparisonResult) -> pd.DataFrame:
         if seconds is not None:
             rows.append([label, f"{seconds:.3f}", "—", "—", "—"])
     return pd.DataFrame(rows, columns=TIMING_COLUMNS)
+
+
+def table_html(table: pd.DataFrame, css_class: str) -> str:
+    """A small table as HTML whose cells carry their column's name (``data-label``): the page's stylesheet shows
+    it as a table on a wide screen and as one stacked card per row on a phone."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f'<td data-label="{html.escape(str(c))}">{html.escape(str(v))}</td>'
+                                    for c, v in zip(table.columns, row)) + "</tr>"
+                   for row in table.itertuples(index=False))
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
 def headline_markdown(result: ComparisonResult) -> str:

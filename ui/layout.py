@@ -39,9 +39,15 @@ CSS = """
 #mc-intro p { max-width: 70em; }
 .mc-headline h3 { font-size: 1.5em; margin: 0.1em 0 0.2em; }
 .mc-help p { font-size: 0.85em; opacity: 0.8; margin: 0; }
+.mc-timing-table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
+.mc-timing-table th, .mc-timing-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
+.mc-timing-table th { font-weight: 600; }
 @media (max-width: 700px) {
-  .mc-timing table { font-size: 0.8em; }
-  .mc-timing th, .mc-timing td { padding: 2px 4px !important; min-width: 0 !important; }
+  .mc-timing-table thead { display: none; }
+  .mc-timing-table tr { display: grid; grid-template-columns: 1fr 1fr; padding: 6px 0; border-bottom: 1px solid #e5e7eb; }
+  .mc-timing-table td { border: none; padding: 1px 4px; }
+  .mc-timing-table td:first-child { grid-column: 1 / -1; font-weight: 600; }
+  .mc-timing-table td:not(:first-child)::before { content: attr(data-label) ": "; opacity: 0.7; }
 }
 """
 # Collapsed on a phone, open on a wide screen: the intro and the model descriptions fill a phone's first screen.
@@ -62,8 +68,8 @@ class TabContext:
 
     ``inputs``: variant (only with several variants), prompt, negative_prompt, image, control_video, mask_video,
     reference_images, width, height, num_frames, steps, guidance, seed (those the task has), thresh,
-    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, schedule, schedule_text, timing,
-    metrics, heatmap, and baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
+    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, headline, details, schedule, schedule_text,
+    timing (HTML), metrics, heatmap, and baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
     Extensions are called in a full-width section below the tab's inputs and results, before the tab's events
     are wired: components an extension adds to ``inputs`` reach Generate's values. An extension may also set
     ``preview(values) -> (figure, text)`` (replaces the live preview, which then also runs on page load and reads
@@ -127,6 +133,8 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id=f"run-{tab.id}")
                 stop = gr.Button("Stop", variant="stop", elem_id=f"stop-{tab.id}")
+            if d.get("examples"):  # below the buttons: Generate stays on a phone's first screen
+                gr.Examples([[p] for p in d["examples"]], inputs=[inputs["prompt"]], label="Prompts the demo model knows")
             with gr.Row():
                 inputs["compare"] = gr.Checkbox(True, label="Compare with baseline",
                                                 info="Also run without MagCache (same seed) to measure speed-up and quality.")
@@ -154,9 +162,8 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                                             elem_id=f"status-{tab.id}")
             outputs["headline"] = gr.Markdown("", elem_classes="mc-headline", elem_id=f"headline-{tab.id}")
             _result_outputs(tab, outputs)
-            outputs["timing"] = gr.Dataframe(handlers.empty_timing_table(), label="Timing (wall clock of the pipeline "
-                                             "call, median ± spread over the timed pairs)", interactive=False,
-                                             wrap=True, elem_id=f"timing-{tab.id}", elem_classes="mc-timing")
+            gr.Markdown("**Timing** (wall clock of the pipeline call; median ± spread over the timed pairs)")
+            outputs["timing"] = gr.HTML("", elem_id=f"timing-{tab.id}")
             gr.Markdown(handlers.PASSES_HELP, elem_classes="mc-help", elem_id=f"passes-help-{tab.id}")
             with gr.Row():
                 outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
@@ -190,9 +197,6 @@ def _task_inputs(tab: Tab, d: dict, inputs: dict) -> None:
             inputs["control_video"] = gr.Video(label="Control video (depth, pose, or a video to edit)", sources=["upload"])
             inputs["mask_video"] = gr.Video(label="Mask video (white = generate, black = keep)", sources=["upload"])
             inputs["reference_images"] = gr.File(file_count="multiple", file_types=["image"], label="Reference images")
-    examples = d.get("examples")
-    if examples:
-        gr.Examples([[p] for p in examples], inputs=[inputs["prompt"]], label="Prompts the demo model knows")
 
 
 def _generation_settings(tab: Tab, d: dict, inputs: dict) -> None:
@@ -354,11 +358,17 @@ MEDIA_OUTPUTS = ("baseline_image", "magcache_image", "slider", "heatmap", "basel
                  "split_video")
 
 
+def _timing_html(table: Any) -> str:
+    return handlers.table_html(table, "mc-timing-table")
+
+
 def _shown(name: str, value: Any) -> Any:
     """A result's media box is shown only when the result has something for it (no empty boxes with Compare
-    off, or after a stop)."""
+    off, or after a stop); the timing table is HTML (a table on a wide screen, stacked rows on a phone)."""
     if name in MEDIA_OUTPUTS:
         return gr.update(value=value, visible=value is not None)
+    if name == "timing":
+        return _timing_html(value)
     return value
 
 

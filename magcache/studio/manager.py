@@ -343,7 +343,8 @@ class ModelManager:
         preset, note = preset_or_fallback(v.magcache.preset, v.magcache.fallback_preset)
         notes = [note] if note else []
         common = dict(tab_id=tab.id, variant_id=v.id, pipeline_cls=tab.pipeline, transformer_cls=tab.transformer)
-        weights = (weights or "").strip() or v.weights_from_env() or v.weights
+        typed = (weights or "").strip()
+        weights = typed or v.weights_from_env() or v.weights
         base = (base or "").strip() or v.base_from_env() or v.base
 
         if v.local_only:  # the Demo tab: its own model folder, or a tiny stand-in
@@ -351,8 +352,11 @@ class ModelManager:
             if (folder / "model_index.json").is_file():
                 return LoadPlan(key=f"{v.id}|{folder}", kind="pretrained", preset=preset, pipeline_source=str(folder),
                                 estimate_bytes=_folder_bytes(folder), notes=tuple(notes), **common)
+            if typed and typed != v.weights:  # a path the user typed: a mistake to show, never a silent stand-in
+                raise WeightsNotFound(f"{tab.label}: the weights path {typed!r} is not a demo model folder (no "
+                                      f"model_index.json). Clear the Weights field to use the bundled model.")
             preset, _ = preset_or_fallback(v.magcache.fallback_preset or preset, None)
-            notes = [f"The demo model is not at {_display_path(folder)} yet (it is being trained): running a tiny "
+            notes = [f"The demo model is not at {_display_path(folder)}: running a tiny "
                      f"random FLUX pipeline built in code instead, with the {preset!r} MagCache preset. Its images "
                      "are noise; the timings, schedules and metrics are real."]
             return LoadPlan(key=f"{v.id}|tiny", kind="tiny", preset=preset, tiny_kind=tab.tiny,
