@@ -5,6 +5,7 @@ Screenshots go to ``MAGCACHE_SCREENSHOT_DIR`` (default: the test's temp dir). Fa
 is missing: CI installs it."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -191,8 +192,12 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
         table = page.locator("#sweep-table-demo")
         expect(table.locator('[role="row"]')).to_have_count(7)  # header + 6 points
         for header in ("measured", "PSNR", "SSIM", "Pareto"):
-            expect(table.get_by_text(header).first).to_be_in_viewport()
+            expect(table.get_by_text(header).first).to_be_visible()
         assert _no_horizontal_overflow(table)
+        right = table.evaluate("el => el.getBoundingClientRect().right")
+        headers = table.locator('[role="columnheader"]')
+        assert headers.count() == 11 and all(headers.nth(i).bounding_box()["x"] + headers.nth(i).bounding_box()["width"]
+                                             <= right + 1 for i in range(11))  # every column inside the table box
         expect(page.locator("#sweep-plot-demo")).to_be_visible()
         last = table.locator('[role="row"][aria-rowindex="7"] [role="gridcell"]')
         expect(last.nth(1)).to_have_text("0.2")
@@ -202,13 +207,14 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
         tuning.screenshot(path=str(shots / "tuning_sweep.png"))
 
         # Stop during a sweep: "stopped after N of M points", no error
-        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2, 0.3, 0.4, 0.5")
+        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7")
+        page.locator("#sweep-retention-demo textarea").fill("0.1, 0.2")
         page.locator("#sweep-demo").click()
         expect(sweep_status).not_to_contain_text("Sweep done", timeout=10_000)  # the last status is cleared
-        page.wait_for_timeout(1500)
+        expect(sweep_status).to_contain_text(re.compile(r"Sweep (warm-up|baseline|\d)"), timeout=60_000)  # it runs
         page.locator("#sweep-stop-demo").click()
         expect(sweep_status).to_contain_text("Sweep stopped", timeout=120_000)
-        expect(sweep_status).to_contain_text("of 12 points")
+        expect(sweep_status).to_contain_text("of 36 points")
         expect(tuning.get_by_text("Error", exact=True)).to_have_count(0)
 
         # export: readable code with a copy button
@@ -248,14 +254,16 @@ def test_demo_tab_on_a_phone(app, browser, shots):
         page.screenshot(path=str(shots / "phone_full.png"), full_page=True)
 
         # Stop during a long run: the status says after which step
-        steps = page.locator("#tab-demo").get_by_label("number input for Steps")
-        steps.fill("100")
-        steps.press("Enter")
+        tab = page.locator("#tab-demo")
+        for label, value in (("Steps", "100"), ("Width", "512"), ("Height", "512")):  # a run that lasts
+            box = tab.get_by_label(f"number input for {label}")
+            box.fill(value)
+            box.press("Enter")
         run.click()
-        expect(status).to_contain_text("step", timeout=60_000)
+        expect(status).to_contain_text(re.compile(r"(Baseline|MagCache) run: step \d+/100"), timeout=60_000)
         page.locator("#stop-demo").click()
         expect(status).to_contain_text("Stopped", timeout=60_000)
         expect(status).to_contain_text(" after step ")
-        page.screenshot(path=str(shots / "phone_stopped.png"))
+        status.screenshot(path=str(shots / "phone_stopped.png"))
     finally:
         page.close()

@@ -354,6 +354,9 @@ def status_markdown(result: ComparisonResult) -> str:
              f"{s.retention_ratio:g}, K {s.K} · {result.num_steps} steps"
              f"{f' × {result.sections} sections' if result.sections > 1 else ''}"
              + (" · compiled blocks" if result.compiled else "")]
+    if result.timing is not None and result.timing.stopped:
+        lines.append(f"⏹ Stopped during the timing repeats: the result stands, timed over {result.timing.pairs} "
+                     f"pair{'s' if result.timing.pairs > 1 else ''}.")
     lines += [f"⚠️ {w}" for w in result.warnings]
     return "\n\n".join(lines)
 

@@ -50,9 +50,17 @@ CSS = """
   .mc-timing-table td:not(:first-child)::before { content: attr(data-label) ": "; opacity: 0.7; }
 }
 """
-# Collapsed on a phone, open on a wide screen: the intro and the model descriptions fill a phone's first screen.
+# On page load: a Generate press scrolls its tab's progress into view when it is off screen (a screen further down
+# on a phone); on a phone the intro and the model descriptions start collapsed (they would fill the first screen).
 JS = """
 () => {
+  document.addEventListener('click', (event) => {
+    const run = event.target.closest('button[id^="run-"]');
+    const status = run && document.getElementById('status-' + run.id.slice(4));
+    if (!status) return;
+    const r = status.getBoundingClientRect();
+    if (r.top < 0 || r.bottom > window.innerHeight) status.scrollIntoView({block: 'start'});
+  });
   if (window.innerWidth > 700) return;
   document.querySelectorAll('.mc-collapse-mobile > .label-wrap.open, .mc-collapse-mobile > button.open')
     .forEach((label) => label.click());
@@ -276,11 +284,6 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
     run.click(on_generate, inputs_kwargs=dict(inputs), outputs=result_outputs, api_name=f"generate_{tab.id}",
               show_progress_on=[outputs["status"]], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
-    # the progress is where the eye goes after pressing Generate (on a phone it is a screen further down)
-    run.click(None, js=f"() => {{ const el = document.getElementById('status-{tab.id}'); const r = "
-                       "el && el.getBoundingClientRect(); if (r && (r.top < 0 || r.bottom > window.innerHeight)) "
-                       "el.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
-
     def on_stop(request: gr.Request):
         return handlers.stop(manager, _session(request, tab))
 

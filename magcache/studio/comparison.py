@@ -56,6 +56,7 @@ class Timing:
 
     baseline: list[float]
     cached: list[float]
+    stopped: bool = False  # a stop ended the repeats (the pairs here are the finished ones)
 
     @property
     def pairs(self) -> int:
@@ -296,6 +297,7 @@ def _time_pairs(job: DeviceJob, baseline: RunResult, cached: RunResult, apply_ma
             break
         timing.baseline.append(seconds_b)
         timing.cached.append(seconds_c)
+    timing.stopped = job.stopped
     return timing
 
 
