@@ -184,7 +184,7 @@ def run_comparison(
     cancel: threading.Event | None = None,
 ) -> ComparisonResult:
     """Run ``req``: the baseline (when ``req.compare``) and the MagCache run, same seed, one after the other.
-    Progress phases: "queue", "load", "warm-up", "baseline", "magcache"."""
+    Progress phases: "queue", "load", "warm-up", "baseline", "magcache", "timing" (done = pairs timed)."""
     with device_job(manager, req, cancel, on_progress) as job:
         return _compare(job)
 
