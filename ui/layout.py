@@ -282,8 +282,13 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
                                                "models."), duration=None, title="Run failed") from None
         return {outputs[n]: _shown(n, v) for n, v in out.items() if n in outputs and n != "schedule_text"}
 
-    run.click(on_generate, inputs_kwargs=dict(inputs), outputs=result_outputs, api_name=f"generate_{tab.id}",
-              show_progress_on=[outputs["status"]], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
+    event = run.click(on_generate, inputs_kwargs=dict(inputs), outputs=result_outputs, api_name=f"generate_{tab.id}",
+                      show_progress_on=[outputs["status"]], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
+    # Then only the media boxes with a value stay shown (no empty boxes with Compare off). A separate step, so the
+    # API endpoint keeps returning plain values.
+    media = [outputs[n] for n in MEDIA_OUTPUTS if n in outputs]
+    event.then(lambda *values: [gr.update(visible=_has_media(v)) for v in values], inputs=media, outputs=media,
+               queue=False, show_progress="hidden", preprocess=False, api_visibility="private")
     def on_stop(request: gr.Request):
         return handlers.stop(manager, _session(request, tab))
 
@@ -365,11 +370,17 @@ def _timing_html(table: Any) -> str:
     return handlers.table_html(table, "mc-timing-table")
 
 
+def _has_media(payload: Any) -> bool:
+    """Whether a media component's raw value holds a file (an image slider's empty value is a pair of Nones)."""
+    if isinstance(payload, (list, tuple)):
+        return any(_has_media(p) for p in payload)
+    if isinstance(payload, dict):
+        return any(_has_media(p) for p in payload.values())
+    return bool(payload)
+
+
 def _shown(name: str, value: Any) -> Any:
-    """A result's media box is shown only when the result has something for it (no empty boxes with Compare
-    off, or after a stop); the timing table is HTML (a table on a wide screen, stacked rows on a phone)."""
-    if name in MEDIA_OUTPUTS:
-        return gr.update(value=value, visible=value is not None)
+    """The timing table as HTML (a table on a wide screen, stacked rows on a phone); other values as they are."""
     if name == "timing":
         return _timing_html(value)
     return value
