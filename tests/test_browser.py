@@ -230,7 +230,8 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
 
 def test_demo_tab_on_a_phone(app, browser, shots):
     """390×844: the intro and the model description collapsed, Generate on the first screen, the page scrolls to
-    the progress on press, the headline and the timing table readable; Stop says after which step."""
+    the progress on press, the headline and the timing table readable; a request waiting behind another
+    session's run says which tab holds the device and for how long; Stop says after which step."""
     from playwright.sync_api import expect
 
     url, _ = app
@@ -253,14 +254,26 @@ def test_demo_tab_on_a_phone(app, browser, shots):
         page.screenshot(path=str(shots / "phone_result.png"))
         page.screenshot(path=str(shots / "phone_full.png"), full_page=True)
 
-        # Stop during a long run: the status says after which step
-        tab = page.locator("#tab-demo")
-        for label, value in (("Steps", "100"), ("Width", "512"), ("Height", "512")):  # a run that lasts
-            box = tab.get_by_label(f"number input for {label}")
-            box.fill(value)
-            box.press("Enter")
-        run.click()
-        expect(status).to_contain_text(re.compile(r"(Baseline|MagCache) run: step \d+/100"), timeout=60_000)
+        # While another session's long run holds the device, the phone's request says who holds it and for how
+        # long; then Stop during its own long run says after which step
+        desk = _open(browser, url, DESKTOP)
+        try:
+            for p in (desk, page):
+                for label, value in (("Steps", "100"), ("Width", "512"), ("Height", "512")):  # runs that last
+                    box = p.locator("#tab-demo").get_by_label(f"number input for {label}")
+                    box.fill(value)
+                    box.press("Enter")
+            desk.locator("#run-demo").click()
+            running = re.compile(r"(Baseline|MagCache) run: step \d+/100")
+            expect(desk.locator("#status-demo")).to_contain_text(running, timeout=60_000)
+            run.click()
+            expect(status).to_contain_text("Waiting for the device: the Demo tab has held it for", timeout=30_000)
+            status.screenshot(path=str(shots / "phone_waiting.png"))
+            desk.locator("#stop-demo").click()
+            expect(desk.locator("#status-demo")).to_contain_text("Stopped", timeout=60_000)
+        finally:
+            desk.close()
+        expect(status).to_contain_text(running, timeout=60_000)
         page.locator("#stop-demo").click()
         expect(status).to_contain_text("Stopped", timeout=60_000)
         expect(status).to_contain_text(" after step ")
