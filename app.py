@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from magcache.studio.housekeeping import Janitor, Limits
     from magcache.studio.manager import ModelManager
     from magcache.studio.redaction import filter_log_handlers
-    from ui import CSS, THEME, build_app
+    from ui import CSS, JS, THEME, build_app
     from ui.redaction import redact_gradio_errors
     from ui.handlers import output_dir
 
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                 manager.device, public.client_queue_limit() or "unlimited")
     janitor = Janitor(housekeeping_folders(output_dir()), limits).start()
     try:
-        app.launch(theme=THEME, css=CSS, footer_links=["gradio", "settings"], prevent_thread_lock=True, **options)
+        app.launch(theme=THEME, css=CSS, js=JS, footer_links=["gradio", "settings"], prevent_thread_lock=True,
+                   **options)
         filter_log_handlers()  # uvicorn made its handlers during launch
         app.block_thread()
     finally:

@@ -37,7 +37,9 @@ def manager(tmp_path_factory):
 
 
 def _values(tab_id, **extra):
-    values = {"prompt": "a red circle on a blue background", "steps": STEPS, "seed": 1, "compare": True}
+    # one timed pair: every block run below is one of the two runs whose outputs are compared
+    values = {"prompt": "a red circle on a blue background", "steps": STEPS, "seed": 1, "compare": True,
+              "timing_repeats": 1}
     if tab_id in ("flux_kontext", "wan_i2v", "framepack", "wan22_i2v", "wan22_ti2v_i2v", "qwen_image_edit"):
         values["image"] = tiny_call_kwargs("flux_kontext")["image"]
     if tab_id == "framepack":
@@ -46,9 +48,14 @@ def _values(tab_id, **extra):
     return values
 
 
-def _parse_steps(cell):
-    computed, total = cell.split("/")
-    return int(computed), int(total)
+def _parse_passes(cell):
+    """"12/16 (cond 6/8, uncond 6/8)" -> {"all": (12, 16), "cond": (6, 8), "uncond": (6, 8)}."""
+    first, _, rest = cell.partition(" (")
+    out = {"all": tuple(int(n) for n in first.split("/"))}
+    for part in filter(None, rest.rstrip(")").split(", ")):
+        name, counts = part.split(" ")
+        out[name] = tuple(int(n) for n in counts.split("/"))
+    return out
 
 
 # Qwen-Image-Edit's pipeline resizes the input image to a 1024x1024-pixel area whatever the output size, so even its
@@ -83,8 +90,8 @@ def test_every_tab_end_to_end(manager, tab_id):
         assert out["slider"] == (out["baseline_image"], out["magcache_image"])
     assert out["heatmap"] is not None and out["schedule"] is not None
 
-    # timings: speed-up = baseline s / MagCache s, in the result and in the table
-    assert result.speedup == pytest.approx(base.seconds / cached.seconds)
+    # timings: speed-up = baseline s / MagCache s (one pair), in the result and in the table
+    assert result.timing.pairs == 1 and result.speedup == pytest.approx(base.seconds / cached.seconds)
     table = out["timing"].set_index("Run")
     assert table.loc["MagCache", "Speed-up"] == f"{base.seconds / cached.seconds:.2f}×"
     assert float(table.loc["Baseline (no cache)", "Time (s)"]) == pytest.approx(base.seconds, abs=5e-4)
@@ -96,11 +103,15 @@ def test_every_tab_end_to_end(manager, tab_id):
     branches = list(cached.stats[0].branches)
     assert len(branches) == tab.num_branches(result.variant.defaults["guidance_scale"])
     computed_total = 0
+    passes, base_passes = _parse_passes(table.loc["MagCache", "Passes computed"]), _parse_passes(
+        table.loc["Baseline (no cache)", "Passes computed"])
     for b in branches:
         library = sum(len(run.computed[b]) for run in cached.stats)
-        assert _parse_steps(table.loc["MagCache", f"{b} steps"]) == (library, STEPS * sections)
-        assert _parse_steps(table.loc["Baseline (no cache)", f"{b} steps"]) == (STEPS * sections, STEPS * sections)
+        key = b if len(branches) > 1 else "all"
+        assert passes[key] == (library, STEPS * sections)
+        assert base_passes[key] == (STEPS * sections, STEPS * sections)
         computed_total += library
+    assert passes["all"] == (computed_total, STEPS * sections * len(branches))
     preset = get_preset(result.preset)
     if preset.calibrate_first:  # FLUX.2, Z-Image: no curve before a calibration, so nothing is skipped
         assert computed_total == base.transformer_calls
@@ -125,9 +136,10 @@ def test_every_tab_end_to_end(manager, tab_id):
 
 def test_demo_falls_back_to_a_tiny_flux_until_the_demo_model_exists(manager):
     out = handlers.generate(manager, "demo", _values("demo", steps=4, compare=False))
-    assert "demo model is not at" in out["status"] and "`flux`" in out["status"]
+    assert "demo model is not at" in out["details"] and "`flux`" in out["details"]
     assert out["baseline_image"] is None and out["slider"] is None and out["magcache_image"] is not None
-    assert "Compare with baseline" in out["metrics"]
+    assert out["heatmap"] is None and out["metrics"] == ""
+    assert "Compare with baseline" in out["headline"] and "transformer passes" in out["headline"]
     assert list(out["timing"]["Run"])[:2] == ["MagCache", "Predicted (policy)"]
 
 
@@ -136,7 +148,7 @@ def test_stop_cancels_cleanly_and_the_next_run_works(manager):
 
     def stop_at_step_two(phase, done, total):
         if phase == "baseline" and done == 2:
-            assert handlers.stop(manager, session).startswith("⏹ **Stopped.**")
+            assert handlers.stop(manager, session).startswith("⏹ **Stopping**")
 
     out = handlers.generate(manager, "wan_t2v", _values("wan_t2v"), session, stop_at_step_two)
     assert out["status"].startswith("⏹ **Stopped**") and "after step 2 of 8" in out["status"]
@@ -176,7 +188,7 @@ def test_compile_runs_the_blocks_compiled_and_reports_the_warm_up(tiny):
     assert result.compiled and result.warmup_seconds is not None and "compiled blocks" in out["status"]
     pipe = m.get("flux").pipe
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in pipe.transformer.transformer_blocks)
-    assert "Warm-up (not in speed-up)" in list(out["timing"]["Run"])
+    assert "Warm-up (not timed)" in list(out["timing"]["Run"])
     plain = handlers.generate(m, "flux", _values("flux", steps=4))  # compile off: eager again, same outputs
     assert not plain["result"].compiled
     assert np.array_equal(np.asarray(plain["magcache_image"]), np.asarray(out["magcache_image"]))
@@ -306,11 +318,95 @@ def test_demo_reads_plain_english_into_its_grammar_and_says_so(manager):
     out = handlers.generate(manager, "demo", _values("demo", prompt="a big red circle in the middle of a blue backdrop",
                                                        steps=4, compare=False))
     result = out["result"]
-    assert result.notes[0].startswith("The demo model knows only its training grammar; your prompt ran as "
+    assert result.request_notes[0].startswith("The demo model knows only its training grammar; your prompt ran as "
                                       "\"blue background, large red circle at center\"")
     assert "ran as" in out["status"]
     grammar = handlers.generate(manager, "demo", _values("demo", prompt="blue background, large red circle at center",
                                                          steps=4, compare=False))
-    assert not any("ran as" in n for n in grammar["result"].notes)  # a caption of the grammar runs as typed
+    assert grammar["result"].request_notes == []  # a caption of the grammar runs as typed
     with pytest.raises(InvalidRequest, match="names no such shape. It does not know: cat, sofa"):
         handlers.generate(manager, "demo", _values("demo", prompt="a cat sitting on a sofa"))
+
+
+def test_timing_interleaves_pairs_and_keeps_the_first_pairs_outputs(manager):
+    """Baseline and MagCache runs alternate (the handle is on for every second pipeline call), the speed-up is
+    the median of the pairs, and the images are those of a single pair with the same seed."""
+    from magcache.studio.comparison import Timing
+
+    pipe = manager.get("flux").pipe
+    cached_calls = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args: cached_calls.append(magcache.get_handle(pipe) is not None))
+    try:
+        out = handlers.generate(manager, "flux", _values("flux", timing_repeats=3))
+    finally:
+        hook.remove()
+    runs = [on for i, on in enumerate(cached_calls) if i == 0 or on != cached_calls[i - 1]]
+    assert runs == [False, True] * 3  # a warm-up, if any, merges with the first baseline
+    result = out["result"]
+    timing = result.timing
+    assert timing.pairs == 3 and timing.baseline[0] == result.baseline.seconds
+    assert timing.cached[0] == result.cached.seconds
+    assert result.speedup == pytest.approx(float(np.median(np.array(timing.baseline) / np.array(timing.cached))))
+    single = handlers.generate(manager, "flux", _values("flux"))
+    assert np.array_equal(np.asarray(single["magcache_image"]), np.asarray(out["magcache_image"]))
+    assert np.array_equal(np.asarray(single["baseline_image"]), np.asarray(out["baseline_image"]))
+    assert out["timing"].set_index("Run").loc["MagCache", "Speed-up"].startswith(f"{timing.speedup:.2f}× ± ")
+    assert f"Median of 3 baseline / MagCache pairs" in out["headline"]
+    assert Timing([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]).speedup_spread == pytest.approx(0.75)
+
+
+def test_a_speed_up_beyond_the_prediction_or_a_large_spread_is_flagged_as_a_busy_machine(manager):
+    from magcache.studio import comparison
+    from magcache.studio.comparison import Timing
+
+    result = handlers.generate(manager, "flux", _values("flux"))["result"]
+    assert result.timing.pairs == 1
+    predicted = result.predicted_speedup
+    result.timing = Timing([predicted * 1.5] * 3, [1.0] * 3)  # above what skipping blocks can give
+    assert result.timing_is_noisy
+    assert any("busy machine" in w for w in comparison._warnings(result))
+    assert "Timing uncertain: the machine is busy" in handlers.headline_markdown(result)
+    result.timing = Timing([1.0, 1.0, 1.5, 2.0], [1.0] * 4)  # pairs disagree by more than 10%
+    assert result.timing_is_noisy and any("machine is busy" in w for w in comparison._warnings(result))
+    result.timing = Timing([1.0, 1.01, 0.99], [1.0] * 3)
+    assert not result.timing_is_noisy and "Timing uncertain" not in handlers.headline_markdown(result)
+
+
+def test_timing_repeats_are_checked(manager):
+    for bad in (0, 21, 2.5):
+        with pytest.raises(InvalidRequest, match="Timing repeats"):
+            handlers.generate(manager, "flux", _values("flux", timing_repeats=bad))
+    assert handlers.request_from_values("flux", {"timing_repeats": "auto"}).timing_repeats is None
+
+
+def test_typed_slider_values_out_of_range_are_refused_with_the_range():
+    assert handlers.out_of_range("Steps", 1000, 2, 100) == "Steps takes 2 to 100; 1000 was not taken."
+    assert "K takes 0 to 10" in handlers.out_of_range("K", -2, 0, 10)
+    assert handlers.out_of_range("thresh", float("nan"), 0, 1) is not None
+    assert handlers.out_of_range("Steps", 28, 2, 100) is None
+
+
+def test_a_waiting_request_says_which_tab_holds_the_device():
+    m = ModelManager(tiny=True)
+    assert handlers.queue_text(m, 0) == "Waiting for the device (0 ahead)"
+    with m.device_slot(who="FLUX.1"):
+        text = handlers.queue_text(m, 1)
+    assert text.startswith("Waiting for the device: the FLUX.1 tab has held it for ") and text.endswith(" s")
+    assert m.device_holder() is None
+
+
+def test_tiny_mode_shrinks_an_upload_to_the_tabs_size(manager):
+    tab = manager.catalog.tab("flux_kontext")
+    loaded = manager.get("flux_kontext")
+    d = tab_defaults(manager, "flux_kontext")
+    req = handlers.request_from_values("flux_kontext", _values("flux_kontext", image=Image.new("RGB", (512, 384))))
+    from magcache.studio.request import validate
+
+    kw = build_call_kwargs(tab, tab.variants[0], loaded, validate(tab, req, d))
+    assert kw["image"].size == (d["width"], d["height"])
+
+
+def test_a_typed_demo_weights_path_that_does_not_exist_is_an_error(manager):
+    with pytest.raises(WeightsNotFound, match="'/nonexistent/model' is not a demo model folder"):
+        handlers.generate(manager, "demo", _values("demo", weights="/nonexistent/model"))

@@ -1,9 +1,11 @@
-"""A real browser against the real app: start ``app.py`` (MAGCACHE_TINY=1) on a free loopback port, drive Debian's
-chromium with Playwright, run the Demo tab with comparison on, wait for both images and the timing table, save a
-screenshot, then open every other tab. Fails (never skips) when chromium is missing: CI installs it."""
+"""A real browser against the real app: start ``app.py`` (MAGCACHE_TINY=1, the Demo tab on its own model) once on
+a free loopback port, drive Debian's chromium with Playwright at a desktop (1400×1000) and a phone (390×844)
+viewport: the Demo tab's comparison and its headline, inline validation, Compare off, the tuning section, Stop.
+Screenshots go to ``MAGCACHE_SCREENSHOT_DIR`` (default: the test's temp dir). Fails (never skips) when chromium
+is missing: CI installs it."""
 
-import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,74 +15,142 @@ from magcache.studio.local_app import start_app
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+DESKTOP = {"width": 1400, "height": 1000}
+PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture
-def app_url(tmp_path):
-    """The app as the load test starts it (``magcache.studio.local_app.start_app``), with an empty calibration store and the
-    Demo tab on its default model (the trained one when it exists, else the tiny stand-in)."""
-    env = dict(MAGCACHE_HOME=str(tmp_path / "home"), MAGCACHE_WEIGHTS_DEMO="")  # never the user's calibrations
-    with start_app(tmp_path / "app.log", env=env) as url:
-        yield url
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The app as the load test starts it (``magcache.studio.local_app.start_app``), with an empty calibration
+    store and the Demo tab on its default model (the trained one when it exists, else the tiny stand-in); one app
+    for the module's tests (starting one costs more than a test)."""
+    root = tmp_path_factory.mktemp("browser")
+    env = dict(MAGCACHE_HOME=str(root / "home"), MAGCACHE_WEIGHTS_DEMO="")  # never the user's calibrations
+    with start_app(root / "app.log", env=env) as url:
+        yield url, root
 
 
-@contextlib.contextmanager
-def _demo_page(app_url, tmp_path):
-    """A chromium page on the app with the Demo tab shown, and the folder for screenshots."""
+@pytest.fixture(scope="module")
+def browser():
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.fail("Debian's chromium is not installed (apt-get install chromium); the browser test needs it.")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
-    shots = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(app_url)
-            expect(page.locator("#run-demo")).to_be_visible(timeout=60_000)
-            yield page, shots
+            yield b
         finally:
-            browser.close()
+            b.close()
 
 
-def test_demo_tab_in_a_real_browser(app_url, tmp_path):
+@pytest.fixture
+def shots(tmp_path):
+    folder = Path(os.environ.get("MAGCACHE_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _no_horizontal_overflow(locator) -> bool:
+    """Every column of a Gradio table is on screen: nothing scrolls sideways inside it."""
+    return locator.evaluate("el => [...el.querySelectorAll('*')].every(e => e.scrollWidth <= e.clientWidth + 2 || "
+                            "getComputedStyle(e).overflowX === 'visible')")
+
+
+def _open(browser, url, viewport):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport=viewport)
+    page.goto(url)
+    expect(page.locator("#run-demo")).to_be_visible(timeout=60_000)
+    return page
+
+
+def test_demo_tab_on_a_desktop(app, browser, shots):
+    """Generate with Compare: the headline card (speed-up with spread, PSNR, SSIM, passes), a timing table that
+    fits, provenance folded away; a typed out-of-range value refused next to its slider; Compare off leaves no
+    empty boxes; a typed weights path that does not exist is an error. Then every other tab opens."""
     from playwright.sync_api import expect
 
     from magcache.studio.catalog import load_catalog
 
-    with _demo_page(app_url, tmp_path) as (page, shots):
-        run = page.locator("#run-demo")
-        expect(run).to_be_visible(timeout=60_000)
-        expect(page.locator("#mc-intro")).to_contain_text("MagCache Studio")
-        # Compare with baseline is on by default; run the Demo tab
-        run.click()
+    url, _ = app
+    page = _open(browser, url, DESKTOP)
+    try:
+        expect(page.locator("#mc-intro")).to_be_visible()  # the intro is open on a wide screen
+        tab = page.locator("#tab-demo")
+        expect(page.locator("#baseline-demo")).to_be_hidden()  # no empty result boxes before a run
+        page.locator("#run-demo").click()
         expect(page.locator("#status-demo")).to_contain_text("Done: Demo", timeout=240_000)
+        headline = page.locator("#headline-demo")
+        expect(headline).to_contain_text("× faster")
+        for part in ("PSNR", "SSIM", "of 56 transformer passes", "Median of"):
+            expect(headline).to_contain_text(part)
         for side in ("baseline", "magcache"):
             expect(page.locator(f"#{side}-demo img")).to_be_visible(timeout=30_000)
         timing = page.locator("#timing-demo")
-        expect(timing).to_contain_text("Baseline (no cache)")
-        expect(timing).to_contain_text("MagCache")
-        expect(timing).to_contain_text("×")
+        for text in ("Baseline (no cache)", "MagCache", "Passes computed", "Calls", "×"):
+            expect(timing).to_contain_text(text)
+        assert _no_horizontal_overflow(timing)
+        expect(page.locator("#passes-help-demo")).to_contain_text("Calls")
         expect(page.locator("#metrics-demo")).to_contain_text("PSNR")
+        details = page.locator("#details-demo")
+        expect(details).to_contain_text("Details")
+        expect(details.get_by_text("Model:")).to_be_hidden()  # provenance is folded away
         page.screenshot(path=str(shots / "demo_tab.png"), full_page=True)
         assert (shots / "demo_tab.png").stat().st_size > 10_000
 
-        for tab in load_catalog().tabs[1:]:
-            page.get_by_role("tab", name=tab.label, exact=True).click()
-            expect(page.locator(f"#run-{tab.id}")).to_be_visible(timeout=20_000)
-            expect(page.locator(f"#schedule-{tab.id}")).to_be_visible()
-        page.screenshot(path=str(shots / "last_tab.png"), full_page=True)
+        # a typed value out of range: refused next to the slider with its range, the box restored, the preview kept
+        preview = tab.locator("p", has_text="Predicted schedule")
+        before = preview.inner_text()
+        steps = tab.get_by_label("number input for Steps")
+        kept = steps.input_value()
+        steps.fill("1000")
+        steps.press("Enter")
+        expect(tab.get_by_text("Steps takes 2 to 100; 1000 was not taken.")).to_be_visible(timeout=10_000)
+        expect(steps).to_have_value(kept, timeout=10_000)
+        expect(preview).to_have_text(before)
+        K = tab.get_by_label("number input for K (max consecutive skips)")
+        K.fill("-2")
+        K.press("Enter")
+        expect(tab.get_by_text("K takes 0 to 10; -2 was not taken.")).to_be_visible(timeout=10_000)
+        page.locator("#status-demo").screenshot(path=str(shots / "desktop_status.png"))
+        tab.screenshot(path=str(shots / "desktop_inline_validation.png"))
+
+        # Compare off: one image, no baseline / slider / difference map boxes, the headline says what is missing
+        tab.get_by_label("Compare with baseline").uncheck()
+        page.locator("#run-demo").click()
+        expect(headline).to_contain_text("Turn on Compare with baseline", timeout=120_000)
+        expect(page.locator("#magcache-demo img")).to_be_visible()
+        for hidden in ("#baseline-demo", "#slider-demo", "#heatmap-demo"):
+            expect(page.locator(hidden)).to_be_hidden()
+        page.screenshot(path=str(shots / "desktop_compare_off.png"), full_page=True)
+
+        # a weights path typed by hand that does not exist: an error, not a silent stand-in model
+        tab.get_by_text("Model source").click()
+        tab.get_by_label("Weights").fill("/nonexistent/model")
+        page.locator("#run-demo").click()
+        expect(page.get_by_text("is not a demo model folder")).to_be_visible(timeout=30_000)
+
+        for other in load_catalog().tabs[1:]:
+            page.get_by_role("tab", name=other.label, exact=True).click()
+            expect(page.locator(f"#run-{other.id}")).to_be_visible(timeout=20_000)
+            expect(page.locator(f"#schedule-{other.id}")).to_be_visible()
+    finally:
+        page.close()
 
 
-def test_tuning_panel_in_a_real_browser(app_url, tmp_path):
-    """The Demo tab's tuning panel: moving the thresh slider redraws the live preview, a one-click calibration
-    is saved and then named by the preview as the curve in use, a 3x2 sweep fills its table and Pareto plot, and
-    clicking a row sets the sliders."""
+def test_tuning_section_on_a_desktop(app, browser, shots):
+    """The Demo tab's tuning section (full width): moving the thresh slider redraws the live preview, a one-click
+    calibration is saved and then named by the preview as the curve in use, a 3x2 sweep fills a table that shows
+    every column and a Pareto plot, clicking a row sets the sliders, Stop reads "stopped after N of M", the
+    export is readable code."""
     from playwright.sync_api import expect
 
-    with _demo_page(app_url, tmp_path) as (page, shots):
+    url, root = app
+    page = _open(browser, url, DESKTOP)
+    try:
         tab = page.locator("#tab-demo")
         preview = tab.locator("p", has_text="Predicted schedule")
         expect(preview).to_contain_text("ratio curve: preset", timeout=20_000)
@@ -101,24 +171,33 @@ def test_tuning_panel_in_a_real_browser(app_url, tmp_path):
         # one-click calibration: saved to the store, plotted, and from now on the curve in use
         tuning = page.locator("#tuning-demo")
         tuning.get_by_text("Tuning: ratio curve").click()
+        tuning_box = tuning.bounding_box()
+        assert tuning_box["width"] > 0.8 * DESKTOP["width"]  # a full-width section, not a corner of the inputs
         tuning.get_by_role("tab", name="Calibrate").click()
         page.locator("#calibrate-demo").click()
         status = page.locator("#calibrate-status-demo")
         expect(status).to_contain_text("Calibrated", timeout=120_000)
         expect(page.locator("#calibrate-plot-demo")).to_be_visible()
-        saved = list((tmp_path / "home" / "calibrations").glob("*.json"))
+        saved = list((root / "home" / "calibrations").glob("*.json"))
         assert len(saved) == 1 and saved[0].stem in status.inner_text()
         expect(preview).to_contain_text(f"calibration {saved[0].stem} (exact)", timeout=20_000)
-        tuning.screenshot(path=str(shots / "tuning_calibration.png"))
 
-        # a 3x2 sweep: table, Pareto plot; a clicked row sets the sliders
+        # a 3x2 sweep: every column on screen, Pareto plot; a clicked row sets the sliders
         tuning.get_by_role("tab", name="Sweep").click()
         page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2")
         page.locator("#sweep-K-demo textarea").fill("2, 4")
         page.locator("#sweep-demo").click()
-        expect(page.locator("#sweep-status-demo")).to_contain_text("Sweep done: 6 points", timeout=180_000)
+        sweep_status = page.locator("#sweep-status-demo")
+        expect(sweep_status).to_contain_text("Sweep done: 6 points", timeout=180_000)
         table = page.locator("#sweep-table-demo")
         expect(table.locator('[role="row"]')).to_have_count(7)  # header + 6 points
+        for header in ("measured", "PSNR", "SSIM", "Pareto"):
+            expect(table.get_by_text(header).first).to_be_visible()
+        assert _no_horizontal_overflow(table)
+        right = table.evaluate("el => el.getBoundingClientRect().right")
+        headers = table.locator('[role="columnheader"]')
+        assert headers.count() == 11 and all(headers.nth(i).bounding_box()["x"] + headers.nth(i).bounding_box()["width"]
+                                             <= right + 1 for i in range(11))  # every column inside the table box
         expect(page.locator("#sweep-plot-demo")).to_be_visible()
         last = table.locator('[role="row"][aria-rowindex="7"] [role="gridcell"]')
         expect(last.nth(1)).to_have_text("0.2")
@@ -126,15 +205,91 @@ def test_tuning_panel_in_a_real_browser(app_url, tmp_path):
         expect(thresh).to_have_value("0.2", timeout=10_000)
         expect(tab.get_by_label("number input for K (max consecutive skips)")).to_have_value("4")
         tuning.screenshot(path=str(shots / "tuning_sweep.png"))
-        assert (shots / "tuning_sweep.png").stat().st_size > 10_000
+
+        # Stop during a sweep: "stopped after N of M points", no error
+        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7")
+        page.locator("#sweep-retention-demo textarea").fill("0.1, 0.2")
+        page.locator("#sweep-demo").click()
+        expect(sweep_status).not_to_contain_text("Sweep done", timeout=10_000)  # the last status is cleared
+        expect(sweep_status).to_contain_text(re.compile(r"Sweep (warm-up|baseline|\d)"), timeout=60_000)  # it runs
+        page.locator("#sweep-stop-demo").click()
+        expect(sweep_status).to_contain_text("Sweep stopped", timeout=120_000)
+        expect(sweep_status).to_contain_text("of 36 points")
+        expect(tuning.get_by_text("Error", exact=True)).to_have_count(0)
+
+        # export: readable code with a copy button
+        tuning.get_by_role("tab", name="Export / load").click()
+        page.locator("#export-format-demo").get_by_text("magcache Python snippet").click()
+        code = page.locator("#export-code-demo")
+        expect(code).to_contain_text("magcache", timeout=20_000)
+        assert _no_horizontal_overflow(code)
+        tuning.screenshot(path=str(shots / "tuning_export.png"))
+    finally:
+        page.close()
 
 
-def test_strategies_view_in_a_real_browser(app_url, tmp_path):
+def test_demo_tab_on_a_phone(app, browser, shots):
+    """390×844: the intro and the model description collapsed, Generate on the first screen, the page scrolls to
+    the progress on press, the headline and the timing table readable; a request waiting behind another
+    session's run says which tab holds the device and for how long; Stop says after which step."""
+    from playwright.sync_api import expect
+
+    url, _ = app
+    page = _open(browser, url, PHONE)
+    try:
+        expect(page.locator("#mc-intro")).to_be_hidden(timeout=10_000)
+        expect(page.locator("#about-demo").get_by_text("procedurally drawn shapes")).to_be_hidden()
+        run = page.locator("#run-demo")
+        box = run.bounding_box()
+        assert box["y"] + box["height"] <= PHONE["height"], f"Generate at y={box['y']:.0f}, below the first screen"
+        page.screenshot(path=str(shots / "phone_first_screen.png"))
+        run.click()
+        status = page.locator("#status-demo")
+        expect(status).to_be_in_viewport(timeout=10_000)
+        expect(status).to_contain_text("Done: Demo", timeout=240_000)
+        headline = page.locator("#headline-demo")
+        expect(headline).to_contain_text("× faster")
+        headline.scroll_into_view_if_needed()
+        assert _no_horizontal_overflow(page.locator("#timing-demo"))
+        page.screenshot(path=str(shots / "phone_result.png"))
+        page.screenshot(path=str(shots / "phone_full.png"), full_page=True)
+
+        # While another session's long run holds the device, the phone's request says who holds it and for how
+        # long; then Stop during its own long run says after which step
+        desk = _open(browser, url, DESKTOP)
+        try:
+            for p in (desk, page):
+                for label, value in (("Steps", "100"), ("Width", "512"), ("Height", "512")):  # runs that last
+                    box = p.locator("#tab-demo").get_by_label(f"number input for {label}")
+                    box.fill(value)
+                    box.press("Enter")
+            desk.locator("#run-demo").click()
+            running = re.compile(r"(Baseline|MagCache) run: step \d+/100")
+            expect(desk.locator("#status-demo")).to_contain_text(running, timeout=60_000)
+            run.click()
+            expect(status).to_contain_text("Waiting for the device: the Demo tab has held it for", timeout=30_000)
+            status.screenshot(path=str(shots / "phone_waiting.png"))
+            desk.locator("#stop-demo").click()
+            expect(desk.locator("#status-demo")).to_contain_text("Stopped", timeout=60_000)
+        finally:
+            desk.close()
+        expect(status).to_contain_text(running, timeout=60_000)
+        page.locator("#stop-demo").click()
+        expect(status).to_contain_text("Stopped", timeout=60_000)
+        expect(status).to_contain_text(" after step ")
+        status.screenshot(path=str(shots / "phone_stopped.png"))
+    finally:
+        page.close()
+
+
+def test_strategies_view_on_a_desktop(app, browser, shots):
     """The Demo tab's Strategies accordion: two strategies at one level fill the table and the plot; the speed-up
     target shows the optimal schedule beside the threshold solution."""
     from playwright.sync_api import expect
 
-    with _demo_page(app_url, tmp_path) as (page, shots):
+    url, _ = app
+    page = _open(browser, url, DESKTOP)
+    try:
         tab = page.locator("#tab-demo")
         steps = tab.get_by_label("number input for Steps")
         steps.fill("8")
@@ -159,3 +314,5 @@ def test_strategies_view_in_a_real_browser(app_url, tmp_path):
         expect(table.locator('[role="row"]')).to_have_count(3)  # header + magcache + uniform
         expect(page.locator("#strategies-plot-demo")).to_be_visible()
         view.screenshot(path=str(shots / "strategies.png"))
+    finally:
+        page.close()

@@ -104,7 +104,7 @@ def test_the_demo_tab_never_runs_a_stand_in_for_a_typed_path(manager, tmp_path):
         with pytest.raises(WeightsNotFound, match="is not a demo model folder"):
             handlers.generate(manager, "demo", dict(SMALL, weights=typed))
     out = handlers.generate(manager, "demo", SMALL)  # nothing typed: the tiny stand-in, with a note saying so
-    assert "demo model is not at" in out["status"]
+    assert "demo model is not at" in out["details"]
 
 
 def test_calibrations_are_kept_per_visitor_in_public_mode(public_on, monkeypatch, tmp_path):

@@ -184,8 +184,8 @@ def test_calibrate_then_a_new_run_uses_it(manager, store_dir):
 
     result = _run(manager, "demo", values)  # and so does a new run
     assert result.curve.calibration.id == cal.id and result.curve.how == "exact"
-    status = handlers.status_markdown(result)
-    assert f"Ratio curve: calibration {cal.id} (exact)" in status
+    details = handlers.details_markdown(result)
+    assert f"**Ratio curve:** calibration {cal.id} (exact)" in details
     p = get_preset("flux")
     expected = P.simulate(cal.curves, STEPS, p.settings(**settings), rules_for_calibration(p.rules), 2)
     assert result.cached.stats[0].computed == expected.computed == schedule.computed
@@ -251,7 +251,7 @@ def test_changed_step_count_picks_the_nearest_and_resamples(manager):
         if steps == 11:
             result = _run(manager, "demo", values)
             assert result.curve.how == curve.how and result.cached.stats[0].computed == expected.computed
-            assert "resampled from 8 steps" in handlers.status_markdown(result)
+            assert "resampled from 8 steps" in handlers.details_markdown(result)
 
 
 def test_calibration_of_another_size_is_the_nearest_one(manager):

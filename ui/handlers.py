@@ -30,7 +30,8 @@ logger = logging.getLogger("magcache.studio.ui")
 
 DISPLAY_MIN_SIDE = 256  # tiny outputs are enlarged (nearest neighbour) to at least this size for display
 PHASES = {"baseline": "Baseline run", "magcache": "MagCache run", "warm-up": "Warm-up", "load": "Loading the model",
-          "queue": "Waiting for the device", "calibration": "Calibration run (nothing skipped)"}
+          "queue": "Waiting for the device", "calibration": "Calibration run (nothing skipped)",
+          "timing": "Timing baseline and MagCache in turn"}
 STEPPED = ("baseline", "magcache", "calibration")  # phases that report steps
 
 
@@ -60,7 +61,7 @@ def show_preview(p: SchedulePreview) -> tuple[Any, str]:
     source = f"{preset.id!r} ratios" if curve is None else f"ratio curve: {curve.label}"
     text = (f"**Predicted schedule** ({source}): {computed}/{total} transformer passes computed → "
             f"**{schedule.predicted_speedup():.2f}×** on the transformer blocks (embeddings, text encoders and VAE "
-            "are not sped up, so the wall-clock speed-up is lower).")
+            "are not sped up, so this bounds the wall-clock speed-up from above).")
     if p.tab.task == "framepack":
         text += f" FramePack runs this schedule once per section ({p.sections} section{'s' if p.sections > 1 else ''})."
     n, switch = schedule.num_steps, p.expert_switch
@@ -78,7 +79,8 @@ def show_preview(p: SchedulePreview) -> tuple[Any, str]:
 # Generate / stop
 # --------------------------------------------------------------------------------------------------
 NUMBER_LABELS = {"height": "Height", "width": "Width", "num_frames": "Frames", "steps": "Steps", "guidance": "Guidance",
-                 "seed": "Seed", "thresh": "thresh", "retention_ratio": "retention ratio", "K": "K"}
+                 "seed": "Seed", "thresh": "thresh", "retention_ratio": "retention ratio", "K": "K",
+                 "timing_repeats": "Timing repeats"}
 UPLOADS = {"image": "input image", "control_video": "control video", "mask_video": "mask video"}
 
 
@@ -147,6 +149,8 @@ def request_from_values(tab_id: str, values: Mapping[str, Any],
         weights=(values.get("weights") or "").strip() or None,
         base=(values.get("base") or "").strip() or None,
         compile_backend=values.get("compile_backend"),
+        timing_repeats=None if str(values.get("timing_repeats", "")).strip().lower() in ("", "auto", "none")
+        else num("timing_repeats"),
         curve=values.get("curve") or None,
         curve_file=values.get("curve_file") or None,
     )
@@ -188,9 +192,32 @@ def error_html(message: Any) -> str:
 
 
 def stop(manager: ModelManager, session: str) -> str:
+    """Ask the session's run to stop; the run itself then reports after which step it stopped."""
     if manager.cancel(session):
-        return "⏹ **Stopped.** The run ends at its current step; the model stays loaded, run again any time."
+        return "⏹ **Stopping** at the end of the current step…"
     return "Nothing is running in this tab."
+
+
+def queue_text(manager: ModelManager, ahead: int) -> str:
+    """What a request waiting for the device shows: which tab holds it, for how long, how many are ahead."""
+    holder = manager.device_holder()
+    if holder is None:
+        return f"Waiting for the device ({ahead} ahead)"
+    who, seconds = holder
+    return (f"Waiting for the device: the {who or 'other'} tab has held it for {seconds:.0f} s"
+            + (f" ({ahead} requests ahead)" if ahead > 1 else ""))
+
+
+def out_of_range(label: str, value: Any, minimum: float, maximum: float) -> str | None:
+    """Why a typed slider value is refused (None: it is in range): the control's own range, said next to it.
+    The backend checks every request again (API clients never see the sliders)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"{label} must be a number from {minimum:g} to {maximum:g}; {value!r} was not taken."
+    if not np.isfinite(number) or not minimum <= number <= maximum:
+        return f"{label} takes {minimum:g} to {maximum:g}; {value!r} was not taken."
+    return None
 
 
 def progress_text(phase: str, done: int, total: int) -> str:
@@ -198,6 +225,8 @@ def progress_text(phase: str, done: int, total: int) -> str:
         return f"Waiting for the device ({done} ahead)"
     if phase in STEPPED:
         return f"{PHASES[phase]}: step {done}/{total}"
+    if phase == "timing":
+        return f"{PHASES[phase]}: pair {done + 1} of at most {total}"
     return PHASES.get(phase, phase)
 
 
@@ -208,6 +237,8 @@ def present(result: ComparisonResult) -> dict[str, Any]:
     out: dict[str, Any] = {
         "result": result,
         "status": status_markdown(result),
+        "headline": headline_markdown(result),
+        "details": details_markdown(result),
         "timing": timing_table(result),
         "metrics": metrics_markdown(result),
         "heatmap": _display(result.heatmap) if result.heatmap is not None else None,
@@ -238,38 +269,86 @@ def _display(image: Any) -> Image.Image:
     return Image.fromarray(arr)
 
 
-TIMING_COLUMNS = ["Run", "Time (s)", "Speed-up"]
+TIMING_COLUMNS = ["Run", "Time (s)", "Speed-up", "Passes computed", "Calls"]
+PASSES_HELP = ("**Passes** are runs of the transformer's block stack, one per step and branch (the uncond branch "
+               "of real CFG is a second pass); MagCache skips a pass by reusing the last residual. **Calls** are "
+               "the transformer's forward calls: every step still makes them (embeddings and the output layer run), "
+               "so they are equal for both runs.")
 
 
-def empty_timing_table() -> pd.DataFrame:
-    return pd.DataFrame([], columns=TIMING_COLUMNS + ["Steps computed", "Calls"])
+def _seconds(median: float, spread: float, pairs: int) -> str:
+    return f"{median:.3f} ± {spread:.3f}" if pairs > 1 else f"{median:.3f}"
+
+
+def _passes(counts: Mapping[str, tuple[int, int]]) -> str:
+    """"12/56 (cond 6/28, uncond 6/28)": passes computed of all branches, then per branch when there are several."""
+    computed, total = sum(c for c, _ in counts.values()), sum(t for _, t in counts.values())
+    if len(counts) < 2:
+        return f"{computed}/{total}"
+    return f"{computed}/{total} (" + ", ".join(f"{b} {c}/{t}" for b, (c, t) in counts.items()) + ")"
 
 
 def timing_table(result: ComparisonResult) -> pd.DataFrame:
-    """Baseline and MagCache wall times, speed-up = baseline / MagCache, computed/total steps per branch (summed
-    over FramePack sections) from the run's MagCache stats, and transformer calls counted on the model."""
+    """Baseline and MagCache wall times (median ± half the interquartile range over the interleaved pairs, a
+    single time with one pair), the speed-up (median of the pairs' baseline / MagCache), the block-stack passes
+    computed out of all (summed over branches and FramePack sections, from the run's MagCache stats) and the
+    transformer's forward calls counted on the model."""
     counts = result.cached.branch_counts()
-    predicted = {b: len(v) * result.sections for b, v in result.predicted.computed.items()}
-    columns = TIMING_COLUMNS + [f"{b} steps" for b in counts] + ["Calls"]
+    predicted = {b: (len(result.predicted.computed.get(b, ())) * result.sections, t) for b, (_, t) in counts.items()}
+    timing = result.timing
     rows = []
-    if result.baseline is not None:
-        rows.append(["Baseline (no cache)", f"{result.baseline.seconds:.3f}", "1.00×"]
-                    + [f"{t}/{t}" for _, t in counts.values()] + [result.baseline.transformer_calls])
-    speedup = result.speedup
-    rows.append(["MagCache", f"{result.cached.seconds:.3f}", f"{speedup:.2f}×" if speedup is not None else "—"]
-                + [f"{c}/{t}" for c, t in counts.values()] + [result.cached.transformer_calls])
-    rows.append(["Predicted (policy)", "—", f"{result.predicted_speedup:.2f}× blocks only"]
-                + [f"{predicted.get(b, 0)}/{t}" for b, (_, t) in counts.items()] + ["—"])
-    extras = [("Model load (not in speed-up)", result.load_seconds), ("Warm-up (not in speed-up)", result.warmup_seconds)]
+    if timing is not None:
+        rows.append(["Baseline (no cache)", _seconds(timing.median("baseline"), timing.spread("baseline"), timing.pairs),
+                     "1.00×", _passes({b: (t, t) for b, (_, t) in counts.items()}), result.baseline.transformer_calls])
+        speedup = f"{timing.speedup:.2f}×" + (f" ± {timing.speedup_spread:.2f}" if timing.pairs > 1 else "")
+        cached_time = _seconds(timing.median("cached"), timing.spread("cached"), timing.pairs)
+    else:
+        speedup, cached_time = "—", f"{result.cached.seconds:.3f}"
+    rows.append(["MagCache", cached_time, speedup, _passes(counts), result.cached.transformer_calls])
+    rows.append(["Predicted (policy)", "—", f"{result.predicted_speedup:.2f}× blocks", _passes(predicted), "—"])
+    if timing is not None and timing.pairs > 1:
+        rows.append(["First pair alone (the images)", f"{result.baseline.seconds:.3f} / {result.cached.seconds:.3f}",
+                     f"{result.single_run_speedup:.2f}×", "—", "—"])
+    extras = [("Model load (not timed)", result.load_seconds), ("Warm-up (not timed)", result.warmup_seconds)]
     for label, seconds in extras:
         if seconds is not None:
-            rows.append([label, f"{seconds:.3f}", "—"] + ["—"] * len(counts) + ["—"])
-    return pd.DataFrame(rows, columns=columns)
+            rows.append([label, f"{seconds:.3f}", "—", "—", "—"])
+    return pd.DataFrame(rows, columns=TIMING_COLUMNS)
+
+
+def table_html(table: pd.DataFrame, css_class: str) -> str:
+    """A small table as HTML whose cells carry their column's name (``data-label``): the page's stylesheet shows
+    it as a table on a wide screen and as one stacked card per row on a phone."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f'<td data-label="{html.escape(str(c))}">{html.escape(str(v))}</td>'
+                                    for c, v in zip(table.columns, row)) + "</tr>"
+                   for row in table.itertuples(index=False))
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def headline_markdown(result: ComparisonResult) -> str:
+    """The result in one line, e.g. "3.6× faster ± 0.1 · PSNR 46 dB · SSIM 0.998 · 12 of 56 transformer passes",
+    and under it how the speed-up was measured (or why it cannot be trusted)."""
+    counts = result.cached.branch_counts()
+    computed, total = sum(c for c, _ in counts.values()), sum(t for _, t in counts.values())
+    passes = f"{computed} of {total} transformer passes"
+    timing = result.timing
+    if timing is None:
+        return (f"### MagCache run: {result.cached.seconds:.2f} s · {passes}\n"
+                "Turn on **Compare with baseline** for the speed-up and the quality.")
+    spread = f" ± {timing.speedup_spread:.2f}" if timing.pairs > 1 else ""
+    psnr = "identical" if result.psnr >= 100 else f"PSNR {result.psnr:.1f} dB"
+    head = f"### {timing.speedup:.2f}× faster{spread} · {psnr} · SSIM {result.ssim:.3f} · {passes}"
+    how = (f"Median of {timing.pairs} baseline / MagCache pair{'s' if timing.pairs > 1 else ''} timed in turn after "
+           f"an untimed warm-up; skipping blocks alone predicts at most {result.predicted_speedup:.2f}×.")
+    if result.timing_is_noisy:
+        return f"{head}\n⚠️ **Timing uncertain: the machine is busy.** {how}"
+    return f"{head}\n{how}"
 
 
 def metrics_markdown(result: ComparisonResult) -> str:
     if result.baseline is None:
-        return "Turn on **Compare with baseline** to measure the speed-up and the quality (PSNR, SSIM, difference map)."
+        return ""
     psnr = "identical (100 dB)" if result.psnr >= 100 else f"{result.psnr:.2f} dB"
     frames = " (mean over frames)" if result.tab.is_video else ""
     return (f"**PSNR** {psnr} · **SSIM** {result.ssim:.4f}{frames}: the MagCache output against the baseline with "
@@ -278,17 +357,27 @@ def metrics_markdown(result: ComparisonResult) -> str:
 
 
 def status_markdown(result: ComparisonResult) -> str:
+    """What ran, in one line, and the warnings (provenance is in :func:`details_markdown`)."""
     s = result.settings
-    branches = ", ".join(result.branches) or "cond"
-    lines = [f"**Done: {result.tab.label} · {result.variant.label}** with preset `{result.preset}` "
-             f"(thresh {s.thresh:g}, retention {s.retention_ratio:g}, K {s.K}) · {result.num_steps} steps"
-             f"{f' × {result.sections} sections' if result.sections > 1 else ''} · branches: {branches}"
-             + (" · compiled blocks" if result.compiled else ""),
-             f"Model: {result.model}" + (f" · {result.placement}" if result.placement else "")]
-    if result.curve is not None:
-        lines.append(f"Ratio curve: {result.curve.label}")
-    lines += [f"ℹ️ {n}" for n in result.notes]
+    lines = [f"**Done: {result.tab.label} · {result.variant.label}** · thresh {s.thresh:g}, retention "
+             f"{s.retention_ratio:g}, K {s.K} · {result.num_steps} steps"
+             f"{f' × {result.sections} sections' if result.sections > 1 else ''}"
+             + (" · compiled blocks" if result.compiled else "")]
+    if result.timing is not None and result.timing.stopped:
+        lines.append(f"⏹ Stopped during the timing repeats: the result stands, timed over {result.timing.pairs} "
+                     f"pair{'s' if result.timing.pairs > 1 else ''}.")
+    lines += [f"ℹ️ {n}" for n in result.request_notes]
     lines += [f"⚠️ {w}" for w in result.warnings]
+    return "\n\n".join(lines)
+
+
+def details_markdown(result: ComparisonResult) -> str:
+    """Where the result came from: model, placement, preset, ratio curve (with its source), notes."""
+    branches = ", ".join(result.branches) or "cond"
+    lines = [f"**Model:** {result.model}" + (f" · {result.placement}" if result.placement else ""),
+             f"**Preset:** `{result.preset}` · branches: {branches}",
+             f"**Ratio curve:** {result.curve.label if result.curve is not None else 'the preset curve'}"]
+    lines += [f"ℹ️ {n}" for n in result.notes]
     return "\n\n".join(lines)
 
 

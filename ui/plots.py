@@ -111,11 +111,12 @@ def calibration_figure(cal: Calibration, reference: Preset | str | None = None):
 
 
 def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None):
-    """Speed-up vs quality to the baseline, every point labelled with its settings, the Pareto front joined by a
+    """Speed-up vs quality to the baseline, every point labelled with its row number in the sweep table, the
+    Pareto front joined by a
     line. Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
     if quality not in ("psnr", "ssim"):
         raise ValueError("quality is 'psnr' or 'ssim'")
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
     axis = result.speedup_axis
     rows = result.rows
@@ -124,8 +125,10 @@ def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None 
         ys = [getattr(r, quality) for r in rows]
         colors = ["tab:orange" if r.pareto else "tab:blue" for r in rows]
         ax.scatter(xs, ys, c=colors, zorder=3)
-        for x, y, r in zip(xs, ys, rows):
-            ax.annotate(r.point.label(), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # the table's row numbers, not the settings: short labels, alternately above and below, stay apart
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            ax.annotate(f"#{i + 1}", (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -11),
+                        fontsize=8)
         front = sorted((r for r in rows if r.pareto), key=lambda r: r.speedup(axis))
         ax.plot([r.speedup(axis) for r in front], [getattr(r, quality) for r in front], color="tab:orange",
                 lw=1.2, zorder=2, label="Pareto front")

@@ -65,6 +65,7 @@ def strategies_tab(manager: ModelManager, tab_id: str, values: Mapping[str, Any]
 def build_strategies(ctx: Any) -> None:
     """Add the "Strategies" accordion to one tab (``ui/layout.py`` calls this once per tab, after the tuning
     panel, so the inputs include its ratio curve)."""
+    from .layout import DEVICE_EVENTS  # the concurrency group every device run shares
     from .zerogpu import gpu_task
 
     tab, manager, inputs = ctx.tab, ctx.manager, ctx.inputs
@@ -118,7 +119,7 @@ def build_strategies(ctx: Any) -> None:
         return out["status"], out["figure"], out["table"]
 
     event = run_btn.click(on_run, inputs=set(inputs.values()) | {levels, chosen}, outputs=[status, plot, table],
-                          show_progress_on=[status], concurrency_id="device", concurrency_limit=1)
+                          show_progress_on=[status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
 
     def on_stop(request: gr.Request):
         return "⏹ Stopping…" if manager.cancel(session(request)) else "Nothing is running."

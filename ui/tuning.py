@@ -203,6 +203,7 @@ def _default_grid(d: Mapping[str, Any]) -> tuple[str, str]:
 
 def build_tuning(ctx: Any) -> None:
     """Add the "Tuning" accordion to one tab (``ui/layout.py`` calls this once per tab)."""
+    from .layout import DEVICE_EVENTS
     from .zerogpu import gpu_task
 
     tab, manager, inputs, outputs = ctx.tab, ctx.manager, ctx.inputs, ctx.outputs
@@ -250,8 +251,8 @@ def build_tuning(ctx: Any) -> None:
                     sweep_btn = gr.Button("Run sweep", variant="primary", elem_id=f"sweep-{tid}")
                     sweep_stop = gr.Button("Stop", variant="stop", elem_id=f"sweep-stop-{tid}")
                 sweep_status = gr.Markdown("", elem_id=f"sweep-status-{tid}")
-                sweep_table = gr.Dataframe(label="Sweep (click a row to apply it)", interactive=False,
-                                           elem_id=f"sweep-table-{tid}")
+                sweep_table = gr.Dataframe(label="Sweep (click a row to apply it; # is the label in the plot)",
+                                           interactive=False, wrap=True, elem_id=f"sweep-table-{tid}")
                 pareto_plot = gr.Plot(label="Pareto", show_label=False, elem_id=f"sweep-plot-{tid}")
                 with gr.Row():
                     point = gr.Dropdown([], label="Point", elem_id=f"sweep-point-{tid}")
@@ -261,7 +262,8 @@ def build_tuning(ctx: Any) -> None:
                 fmt = gr.Radio([(label, key) for key, label in EXPORT_FORMATS.items()], value="comfyui",
                                label="Export as", elem_id=f"export-format-{tid}")
                 export_btn = gr.Button("Export the current settings", size="sm", elem_id=f"export-{tid}")
-                code = gr.Code("", language=None, label="Export", interactive=False, elem_id=f"export-code-{tid}")
+                code = gr.Code("", language=None, label="Export (copy button at the top right)", interactive=False,
+                               wrap_lines=True, lines=6, elem_id=f"export-code-{tid}")
                 download = gr.File(label="Settings JSON (download)", interactive=False, elem_id=f"export-file-{tid}")
                 load = gr.File(label="Load a settings JSON (restores the sliders, steps and curve)",
                                file_types=[".json"], type="filepath", elem_id=f"settings-load-{tid}")
@@ -330,14 +332,17 @@ def build_tuning(ctx: Any) -> None:
         figure, text = handlers.live_preview(manager, tid, values)
         return out["status"], out["figure"], choices_update(values, values.get("curve") or CURVE_AUTO), figure, text
 
-    calibrate_event = calibrate_btn.click(
+    # every action starts from an empty status line (no stale "Calibrated" under a new error)
+    for button, status_line in ((calibrate_btn, calibrate_status), (sweep_btn, sweep_status)):
+        button.click(lambda: "", outputs=status_line, queue=False, show_progress="hidden")
+    calibrate_btn.click(
         on_calibrate, inputs=everything, outputs=[calibrate_status, calibrate_plot, curve, *schedule_outputs],
-        show_progress_on=[calibrate_status], concurrency_id="device", concurrency_limit=1)
+        show_progress_on=[calibrate_status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
 
     def on_stop(request: gr.Request):
         return "⏹ Stopping…" if manager.cancel(session(request)) else "Nothing is running."
 
-    calibrate_stop.click(on_stop, outputs=calibrate_status, cancels=[calibrate_event], queue=False)
+    calibrate_stop.click(on_stop, outputs=calibrate_status, queue=False)  # the run says where it stopped
 
     def on_import(path, *args):
         values = light_values(args)
@@ -345,8 +350,8 @@ def build_tuning(ctx: Any) -> None:
             return gr.update(), gr.update(), gr.update(), gr.update()
         try:
             out = import_calibration(manager, tid, values, path)
-        except InvalidRequest as e:
-            raise fail(e, "Bad calibration file") from None
+        except InvalidRequest as e:  # in the status line, replacing the last one
+            return f"❌ **Bad calibration file**: {handlers.error_html(e)}", gr.update(), gr.update(), gr.update()
         values["curve"] = out["curve"]
         figure, text = handlers.live_preview(manager, tid, values)
         return out["status"], choices_update(values, out["curve"]), figure, text
@@ -374,11 +379,12 @@ def build_tuning(ctx: Any) -> None:
         return (out["status"], out["table"], out["figure"], gr.update(choices=out["choices"], value=None),
                 out["result"])
 
-    sweep_event = sweep_btn.click(
+    sweep_btn.click(
         on_sweep, inputs=everything | {sweep_thresh, sweep_K, sweep_retention, axis, quality},
         outputs=[sweep_status, sweep_table, pareto_plot, point, sweep_state],
-        show_progress_on=[sweep_status], concurrency_id="device", concurrency_limit=1)
-    sweep_stop.click(on_stop, outputs=sweep_status, cancels=[sweep_event], queue=False)
+        show_progress_on=[sweep_status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
+    # no ``cancels``: the sweep ends after its current run and says "stopped after N of M points"
+    sweep_stop.click(on_stop, outputs=sweep_status, queue=False)
 
     def on_view(result, axis_value, quality_value):
         if result is None:
@@ -426,8 +432,8 @@ def build_tuning(ctx: Any) -> None:
         values = light_values(args)
         try:
             out = load_settings(manager, tid, values, path)
-        except InvalidRequest as e:
-            raise fail(e, "Bad settings file") from None
+        except InvalidRequest as e:  # in the status line, replacing the last one
+            return [gr.update()] * len(restore) + [f"❌ **Bad settings file**: {handlers.error_html(e)}"]
         return (out["thresh"], out["retention_ratio"], out["K"], out["steps"],
                 choices_update(values, out["curve"], with_file=out["curve_file"] is not None), out["curve_file"],
                 out["status"])

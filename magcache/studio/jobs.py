@@ -6,7 +6,7 @@
   and admitted (:mod:`.public`: in public mode the catalog's model only, the compute budget, the requests per
   client, the client's place held until the job ends);
 * the device is held first come first served (:meth:`ModelManager.device_slot`) and the model kept loaded while
-  the job runs (:meth:`ModelManager.use`);
+  the job runs (:meth:`ModelManager.use`); on a CPU the job runs on :func:`cpu_threads` threads;
 * a stop request (the session's token, :func:`session_token`) interrupts the pipeline at its next step: the step
   callback of :meth:`DeviceJob.step_arguments` sets ``pipe._interrupt``, which every pipeline here honours (a
   pipeline that takes no step callback, HunyuanVideo-1.5's, runs to its end and the job stops after it);
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -150,6 +151,31 @@ def synchronize(device: str | None = None) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_threads() -> int:
+    """Intra-op threads of a run on the CPU: ``MAGCACHE_CPU_THREADS``, else every core but one. A thread that
+    waits for a core another process holds stalls the whole step (each op waits for its slowest thread): on a
+    2-core machine with one core busy, two threads made the demo model's runs several times slower and their
+    timings meaningless (nothing skipped read 0.68x and 7.58x), one thread ran at full speed. The core left over also serves the web server."""
+    configured = os.environ.get("MAGCACHE_CPU_THREADS", "").strip()
+    if configured:
+        return max(1, int(configured))
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+@contextlib.contextmanager
+def _threads_for(device: str) -> Iterator[None]:
+    """:func:`cpu_threads` for the length of a job on the CPU (jobs hold the device one at a time)."""
+    if not device.startswith("cpu"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def reset_pipeline(pipe: Any) -> None:
     """Leave ``pipe`` as a fresh one after a run that ended in any way: no MagCache handle (which also drops its
     cached residuals), no pending interrupt, offload hooks and stateful diffusers hooks reset."""
@@ -181,7 +207,8 @@ def device_job(manager: ModelManager, req: GenerationRequest, stop: threading.Ev
     request, prompt_note = read_prompt(variant, validate(tab, req, defaults))
     job = DeviceJob(manager, tab, variant, request, plan, stop, progress, notes=[prompt_note] if prompt_note else [])
     with public.admission(tab, request, defaults, manager.device, client, runs), \
-            manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead)):
+            manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead), who=tab.label), \
+            _threads_for(manager.device):
         job.loaded_now = plan.key not in {m.key for m in manager.loaded()}
         with manager.use(tab.id, variant.id, plan=plan, on_status=lambda msg: progress("load", 0, 1)) as loaded:
             job.loaded = loaded

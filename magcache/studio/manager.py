@@ -227,10 +227,20 @@ class FairDeviceLock:
         self._cond = threading.Condition()
         self._queue: list[object] = []
         self._busy = False
+        self._holder: tuple[str, float] | None = None  # (who, monotonic time it took the device)
+
+    @property
+    def holder(self) -> tuple[str, float] | None:
+        """Who holds the device and for how many seconds so far; None when it is free."""
+        with self._cond:
+            if self._holder is None:
+                return None
+            who, since = self._holder
+            return who, time.monotonic() - since
 
     @contextlib.contextmanager
     def hold(self, cancel: threading.Event | None = None,
-             on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
+             on_wait: Callable[[int], None] | None = None, who: str = "") -> Iterator[None]:
         me = object()
         with self._cond:
             self._queue.append(me)
@@ -243,6 +253,7 @@ class FairDeviceLock:
                     self._cond.wait(0.2)
                 self._queue.pop(0)
                 self._busy = True
+                self._holder = (who, time.monotonic())
             except BaseException:
                 if me in self._queue:
                     self._queue.remove(me)
@@ -253,6 +264,7 @@ class FairDeviceLock:
         finally:
             with self._cond:
                 self._busy = False
+                self._holder = None
                 self._cond.notify_all()
 
     @property
@@ -350,7 +362,7 @@ class ModelManager:
                 return LoadPlan(key=f"{v.id}|{folder}", kind="pretrained", preset=preset, pipeline_source=str(folder),
                                 estimate_bytes=_folder_bytes(folder), notes=tuple(notes), **common)
             preset, _ = preset_or_fallback(v.magcache.fallback_preset or preset, None)
-            notes = [f"The demo model is not at {_display_path(folder)} yet (it is being trained): running a tiny "
+            notes = [f"The demo model is not at {_display_path(folder)}: running a tiny "
                      f"random FLUX pipeline built in code instead, with the {preset!r} MagCache preset. Its images "
                      "are noise; the timings, schedules and metrics are real."]
             return LoadPlan(key=f"{v.id}|tiny", kind="tiny", preset=preset, tiny_kind=tab.tiny,
@@ -577,9 +589,15 @@ class ModelManager:
                                         use_safetensors=True, **extra)
 
     # ---- one generation per device; cancellation -----------------------------------------------
-    def device_slot(self, cancel: threading.Event | None = None, on_wait: Callable[[int], None] | None = None):
-        """Context manager: hold the device for one generation (FIFO across all tabs and sessions)."""
-        return self._device_lock.hold(cancel, on_wait)
+    def device_slot(self, cancel: threading.Event | None = None, on_wait: Callable[[int], None] | None = None,
+                    who: str = ""):
+        """Context manager: hold the device for one generation (FIFO across all tabs and sessions); ``who`` (a
+        tab's name) is what :meth:`device_holder` tells the requests waiting behind it."""
+        return self._device_lock.hold(cancel, on_wait, who)
+
+    def device_holder(self) -> tuple[str, float] | None:
+        """(who, seconds held) of the run on the device; None when it is free."""
+        return self._device_lock.holder
 
     @property
     def device_busy(self) -> bool:

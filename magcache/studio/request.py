@@ -32,6 +32,7 @@ MAX_K = MAX_STEPS
 MAX_PROMPT_CHARS = 4000
 MAX_REFERENCE_IMAGES = 8
 MAX_SEED = 2**63 - 1
+MAX_TIMING_REPEATS = 20  # baseline / MagCache pairs a comparison may be asked to time
 
 
 class InvalidRequest(ValueError):
@@ -64,6 +65,9 @@ class GenerationRequest:
     weights: str | None = None  # override: hub id, local diffusers folder, or single-file checkpoint
     base: str | None = None  # the rest of the pipeline for a single-file / transformer-only source
     compile_backend: str | None = None  # torch.compile backend (None = inductor); tests use "eager"
+    # Baseline / MagCache pairs to time (the first pair's outputs are shown; the others only time). None: as many
+    # as the comparison needs for a steady speed-up within its time budget (magcache.studio.comparison).
+    timing_repeats: int | None = None
     # The ratio curve of the cached run (magcache.studio.tuning.pick_curve): "auto" (the best calibration, else the
     # preset curve), "preset", "calibration:<id>" or "file" (the curve of ``curve_file``, a settings JSON text).
     # None: the preset's curve, without looking at the calibration store.
@@ -148,6 +152,9 @@ def validate(tab: Tab, req: GenerationRequest, defaults: dict[str, Any]) -> Gene
         raise InvalidRequest(f"MagCache settings: thresh must be at most {MAX_THRESH:g}, got {req.thresh}.")
     if req.K > MAX_K:
         raise InvalidRequest(f"MagCache settings: K must be at most {MAX_K}, got {req.K}.")
+    if req.timing_repeats is not None and not (_whole(req.timing_repeats) and 1 <= req.timing_repeats <= MAX_TIMING_REPEATS):
+        raise InvalidRequest(f"Timing repeats must be a whole number from 1 to {MAX_TIMING_REPEATS} (or empty: "
+                             f"automatic), got {req.timing_repeats!r}.")
     return _decoded_uploads(tab, req)
 
 
@@ -200,6 +207,8 @@ def build_call_kwargs(tab: Tab, variant: Variant, loaded: LoadedModel, req: Gene
         kw["negative_prompt"] = req.negative_prompt
     if req.image is not None and "image" in tab.inputs:
         kw["image"] = to_pil(req.image)
+        if loaded.plan.kind == "tiny" and req.width and req.height:  # the tiny model's size, not the upload's
+            kw["image"] = kw["image"].resize((int(req.width), int(req.height)))
     if req.height is not None and req.width is not None and ("size" in tab.inputs or loaded.plan.kind == "tiny"):
         kw["height"], kw["width"] = int(req.height), int(req.width)
     if "frames" in tab.inputs:
