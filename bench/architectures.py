@@ -34,7 +34,7 @@ ARCHITECTURES: dict[str, tuple[str, str | None, str]] = {
     "wan_vace_1_3b": ("Wan2.1-VACE-1.3B", "wan2.1_vace_1.3B", "480×832×33, real CFG"),
     "wan_vace_14b": ("Wan2.1-VACE-14B", "wan2.1_vace_14B", "480×832×33, real CFG"),
     "framepack": ("FramePackI2V_HY", "framepack", "640×640, one 33-frame section"),
-    "qwen_image": ("Qwen-Image", "qwen_image_diffusers", "1024², real CFG"),
+    "qwen_image": ("Qwen-Image", "qwen_image", "1024², real CFG"),
     "hunyuan_video_1_5": ("HunyuanVideo 1.5 (480p)", "hunyuan_video1.5", "480×848×33, real CFG"),
     "wan2_2_ti2v_5b": ("Wan2.2-TI2V-5B", "wan2.2_ti2v_5B", "704×1280×33, real CFG"),
     "flux2": ("FLUX.2-dev", None, "1024²"),

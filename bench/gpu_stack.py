@@ -306,7 +306,7 @@ def render_tables(report: dict[str, Any]) -> str:
                 continue
             model = r.get("modelled")
             modelled = (f"{model['speedup']:.2f}× ({model['computed_calls']}/{model['total_calls']} calls, modelled)"
-                        if model else "– (no MagCache adapter or preset)")
+                        if model else "– (no published ratio curve)")
             lines.append(f"| {r['family']} | {r['shape']} | {r['full_call_ms']:.2f} | {r['head_only_call_ms']:.3f} | "
                          f"{_cell(r.get('ours_skip_call_ms'))} | {_cell(r.get('diffusers_skip_call_ms'))} | {modelled} |")
     return "\n".join(lines) + "\n"
