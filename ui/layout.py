@@ -152,6 +152,9 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id=f"run-{tab.id}")
                 stop = gr.Button("Stop", variant="stop", elem_id=f"stop-{tab.id}")
+            # the Stop button's answer has its own line: written into the status it could arrive after the run's
+            # own "Stopped after step N" (the run stops within a step) and hide it
+            stop_note = gr.Markdown(elem_id=f"stop-note-{tab.id}")
             if d.get("examples"):  # below the buttons: Generate stays on a phone's first screen
                 gr.Examples([[p] for p in d["examples"]], inputs=[inputs["prompt"]],
                             label="Example prompts: plain English, or the model's own caption grammar")
@@ -201,7 +204,7 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
     ctx = TabContext(tab, manager, inputs, outputs)
     for extend in tab_extensions():
         extend(ctx)
-    _wire(ctx, run, stop, reset)
+    _wire(ctx, run, stop, stop_note, reset)
     return ctx
 
 
@@ -270,7 +273,7 @@ def _result_outputs(tab: Tab, outputs: dict) -> None:
                                            max_height=420, format="png", visible=False, elem_id=f"slider-{tab.id}")
 
 
-def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) -> None:
+def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, stop_note: gr.Markdown, reset: gr.Button) -> None:
     tab, manager, inputs, outputs = ctx.tab, ctx.manager, ctx.inputs, ctx.outputs
     result_outputs = [c for n, c in outputs.items() if n != "schedule_text"]
 
@@ -311,7 +314,8 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, reset: gr.Button) ->
 
     # No ``cancels``: the run stops itself at its next step and then says after which step (a cancelled event
     # would only show an error).
-    stop.click(on_stop, inputs=None, outputs=outputs["status"], queue=False, api_name=f"stop_{tab.id}")
+    stop.click(on_stop, inputs=None, outputs=stop_note, queue=False, api_name=f"stop_{tab.id}")
+    run.click(lambda: "", outputs=stop_note, queue=False, show_progress="hidden", api_visibility="private")
     ranges = _inline_range_checks(tab, inputs)
 
     preview_names = [n for n in dict.fromkeys(("variant", "steps", "thresh", "retention_ratio", "K", "guidance",
