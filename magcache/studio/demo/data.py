@@ -249,3 +249,204 @@ def prompt_set(name: str, prompts: int | None = None, seeds: int | None = None) 
         raise ValueError(f"unknown prompt set {name!r}; choose tuning or heldout")
     entries = json.loads((Path(__file__).with_name(f"prompts_{name}.json")).read_text())["prompts"][:prompts]
     return [(e["prompt"], seed) for e in entries for seed in e["seeds"][:seeds]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain-English paraphrases (training captions for a model that reads plain English)
+# --------------------------------------------------------------------------------------------------
+# A paraphrase is put together from three kinds of template: a sentence frame (where the background goes, how the
+# objects are listed), an object template (article, size, colour, shape and position in some order) and a position
+# template (a name of the cell in some style). Every kind has templates for training and templates held out for
+# evaluation. ``split="heldout"`` always uses a held-out frame, so no held-out caption can come out of
+# ``split="train"``. The held-out templates use only words that the training templates use too: a model cannot
+# learn a word it never saw, but it should follow a new order or combination of words it knows.
+SIZE_SYNONYMS: dict[str, tuple[str, ...]] = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
+CENTRE_NAMES = ("middle", "centre", "center")
+COUNT_NAMES = {2: "two", 3: "three"}
+# Names of the cells by kind. Corners: row word + column word, joined or not, or the compass name; edges: the side
+# alone or with a centre word; the centre: a centre word. The prompt reader (prompts.py) reads all of them.
+_CORNER_ROWS = {0: ("top", "upper"), 2: ("bottom", "lower")}
+_CORNER_COLUMNS = {0: "left", 2: "right"}
+_EDGE_NAMES = {(0, 1): "top", (2, 1): "bottom", (1, 0): "left", (1, 2): "right"}
+
+# Position templates: (id, kind of cell it suits, format; {name} = a cell name, {compass} = the grammar's name).
+POSITION_TEMPLATES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "train": (
+        ("at", "any", "at the {name}"),
+        ("in", "any", "in the {name}"),
+        ("bare", "any", "{name}"),
+        ("corner", "corner", "in the {name} corner"),
+        ("side", "side", "on the {name}"),
+        ("grammar", "any", "at {compass}"),
+    ),
+    "heldout": (
+        ("middle_of", "edge", "in the middle of the {edge}"),
+        ("corner_at", "corner", "at the {name} corner"),
+    ),
+}
+# Object templates: {a} article, {size}, {colour}, {shape}, {pos} position phrase, {compass} / {gsize}: the
+# grammar's words. A position first needs a preposition ("in the top left a ..."), so "bare" positions are not used
+# there.
+OBJECT_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (
+        ("plain", "{a}{size} {colour} {shape} {pos}"),
+        ("position_first", "{pos} {a}{size} {colour} {shape}"),
+        ("coloured", "{a}{size} {shape} coloured {colour} {pos}"),
+        ("grammar", "{gsize} {colour} {shape} at {compass}"),
+    ),
+    "heldout": (
+        ("in_colour", "{a}{size} {shape} in {colour} {pos}"),
+    ),
+}
+# Several objects of the same size, colour and shape: {count} {size} {colour} {shape}s, then their positions.
+GROUP_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (
+        ("one_each", "{count} {size} {colour} {shapes}, {ones}"),
+        ("positions", "{count} {size} {colour} {shapes} {positions}"),
+    ),
+    "heldout": (
+        ("in_colour", "{count} {size} {shapes} in {colour}, {ones}"),
+    ),
+}
+# Sentence frames: {L} the object list, {B} the background colour, {A} its article.
+FRAME_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (
+        ("on_background", "{L} on {A} {B} background"),
+        ("against_backdrop", "{L} against {A} {B} backdrop"),
+        ("background_first", "{B} background, {L}"),
+        ("background_with", "{A} {B} background with {L}"),
+        ("backdrop_first", "{B} backdrop, {L}"),
+        ("please_draw", "please draw {L} on {A} {B} background"),
+        ("background_last", "{L}, {B} background"),
+        ("background_is", "{L}; the background is {B}"),
+        ("there_is", "there is {L} on {A} {B} backdrop"),
+        ("picture_of", "a picture of {L} on {A} {B} background"),
+    ),
+    "heldout": (
+        ("on_backdrop_first", "on {A} {B} backdrop, {L}"),
+        ("backdrop_with", "{A} {B} backdrop with {L}"),
+        ("background_is_first", "the background is {B}, {L}"),
+        ("draw_against", "draw {L} against {A} {B} background"),
+    ),
+}
+_JOINERS = (", ", " and ", ", and ")
+SPLITS = ("train", "heldout")
+
+
+def _cell_kind(cell: tuple[int, int]) -> str:
+    if cell == (1, 1):
+        return "centre"
+    return "corner" if cell[0] != 1 and cell[1] != 1 else "edge"
+
+
+def cell_names(cell: tuple[int, int]) -> list[str]:
+    """The names of a cell the paraphrases use: ``top left``, ``upper-left``, ``north-west``, ``left side``,
+    ``top middle``, ``centre``..."""
+    kind, compass = _cell_kind(cell), POSITIONS[cell]
+    if kind == "centre":
+        return list(CENTRE_NAMES)
+    if kind == "corner":
+        rows, col = _CORNER_ROWS[cell[0]], _CORNER_COLUMNS[cell[1]]
+        return ([f"{r} {col}" for r in rows] + [f"{r}-{col}" for r in rows]
+                + [compass, f"{compass[:5]}-{compass[5:]}"])
+    edge = _EDGE_NAMES[cell]
+    names = [edge] + [f"{c} {edge}" if cell[0] == 1 else f"{edge} {c}" for c in CENTRE_NAMES] + [compass]
+    return names + ([f"{edge} side"] if cell[0] == 1 else [])
+
+
+def _suits(kind: str, cell: tuple[int, int]) -> bool:
+    return kind == "any" or kind == _cell_kind(cell) or (kind == "side" and cell in ((1, 0), (1, 2)))
+
+
+def _position(cell: tuple[int, int], rng: random.Random, templates, bare: bool = True) -> str:
+    options = [t for _, kind, t in templates if _suits(kind, cell) and (bare or not t.startswith("{"))]
+    template = rng.choice(options)
+    name = rng.choice(cell_names(cell))
+    edge = _EDGE_NAMES.get(cell, "")
+    return template.format(name=name, compass=POSITIONS[cell],
+                           edge=f"{edge} side" if cell[0] == 1 else edge)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _templates(table: dict, split: str) -> tuple:
+    """Training templates for ``train``; every template for ``heldout`` (its frame is held out, see below)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose train or heldout")
+    return table["train"] + (table["heldout"] if split == "heldout" else ())
+
+
+def _object_phrase(obj: SceneObject, rng: random.Random, split: str) -> str:
+    _, template = rng.choice(_templates(OBJECT_TEMPLATES, split))
+    pos = _position(obj.cell, rng, _templates(POSITION_TEMPLATES, split), bare=not template.startswith("{pos}"))
+    size = rng.choice(SIZE_SYNONYMS[obj.size])
+    return template.format(a=rng.choice(("a ", "a ", "")), size=size, colour=obj.colour, shape=obj.shape, pos=pos,
+                           gsize=obj.size, compass=POSITIONS[obj.cell])
+
+
+def _group_phrase(objs: list[SceneObject], rng: random.Random, split: str) -> str:
+    _, template = rng.choice(_templates(GROUP_TEMPLATES, split))
+    positions = [_position(o.cell, rng, _templates(POSITION_TEMPLATES, split)) for o in objs]
+    first = objs[0]
+    return template.format(
+        count=COUNT_NAMES[len(objs)], size=rng.choice(SIZE_SYNONYMS[first.size]), colour=first.colour,
+        shapes=first.shape + "s", ones=" and ".join(f"one {p}" for p in positions),
+        positions=", ".join(positions[:-1]) + " and " + positions[-1])
+
+
+def paraphrase(scene: Scene, rng: random.Random, split: str = "train") -> str:
+    """A plain-English caption of ``scene``: background first or last, objects in random order, synonyms for sizes
+    and positions, ``backdrop``, articles and fillers; objects of the same size, colour and shape are counted
+    ("two small red squares, one top left and one bottom right"). ``split="heldout"`` draws its frame from the
+    held-out frames and its other templates from all (see the comment above ``SIZE_SYNONYMS``)."""
+    groups: dict[tuple[str, str, str], list[SceneObject]] = {}
+    for obj in scene.objects:
+        groups.setdefault((obj.size, obj.colour, obj.shape), []).append(obj)
+    parts = []
+    for objs in groups.values():
+        if len(objs) > 1 and rng.random() < 0.8:
+            parts.append(_group_phrase(objs, rng, split))
+        else:
+            parts.extend(_object_phrase(o, rng, split) for o in objs)
+    rng.shuffle(parts)
+    joiner = rng.choice(_JOINERS)
+    listed = parts[0] if len(parts) == 1 else (", ".join(parts[:-1]) + joiner + parts[-1] if joiner != ", "
+                                                 else ", ".join(parts))
+    _, frame = rng.choice(FRAME_TEMPLATES["heldout" if split == "heldout" else "train"])
+    return frame.format(L=listed, B=scene.background, A=_article(scene.background))
+
+
+def training_caption(scene: Scene, rng: random.Random, grammar_share: float = 0.25) -> str:
+    """A caption for training a model that reads plain English: the grammar's caption with probability
+    ``grammar_share`` (the grammar keeps working), else a training paraphrase."""
+    return scene.caption if rng.random() < grammar_share else paraphrase(scene, rng, "train")
+
+
+def scene_with_copies(rng: random.Random, num_objects: int | None = None, copy_share: float = 0.3) -> Scene:
+    """A random scene whose objects, with probability ``copy_share``, all share the first one's size, colour and
+    shape (other cells): the scenes counts and plurals describe ("three small red squares ..."), which
+    :func:`random_scene` draws only by chance."""
+    scene = random_scene(rng, num_objects)
+    if len(scene.objects) < 2 or rng.random() >= copy_share:
+        return scene
+    first = scene.objects[0]
+    return Scene(scene.background, tuple(SceneObject(first.size, first.colour, first.shape, o.cell)
+                                         for o in scene.objects))
+
+
+def paraphrase_vocabulary(split: str = "train") -> tuple[str, ...]:
+    """Every word a paraphrase of ``split`` can contain (a tokenizer for a plain-English model is built from the
+    training split's)."""
+    import re
+
+    texts = [t for *_, t in _templates(POSITION_TEMPLATES, split)]
+    texts += [t for _, t in _templates(OBJECT_TEMPLATES, split) + _templates(GROUP_TEMPLATES, split)]
+    texts += [t for _, t in FRAME_TEMPLATES["train"] + (FRAME_TEMPLATES["heldout"] if split == "heldout" else ())]
+    texts += [n for cell in POSITIONS for n in cell_names(cell)] + list(_EDGE_NAMES.values()) + ["side"]
+    texts += [w for ws in SIZE_SYNONYMS.values() for w in ws] + list(COLOURS) + list(SHAPES)
+    texts += [s + "s" for s in SHAPES] + list(COUNT_NAMES.values()) + ["a", "an", "one"] + list(VOCABULARY)
+    texts += list(_JOINERS)
+    words = {w for t in texts for w in re.findall(r"[a-z]+", re.sub(r"\{[a-zA-Z]+\}", " ", t))}
+    return tuple(sorted(words))
