@@ -119,6 +119,40 @@ def test_demo_preset_is_the_calibrated_curve():
         assert np.mean(late) < np.mean(early)
 
 
+def test_demo_preset_is_the_tuning_calibration_and_the_rules_choice():
+    # the shipped curve and defaults are what `python -m magcache.studio.demo.retune` measured and chose on the
+    # tuning prompts (bench/results/demo_retune.json): the rule applied to the recorded sweep gives the defaults
+    from magcache.studio.demo.evaluate import choose_defaults
+
+    report = json.loads((ROOT / "bench" / "results" / "demo_retune.json").read_text())
+    entry = json.loads((ROOT / "magcache" / "data" / "demo.json").read_text())
+    settings = json.loads((MODEL_DIR / "demo_settings.json").read_text())
+    assert report["sets"]["calibration"][0] == report["sets"]["sweep"][0] == "tuning"
+    assert report["sets"]["report"][0] == "heldout" and "tuning" in entry["source"]
+    branches = report["calibration"]["branches"]
+    assert entry["mag_ratios"] == [v for pair in zip(branches["cond"]["mag_ratios"], branches["uncond"]["mag_ratios"])
+                                   for v in pair]
+    chosen = choose_defaults(report["sweep_tuning"])
+    assert entry["defaults"] == {"magcache_thresh": chosen["thresh"], "retention_ratio": chosen["retention_ratio"],
+                                 "magcache_K": chosen["K"]}
+    assert settings["magcache"] == {"preset": "demo", "thresh": chosen["thresh"], "K": chosen["K"],
+                                    "retention_ratio": chosen["retention_ratio"]}
+    assert report["defaults"] == {k: chosen[k] for k in ("thresh", "K", "retention_ratio")}
+
+
+def test_curve_shift_and_changed_schedules():
+    from magcache.presets import CALIBRATED_FLUX
+    from magcache.studio.demo.retune import changed_schedules, curve_shift
+
+    old = [[1.0, 1.2, 0.96, 0.95, 0.9], [1.0, 1.2, 0.97, 0.96, 0.9]]
+    new = [[1.0, 1.2, 0.96, 0.95, 0.8], [1.0, 1.25, 0.97, 0.96, 0.9]]
+    shift = curve_shift(old, new)
+    assert (shift[0]["max_abs"], shift[0]["at_step"]) == (0.1, 4) and shift[1]["at_step"] == 1
+    assert shift[1]["max_abs_after_step_1"] == 0.0
+    assert changed_schedules(old, old, CALIBRATED_FLUX, 5)["changed"] == 0
+    assert changed_schedules(old, new, CALIBRATED_FLUX, 5)["changed"] > 0
+
+
 def test_magcache_demo_preset_skips_and_stays_close(demo):
     import magcache
     from magcache.metrics import psnr

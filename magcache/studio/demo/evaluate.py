@@ -6,9 +6,11 @@
 1. Prompt adherence on the 50 held-out prompts (never in training), without cache, at several true-CFG scales; the
    best scale becomes the demo default (``demo_settings.json``).
 2. Calibration: ``magcache.apply(pipe, preset="flux", calibrate=True)`` at the default steps with true CFG (cond and
-   uncond branches), averaged over a few prompts -> ``magcache/data/demo.json`` (ratios interleaved, std, cos).
-3. Sweep of (thresh, K, retention) with the calibrated curves: computed transformer calls, wall time and PSNR/SSIM
-   against the uncached image, averaged over prompts and seeds; the defaults are picked from it by a stated rule.
+   uncond branches), averaged over the tuning prompts (``CALIBRATION_SET``) -> ``magcache/data/demo.json``
+   (ratios interleaved, std, cos).
+3. Sweep of (thresh, K, retention) with the calibrated curves on the tuning prompts (``SWEEP_SET``): computed
+   transformer calls, wall time and PSNR/SSIM against the uncached image, averaged over prompts and seeds; the
+   defaults are picked from it by a stated rule. (``retune.py`` redoes 2-3 alone and reports on held-out.)
 4. Naive baselines at equal computed-step counts (``handle.configure(computed_steps=...)``): uniform spacing and
    random placement of the same number of computed steps, at several speed-up levels.
 Outputs: ``docs/img/demo_eval.json`` (every number), ``demo_calibration.png``, ``demo_sweep.png``,
@@ -52,6 +54,12 @@ SWEEP_THRESH = (0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.24, 0.4, 0.6, 0.8, 1.0)
 SWEEP_K = (1, 2, 3, 4, 6, 8, 10)
 SWEEP_RETENTION = (0.1, 0.2, 0.3)
 BASELINE_TARGETS = (1.5, 2.0, 2.5, 3.0)
+# The protocol of docs/strategies.md, as (prompt set, prompts, seeds per prompt): the curve is averaged over every
+# tuning prompt and seed, the defaults are chosen on the protocol's 8 tuning prompts x 2 seeds, and reported on
+# 8 held-out prompts x 2 seeds (``retune.py``).
+CALIBRATION_SET = ("tuning", 16, 2)
+SWEEP_SET = ("tuning", 8, 2)
+REPORT_SET = ("heldout", 8, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +181,9 @@ def calibrate(pipe, settings: dict, prompts: list[tuple[str, int]]) -> dict:
         handle.remove()
 
 
-def preset_entry(cal: dict, settings: dict, defaults: dict, n_prompts: int) -> dict:
+def preset_entry(cal: dict, settings: dict, defaults: dict, prompts_note: str, rule_set: str) -> dict:
+    """The ``magcache/data/demo.json`` record; ``prompts_note`` says which prompts the curve is averaged over and
+    ``rule_set`` which prompts the defaults were chosen on (provenance the file keeps)."""
     names = list(cal["branches"])
     interleaved = len(names) > 1
 
@@ -185,8 +195,7 @@ def preset_entry(cal: dict, settings: dict, defaults: dict, n_prompts: int) -> d
     return {
         "model": "MagCache Studio demo (tiny FLUX, 128x128 shapes)",
         "source": (f"our calibration of assets/demo_model: {cal['num_steps']} steps, true CFG "
-                   f"{settings['true_cfg_scale']:g}, mean of {n_prompts} held-out prompts "
-                   "(python -m magcache.studio.demo.evaluate)"),
+                   f"{settings['true_cfg_scale']:g}, {prompts_note}"),
         "num_steps": cal["num_steps"],
         "cfg_interleaved": interleaved,
         "mag_ratios": merged("mag_ratios"),
@@ -195,7 +204,7 @@ def preset_entry(cal: dict, settings: dict, defaults: dict, n_prompts: int) -> d
         "defaults": {"magcache_thresh": defaults["thresh"], "retention_ratio": defaults["retention_ratio"],
                      "magcache_K": defaults["K"]},
         "defaults_rule": f"fastest sweep setting with mean PSNR >= {MIN_PSNR} dB and SSIM >= {MIN_SSIM} "
-                         "to the uncached image (docs/demo_model.md)",
+                         f"to the uncached image on the {rule_set} (docs/demo_model.md)",
         "skipped_part": "transformer_blocks + single_transformer_blocks; residual over the image tokens",
     }
 
@@ -344,7 +353,7 @@ def plot_calibration(cal: dict, path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"Demo model calibration ({cal['num_steps']} steps, {cal['runs']} prompts)", fontsize=11)
+    fig.suptitle(f"Demo model calibration ({cal['num_steps']} steps, mean of {cal['runs']} runs)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -430,8 +439,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--out-dir", default=str(IMG_DIR), help="JSON + PNGs go here")
     ap.add_argument("--cfg-scales", default="1,2,3,4,6", help="true-CFG scales for the adherence table")
-    ap.add_argument("--bench-prompts", type=int, default=8, help="prompts (x seeds) for sweep and baselines")
-    ap.add_argument("--calibration-prompts", type=int, default=4)
     ap.add_argument("--random-draws", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="few prompts, small grids; writes to out/demo_eval_quick")
     ap.add_argument("--no-write", action="store_true", help="do not update demo.json / demo_settings.json")
@@ -493,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. calibration at the default settings
     print("== calibration ==", flush=True)
-    cal_prompts = [(s.caption, 100 + i) for i, s in enumerate(D.held_out_scenes()[: args.calibration_prompts])]
+    cal_set = ("tuning", 2, 1) if args.quick else CALIBRATION_SET
+    cal_prompts = D.prompt_set(*cal_set)
     cal = calibrate(pipe, settings, cal_prompts)
     report["calibration"] = cal
     for name, c in cal["branches"].items():
@@ -504,9 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     print("== sweep ==", flush=True)
     names = list(cal["branches"])
     curves = [cal["branches"][b]["mag_ratios"] for b in (["cond", "uncond"] if len(names) > 1 else names)]
-    n_bench = 3 if args.quick else args.bench_prompts
-    bench_prompts = [(s.caption, 1000 + i) for i, s in enumerate(D.held_out_scenes()[-n_bench:])]
-    bench = Bench(pipe, settings, bench_prompts)
+    bench = Bench(pipe, settings, D.prompt_set(*(("tuning", 3, 1) if args.quick else SWEEP_SET)))
     handle = magcache.apply(pipe, preset="flux", curves=curves, rules=magcache.presets.CALIBRATED_FLUX)
     report["reference_seconds_per_image"] = round(bench.reference_seconds, 4)
     report["sweep"] = sweep(bench, handle, args.quick)
@@ -532,7 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     report["evaluate_minutes"] = round((time.time() - t_all) / 60, 1)
     (out_dir / "demo_eval.json").write_text(json.dumps(report, indent=1) + "\n")
     if write:
-        entry = preset_entry(cal, settings, chosen, len(cal_prompts))
+        entry = preset_entry(cal, settings, chosen, f"mean of {cal_set[1]} {cal_set[0]} prompts x {cal_set[2]} seeds "
+                             f"(prompts_{cal_set[0]}.json; python -m magcache.studio.demo.evaluate)",
+                             f"{SWEEP_SET[0]} prompts ({SWEEP_SET[1]} x {SWEEP_SET[2]} seeds)")
         PRESET_PATH.write_text(json.dumps(entry, indent=1) + "\n")
         settings_path = Path(args.model) / "demo_settings.json"
         demo = json.loads(settings_path.read_text())
