@@ -160,13 +160,14 @@ def _held_out_captions() -> frozenset[str]:
     return frozenset(s.caption for s in held_out_scenes(NUM_HELD_OUT))
 
 
-def training_scenes(n: int, seed: int) -> list[Scene]:
-    """``n`` random scenes, none of them with a held-out caption."""
+def training_scenes(n: int, seed: int, copy_share: float = 0.0) -> list[Scene]:
+    """``n`` random scenes, none of them with a held-out caption; with ``copy_share`` > 0, scenes from
+    :func:`scene_with_copies` (for captions with counts and plurals)."""
     rng = random.Random(seed)
     banned = _held_out_captions()
     out: list[Scene] = []
     while len(out) < n:
-        scene = random_scene(rng)
+        scene = scene_with_copies(rng, copy_share=copy_share) if copy_share else random_scene(rng)
         if scene.caption not in banned:
             out.append(scene)
     return out
@@ -318,7 +319,7 @@ FRAME_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
         ("backdrop_first", "{B} backdrop, {L}"),
         ("please_draw", "please draw {L} on {A} {B} background"),
         ("background_last", "{L}, {B} background"),
-        ("background_is", "{L}; the background is {B}"),
+        ("background_is", "{L}. the background is {B}"),
         ("there_is", "there is {L} on {A} {B} backdrop"),
         ("picture_of", "a picture of {L} on {A} {B} background"),
     ),

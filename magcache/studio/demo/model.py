@@ -14,6 +14,21 @@ import string
 from .data import IMAGE_SIZE, PUNCTUATION, VOCABULARY
 
 TEXT_LEN = 32  # tokens for both tokenizers == FluxPipeline's max_sequence_length for this model
+# Caption styles a model can be trained on: (its tokenizers' words, its text length). "plain": the paraphrases of
+# data.paraphrase (the longest has 36 word and comma tokens, the grammar's 20).
+CAPTION_STYLES = ("grammar", "plain")
+PLAIN_TEXT_LEN = 48
+
+
+def caption_style(captions: str) -> tuple[tuple[str, ...], int]:
+    """The vocabulary and text length of a caption style."""
+    if captions == "grammar":
+        return VOCABULARY, TEXT_LEN
+    if captions == "plain":
+        from .data import paraphrase_vocabulary
+
+        return paraphrase_vocabulary("train"), PLAIN_TEXT_LEN
+    raise ValueError(f"unknown caption style {captions!r}; choose one of {CAPTION_STYLES}")
 T5_DIM = 128  # T5 d_model == transformer joint_attention_dim (the T5 binds colours to positions: the wider one)
 CLIP_DIM = 64  # CLIP hidden == pooled_projection_dim
 LATENT_CHANNELS = 4
@@ -38,26 +53,26 @@ TRANSFORMER_CONFIG = dict(
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
-def build_t5_tokenizer():
+def build_t5_tokenizer(vocabulary: tuple[str, ...] = VOCABULARY, text_len: int = TEXT_LEN):
     """Unigram T5 tokenizer whose pieces are the caption words (one token each), with single characters as a
     fallback so that any prompt tokenizes."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -8.0)]
-    vocab += [("\u2581" + w, -1.0) for w in VOCABULARY]
+    vocab += [("\u2581" + w, -1.0) for w in vocabulary]
     vocab += [(p, -1.0) for p in PUNCTUATION]
     vocab += [(c, -10.0) for c in _CHARS if c not in PUNCTUATION]
     vocab += [("\u2581" + c, -9.0) for c in string.ascii_lowercase]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LEN)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=text_len)
 
 
-def build_clip_tokenizer():
+def build_clip_tokenizer(vocabulary: tuple[str, ...] = VOCABULARY, text_len: int = TEXT_LEN):
     """CLIP BPE tokenizer whose merges assemble each caption word into one token (``word</w>``)."""
     from transformers import CLIPTokenizer
 
     # Learn BPE merges on the vocabulary itself (most frequent pair first, until every word is one symbol):
     # applying merges in rank order then reproduces exactly this segmentation, one token per word.
-    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in VOCABULARY]
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in vocabulary]
     tokens: list[str] = [t for c in _CHARS for t in (c, c + "</w>")]
     merges: list[tuple[str, str]] = []
     while any(len(w) > 1 for w in words):
@@ -76,7 +91,7 @@ def build_clip_tokenizer():
                 i += 1
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_LEN)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=text_len)
 
 
 def one_token_per_word(tokenizer, caption: str) -> bool:
@@ -84,17 +99,18 @@ def one_token_per_word(tokenizer, caption: str) -> bool:
     return len(tokenizer.tokenize(caption)) == len(caption.replace(",", " ,").split())
 
 
-def build_text_encoders(clip_vocab_size: int, t5_vocab_size: int, clip_eos_id: int, clip_bos_id: int):
+def build_text_encoders(clip_vocab_size: int, t5_vocab_size: int, clip_eos_id: int, clip_bos_id: int,
+                        text_len: int = TEXT_LEN):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=clip_vocab_size, hidden_size=CLIP_DIM, intermediate_size=4 * CLIP_DIM, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TEXT_LEN, hidden_act="gelu", projection_dim=CLIP_DIM,
+        num_attention_heads=4, max_position_embeddings=text_len, hidden_act="gelu", projection_dim=CLIP_DIM,
         bos_token_id=clip_bos_id, eos_token_id=clip_eos_id, pad_token_id=clip_eos_id,
     ))
     t5 = T5EncoderModel(T5Config(
         vocab_size=t5_vocab_size, d_model=T5_DIM, d_kv=32, d_ff=2 * T5_DIM, num_layers=3, num_heads=4,
-        relative_attention_num_buckets=16, relative_attention_max_distance=TEXT_LEN, dropout_rate=0.0,
+        relative_attention_num_buckets=16, relative_attention_max_distance=text_len, dropout_rate=0.0,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
     ))
     return clip, t5
@@ -129,9 +145,12 @@ def build_scheduler():
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
 
 
-def build_components(**transformer_overrides) -> dict:
-    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
-    clip, t5 = build_text_encoders(len(clip_tok), len(t5_tok), clip_tok.eos_token_id, clip_tok.bos_token_id)
+def build_components(captions: str = "grammar", **transformer_overrides) -> dict:
+    """Fresh components; ``captions``: the caption style the tokenizers and text encoders are built for."""
+    vocabulary, text_len = caption_style(captions)
+    clip_tok, t5_tok = build_clip_tokenizer(vocabulary, text_len), build_t5_tokenizer(vocabulary, text_len)
+    clip, t5 = build_text_encoders(len(clip_tok), len(t5_tok), clip_tok.eos_token_id, clip_tok.bos_token_id,
+                                   text_len)
     return dict(tokenizer=clip_tok, tokenizer_2=t5_tok, text_encoder=clip, text_encoder_2=t5, vae=build_vae(),
                 transformer=build_transformer(**transformer_overrides), scheduler=build_scheduler())
 

@@ -3,6 +3,7 @@
     python -m magcache.studio.demo.train --recipe gpu --out assets/demo_model   # the shipped model (one GPU, ~8 min)
     python -m magcache.studio.demo.train --recipe cpu --out out/demo_cpu        # 2 CPU cores, ~75 min, a weaker model
     python -m magcache.studio.demo.train --export-only --out out/snapshot       # export the latest checkpoint
+    python -m magcache.studio.demo.train --recipe gpu --captions plain ...      # captions in plain English (untrained)
 
 Recipes (``RECIPES``) fix the model size, data and optimisation; any flag overrides its recipe value.
 
@@ -13,6 +14,11 @@ Stages, each resumed from its checkpoint in ``--work`` (default ``out/demo_train
 3. ``transformer``: the FLUX transformer and both text encoders, jointly, with rectified flow
    (x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t), 10% empty captions (for true CFG), EMA weights.
 4. ``export``: EMA weights -> ``FluxPipeline.save_pretrained(--out)`` (safetensors) + ``demo_settings.json``.
+
+``--captions plain`` trains on plain-English paraphrases (``data.training_caption``: a quarter still in the grammar)
+instead of the grammar's captions: ``CAPTION_VARIANTS`` captions per scene drawn at the latent stage (one per sample
+at random), scenes with repeated objects for counts and plurals, tokenizers over the paraphrases' words and 48
+text tokens (``model.caption_style``).
 
 Every random draw comes from a generator seeded by (seed, stage, step), so a resumed run equals an uninterrupted one.
 """
@@ -48,16 +54,20 @@ VAE_CHECKPOINT_EVERY = 200
 # --fit-minutes measures the step rate over these transformer steps (inside the warm-up, whose learning rate does
 # not depend on the total), then fixes the total: the run equals one started with that --steps.
 FIT_WINDOW = (20, 100)
+# --captions plain: captions drawn per scene at the latent stage (each sample takes one at random), and the share of
+# scenes whose objects are copies of one (data.scene_with_copies), so that counts and plurals have data.
+CAPTION_VARIANTS = 4
+COPY_SHARE = 0.3
 
 RECIPES = {
     # 2-core CPU, ~75 minutes (VAE 13.5, latents 14.2, transformer 46): adherence 30/50 (docs/demo_model.md)
     "cpu": dict(double_blocks=2, single_blocks=4, num_latents=24_000, steps=4000, batch=64, lr=1e-3, bf16=False,
-                checkpoint_every=200),
+                checkpoint_every=200, captions="grammar"),
     # one GPU (the shipped model: H200, 7.2 minutes for the transformer at 12.6 steps/s, 49/50): 2 more double blocks,
     # 8x the latents, 16x the batch. The steps are what --fit-minutes chose there. fp32: bf16 autocast failed on that
     # machine in cuDNN's attention backward (torch 2.11 + CUDA 13; bench/demo_gpu.sh's smoke test falls back).
     "gpu": dict(double_blocks=4, single_blocks=4, num_latents=200_000, steps=5254, batch=1024, lr=1e-3, bf16=False,
-                checkpoint_every=1000),
+                checkpoint_every=1000, captions="grammar"),
 }
 
 
@@ -178,14 +188,15 @@ def _rendered_chunks(scenes: list, seed: int, workers: int):
 
 @torch.no_grad()
 def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, workers: int = 1,
-                   encode_batch: int = 64) -> dict:
+                   encode_batch: int = 64, captions: str = "grammar") -> dict:
     path = work / "latents.pt"
-    scenes = D.training_scenes(count, seed=seed + 1)
+    copy_share = COPY_SHARE if captions == "plain" else 0.0
+    scenes = D.training_scenes(count, seed=seed + 1, copy_share=copy_share)
     if path.exists():
         cached = torch.load(path)
-        if cached["latents"].shape[0] == count:
+        if cached["latents"].shape[0] == count and cached.get("copy_share", 0.0) == copy_share:
             # captions always come from the current grammar (scenes, hence latents, do not depend on it)
-            cached["captions"] = [s.caption for s in scenes]
+            cached.update(scene_captions(scenes, seed, captions))
             cached.update(scene_arrays(scenes, cached["latents"].shape[-1] // 2))
             return cached
     t0 = time.time()
@@ -208,10 +219,23 @@ def encode_latents(work: Path, vae: torch.nn.Module, seed: int, count: int, work
     latents = torch.cat(means)
     shift = latents.mean().item()
     scale = 1.0 / (latents - shift).std().item()
-    out = {"latents": latents, "captions": [s.caption for s in scenes], "shift_factor": shift, "scaling_factor": scale}
+    out = {"latents": latents, "shift_factor": shift, "scaling_factor": scale, "copy_share": copy_share}
+    out.update(scene_captions(scenes, seed, captions))
     out.update(scene_arrays(scenes, latents.shape[-1] // 2))
     _save(out, path)
     log(f"latents: {tuple(latents.shape)} shift {shift:.4f} scale {scale:.4f} in {(time.time() - t0) / 60:.1f} min")
+    return out
+
+
+def scene_captions(scenes: list, seed: int, captions: str) -> dict:
+    """``captions``: the grammar's caption of each scene; with ``plain`` also ``caption_variants``, CAPTION_VARIANTS
+    lists of one caption per scene (``data.training_caption``), each list from its own seeded generator."""
+    out: dict = {"captions": [s.caption for s in scenes]}
+    if captions == "plain":
+        out["caption_variants"] = []
+        for k in range(CAPTION_VARIANTS):
+            rng = random.Random(seed * 1_000_003 + 31 + k)
+            out["caption_variants"].append([D.training_caption(s, rng) for s in scenes])
     return out
 
 
@@ -246,14 +270,16 @@ class Denoiser(torch.nn.Module):
                                 txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
 
-def build_denoiser(blocks: dict) -> Denoiser:
-    """Fresh trained parts; ``blocks`` = {"num_layers": double-stream, "num_single_layers": single-stream}."""
-    fresh = M.build_components(**blocks)
+def build_denoiser(blocks: dict, captions: str = "grammar") -> Denoiser:
+    """Fresh trained parts; ``blocks`` = {"num_layers": double-stream, "num_single_layers": single-stream};
+    ``captions``: the caption style (the text encoders' vocabulary and length)."""
+    fresh = M.build_components(captions, **blocks)
     return Denoiser(fresh["transformer"], fresh["text_encoder"], fresh["text_encoder_2"])
 
 
 def _tokenize(components: dict, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    kw = dict(padding="max_length", max_length=M.TEXT_LEN, truncation=True, return_tensors="pt")
+    kw = dict(padding="max_length", max_length=components["tokenizer_2"].model_max_length, truncation=True,
+              return_tensors="pt")
     return components["tokenizer"](captions, **kw).input_ids, components["tokenizer_2"](captions, **kw).input_ids
 
 
@@ -264,10 +290,10 @@ def pack(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
     return FluxPipeline._pack_latents((latents - shift) * scale, b, c, h, w)
 
 
-def save_ema(path: Path, ema: Denoiser, step: int, blocks: dict, lat: dict) -> None:
+def save_ema(path: Path, ema: Denoiser, step: int, blocks: dict, lat: dict, captions: str = "grammar") -> None:
     """The exported weights alone (a quarter of a full checkpoint): enough for ``--export-only``."""
     _save({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}, "step": step, "blocks": blocks,
-           "shift_factor": lat["shift_factor"], "scaling_factor": lat["scaling_factor"]}, path)
+           "captions": captions, "shift_factor": lat["shift_factor"], "scaling_factor": lat["scaling_factor"]}, path)
 
 
 def make_optimizer(net: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -288,32 +314,36 @@ def optimise_step(net: Denoiser, opt: torch.optim.Optimizer, x0: torch.Tensor, n
     return loss.detach()
 
 
-def smoke_test(device: torch.device, components: dict, blocks: dict, batch: int, bf16: bool, steps: int = 3) -> None:
+def smoke_test(device: torch.device, components: dict, blocks: dict, batch: int, bf16: bool, steps: int = 3,
+               captions: str = "grammar") -> None:
     """``steps`` of ``train_transformer`` itself on random latents, at the recipe's shapes and batch: does this
     device run them? (bench/demo_gpu.sh tries bf16 first and falls back on failure.) Raises on failure."""
     import tempfile
 
     scenes = D.training_scenes(256, seed=1)
     side = D.IMAGE_SIZE // 8
-    lat = {"latents": torch.randn(len(scenes), M.LATENT_CHANNELS, side, side), "captions": [s.caption for s in scenes],
-           "shift_factor": 0.0, "scaling_factor": 1.0}
+    lat = {"latents": torch.randn(len(scenes), M.LATENT_CHANNELS, side, side), "shift_factor": 0.0,
+           "scaling_factor": 1.0}
+    lat.update(scene_captions(scenes, 0, captions))
     lat.update(scene_arrays(scenes, side // 2))
     with tempfile.TemporaryDirectory() as tmp:
         train_transformer(Path(tmp), components, lat, 0, steps, batch, 1e-4, None, device, blocks, bf16,
-                          checkpoint_every=steps)
+                          checkpoint_every=steps, captions=captions)
     log(f"smoke test: {steps} steps at batch {batch}, {'bf16 autocast' if bf16 else 'fp32'} on {device}: ok")
 
 
 def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps: int, batch: int, lr: float,
                       deadline: float | None, device: torch.device = torch.device("cpu"), blocks: dict | None = None,
                       bf16: bool = False, checkpoint_every: int = 200,
-                      fit_seconds: float | None = None) -> tuple[Denoiser, int]:
-    """Returns the EMA weights (on the CPU) and the total step count (fixed by ``fit_seconds`` if given)."""
+                      fit_seconds: float | None = None, captions: str = "grammar") -> tuple[Denoiser, int]:
+    """Returns the EMA weights (on the CPU) and the total step count (fixed by ``fit_seconds`` if given).
+    ``captions``: the caption style ``components`` were built for (with ``plain``, ``lat`` holds
+    ``caption_variants`` and each sample takes one of them at random)."""
     from diffusers import FluxPipeline
 
     blocks = blocks or {}
     torch.manual_seed(seed + 2)
-    net = build_denoiser(blocks).to(device)  # seeded init of the trained parts
+    net = build_denoiser(blocks, captions).to(device)  # seeded init of the trained parts
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = make_optimizer(net, lr, device)
     ckpt_path, start = work / "transformer_ckpt.pt", 0
@@ -330,7 +360,10 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
         return ema.cpu(), steps
 
     x0_all = pack(lat["latents"], lat["shift_factor"], lat["scaling_factor"]).to(device)  # (N, 64, 16)
-    clip_all, t5_all = (ids.to(device) for ids in _tokenize(components, lat["captions"]))
+    variants = lat.get("caption_variants") or [lat["captions"]]
+    tokenized = [_tokenize(components, v) for v in variants]
+    clip_all = torch.stack([c for c, _ in tokenized]).to(device)  # (variants, N, text tokens)
+    t5_all = torch.stack([t for _, t in tokenized]).to(device)
     clip_empty, t5_empty = (ids.to(device) for ids in _tokenize(components, [""]))
     n = x0_all.shape[0]
     # Binding colours to positions is what is hard (1-object prompts are learned first): scenes are drawn in
@@ -339,7 +372,7 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
     object_tokens = lat["object_tokens"].to(device)
     side = int(math.isqrt(x0_all.shape[1]))
     img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, device, torch.float32)
-    txt_ids = torch.zeros(M.TEXT_LEN, 3, device=device)
+    txt_ids = torch.zeros(clip_all.shape[-1], 3, device=device)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
     log(f"transformer: {sum(p.numel() for p in net.transformer.parameters()) / 1e6:.2f}M params, text encoders "
         f"{sum(p.numel() for p in net.text_encoder.parameters()) / 1e6:.2f}M + "
@@ -349,7 +382,7 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
     def checkpoint(done: int) -> None:
         _save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
                "total_steps": steps}, ckpt_path)
-        save_ema(work / "ema.pt", ema, done, blocks, lat)
+        save_ema(work / "ema.pt", ema, done, blocks, lat, captions)
 
     net.train()
     t0, running, t_window = time.time(), [], None
@@ -360,7 +393,11 @@ def train_transformer(work: Path, components: dict, lat: dict, seed: int, steps:
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + 17 + step)
         idx = torch.multinomial(sample_weights, batch, replacement=True, generator=gen)
         x0 = x0_all[idx]
-        clip_ids, t5_ids = clip_all[idx].clone(), t5_all[idx].clone()
+        # one caption variant per sample, drawn only when there are several: the grammar recipe's draws stay as
+        # they were
+        variant = (torch.randint(len(variants), (batch,), generator=gen, device=device) if len(variants) > 1
+                   else torch.zeros(batch, dtype=torch.long, device=device))
+        clip_ids, t5_ids = clip_all[variant, idx].clone(), t5_all[variant, idx].clone()
         drop = torch.rand(batch, generator=gen, device=device) < 0.1  # empty caption -> uncond branch for true CFG
         clip_ids[drop], t5_ids[drop] = clip_empty, t5_empty
         t = torch.sigmoid(torch.randn(batch, generator=gen, device=device))  # logit-normal(0, 1)
@@ -414,7 +451,7 @@ DEFAULT_SETTINGS = {
 
 
 def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, shift: float, scale: float, ema: Denoiser,
-           settings: dict | None = None) -> None:
+           settings: dict | None = None, captions: str = "grammar") -> None:
     comps = dict(components)
     comps.update(transformer=ema.transformer.eval(), text_encoder=ema.text_encoder.eval(),
                  text_encoder_2=ema.text_encoder_2.eval(), vae=vae.cpu().eval())
@@ -429,6 +466,11 @@ def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, shift:
                      "<position>, ...' with up to 3 objects. The Demo tab reads plain-English prompts into that grammar "
                      "first (magcache/studio/demo/prompts.py) and shows how it read them. The last two example prompts "
                      "are held-out captions never seen in training.")
+    if captions == "plain":
+        demo["notes"] = ("The model was trained on plain-English paraphrases of its scenes (data.paraphrase; a quarter "
+                         "of the captions in the grammar '<colour> background, <size> <colour> <shape> at <position>, "
+                         "...'), up to 3 objects. The last two example prompts are held-out captions never seen in "
+                         "training.")
     demo["training"] = meta
     settings_path = out / "demo_settings.json"
     if settings_path.exists():  # keep settings chosen later by evaluate.py (cfg scale, steps)
@@ -436,6 +478,7 @@ def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, shift:
         for key in DEFAULT_SETTINGS:
             if key in previous and settings is None:
                 demo[key] = previous[key]
+    demo["max_sequence_length"] = components["tokenizer_2"].model_max_length  # what the text encoders were built for
     settings_path.write_text(json.dumps(demo, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"exported FluxPipeline to {out} ({size / 1e6:.1f} MB)")
@@ -445,7 +488,7 @@ def _load_ema(work: Path) -> tuple[Denoiser, dict]:
     """EMA weights from ``ema.pt`` (or, for older runs, the full checkpoint) and what export needs beside them."""
     lean = work / "ema.pt"
     ckpt = torch.load(lean if lean.exists() else work / "transformer_ckpt.pt", map_location="cpu")
-    net = build_denoiser(ckpt.get("blocks", {}))
+    net = build_denoiser(ckpt.get("blocks", {}), ckpt.get("captions", "grammar"))
     net.load_state_dict(ckpt["ema"])
     log(f"EMA weights of step {ckpt['step']}")
     return net.eval(), ckpt
@@ -475,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
     ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--captions", choices=M.CAPTION_STYLES, default=None,
+                    help="grammar: the caption grammar (the shipped model); plain: plain-English paraphrases")
     ap.add_argument("--fit-minutes", type=float, default=None,
                     help="measure the step rate early and set --steps so that the transformer stage takes this long")
     ap.add_argument("--minutes", type=float, default=None,
@@ -496,9 +541,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     blocks = {"num_layers": args.double_blocks, "num_single_layers": args.single_blocks}
-    components = M.build_components()  # tokenizers and scheduler are used as built; models get replaced
+    components = M.build_components(args.captions)  # tokenizers and scheduler are used as built; models get replaced
     if args.smoke:
-        smoke_test(device, components, blocks, args.batch, args.bf16)
+        smoke_test(device, components, blocks, args.batch, args.bf16, captions=args.captions)
         return
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -507,9 +552,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_only:
         vae = train_vae(work, args.seed, 0, 1, None)  # loads vae_final.pt
         ema, saved = _load_ema(work)
+        components = M.build_components(saved.get("captions", "grammar"))  # the style the weights were trained on
         if "shift_factor" not in saved:  # older checkpoints: the statistics live with the cached latents
             saved = encode_latents(work, vae, args.seed, args.num_latents)
-        export(work, out, components, vae, saved["shift_factor"], saved["scaling_factor"], ema)
+        export(work, out, components, vae, saved["shift_factor"], saved["scaling_factor"], ema,
+               captions=saved.get("captions", "grammar"))
         return
 
     t_start = time.time()
@@ -524,19 +571,19 @@ def main(argv: list[str] | None = None) -> None:
     meta.setdefault("vae_minutes", round((time.time() - t) / 60, 2))
     t = time.time()
     lat = encode_latents(work, vae, args.seed, args.num_latents, args.render_workers,
-                         encode_batch=1024 if device.type == "cuda" else 64)
+                         encode_batch=1024 if device.type == "cuda" else 64, captions=args.captions)
     meta.setdefault("latents_minutes", round((time.time() - t) / 60, 2))
     meta_path.write_text(json.dumps(meta, indent=2))
     t = time.time()
     ema, steps = train_transformer(work, components, lat, args.seed, args.steps, args.batch, args.lr, deadline, device,
                                    blocks, args.bf16, args.checkpoint_every,
-                                   60 * args.fit_minutes if args.fit_minutes else None)
+                                   60 * args.fit_minutes if args.fit_minutes else None, args.captions)
     meta["transformer_steps"] = meta["args"]["steps"] = steps  # the fitted total: drop --fit-minutes to repeat it
     meta["transformer_minutes"] = round(meta.get("transformer_minutes_before_resume", 0) + (time.time() - t) / 60, 2)
     meta["total_minutes_this_invocation"] = round((time.time() - t_start) / 60, 2)
     meta["torch_threads"] = args.threads
     meta_path.write_text(json.dumps(meta, indent=2))
-    export(work, out, components, vae, lat["shift_factor"], lat["scaling_factor"], ema)
+    export(work, out, components, vae, lat["shift_factor"], lat["scaling_factor"], ema, captions=args.captions)
 
 
 if __name__ == "__main__":
