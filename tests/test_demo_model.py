@@ -95,6 +95,9 @@ def test_held_out_captions_never_occur_in_training():
     held = {s.caption for s in D.held_out_scenes()}
     assert len(held) == D.NUM_HELD_OUT
     assert not held & {s.caption for s in D.training_scenes(3000, seed=1)}
+    copies = D.training_scenes(3000, seed=1, copy_share=0.3)  # the scenes of --captions plain
+    assert not held & {s.caption for s in copies}
+    assert sum(len(s.objects) > 1 and len({(o.size, o.colour, o.shape) for o in s.objects}) == 1 for s in copies) > 400
 
 
 def test_demo_preset_is_the_calibrated_curve():
