@@ -24,6 +24,7 @@ from magcache.studio.public import client_id, generate_slots, public_mode, read_
 from magcache.studio.request import InvalidRequest
 
 from . import handlers
+from .plots import figure_html
 from .zerogpu import gpu_task
 
 logger = logging.getLogger("magcache.studio.ui")
@@ -67,6 +68,14 @@ JS = """
     .forEach((label) => label.click());
 }
 """
+class FigureView(gr.HTML):
+    """A matplotlib figure shown as an image that fits the screen: the figure's phone layout on a narrow screen,
+    the wide one otherwise (:func:`ui.plots.figure_html`). Handlers return the ``Figure`` itself (or None)."""
+
+    def postprocess(self, value: Any) -> str | None:
+        return value if value is None or isinstance(value, str) else figure_html(value)
+
+
 DEVICE_EVENTS = 8  # device runs admitted at once: one runs, the others wait in the manager's queue and say for what
 THEME = gr.themes.Soft(primary_hue="blue", secondary_hue="amber")
 
@@ -198,7 +207,7 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             figure, text = handlers.live_preview(manager, tab.id, {
                 "steps": d["num_inference_steps"], "thresh": d["thresh"], "retention_ratio": d["retention_ratio"],
                 "K": d["K"], "guidance": d.get("guidance_scale"), "num_frames": d.get("num_frames")})
-            outputs["schedule"] = gr.Plot(figure, label="Schedule", show_label=False, elem_id=f"schedule-{tab.id}")
+            outputs["schedule"] = FigureView(figure, label="Schedule", elem_id=f"schedule-{tab.id}")
             outputs["schedule_text"] = gr.Markdown(text)
 
     ctx = TabContext(tab, manager, inputs, outputs)

@@ -203,7 +203,7 @@ def _default_grid(d: Mapping[str, Any]) -> tuple[str, str]:
 
 def build_tuning(ctx: Any) -> None:
     """Add the "Tuning" accordion to one tab (``ui/layout.py`` calls this once per tab)."""
-    from .layout import DEVICE_EVENTS
+    from .layout import DEVICE_EVENTS, FigureView
     from .zerogpu import gpu_task
 
     tab, manager, inputs, outputs = ctx.tab, ctx.manager, ctx.inputs, ctx.outputs
@@ -253,7 +253,7 @@ def build_tuning(ctx: Any) -> None:
                 sweep_status = gr.Markdown("", elem_id=f"sweep-status-{tid}")
                 sweep_table = gr.Dataframe(label="Sweep (click a row to apply it; # is the label in the plot)",
                                            interactive=False, wrap=True, elem_id=f"sweep-table-{tid}")
-                pareto_plot = gr.Plot(label="Pareto", show_label=False, elem_id=f"sweep-plot-{tid}")
+                pareto_plot = FigureView(label="Pareto", elem_id=f"sweep-plot-{tid}")
                 with gr.Row():
                     point = gr.Dropdown([], label="Point", elem_id=f"sweep-point-{tid}")
                     apply_btn = gr.Button("Apply to the sliders", size="sm", elem_id=f"sweep-apply-{tid}")
