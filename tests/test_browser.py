@@ -229,7 +229,7 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
         expect(tuning.get_by_text("Error", exact=True)).to_have_count(0)
 
         # export: readable code with a copy button
-        tuning.get_by_role("tab", name="Export / load").click()
+        tuning.get_by_role("tab", name="Export").click()
         page.locator("#export-format-demo").get_by_text("magcache Python snippet").click()
         code = page.locator("#export-code-demo")
         expect(code).to_contain_text("magcache", timeout=20_000)

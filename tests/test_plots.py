@@ -11,7 +11,7 @@ from PIL import Image
 from magcache import policy as P
 from magcache.presets import get_preset
 from magcache.studio.sweep import SweepResult, SweepRow, pareto_front, sweep_grid
-from ui.plots import figure_html, pareto_figure, schedule_figure
+from ui.plots import figure_html, label_box, pareto_figure, schedule_figure
 
 
 def _crowded_sweep(n: int = 36, seed: int = 0) -> SweepResult:
@@ -34,7 +34,7 @@ def _label_boxes(fig):
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()
     fig.canvas.draw()  # the boxes as drawn, after the layout
-    return [t.get_window_extent(renderer) for t in ax.texts], ax.get_window_extent(renderer)
+    return [label_box(t, renderer) for t in ax.texts], ax.get_window_extent(renderer)
 
 
 def test_pareto_labels_never_overlap_in_a_crowded_sweep():

@@ -45,6 +45,8 @@ CSS = """
 .mc-timing-table th, .mc-timing-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
 .mc-timing-table th { font-weight: 600; }
 @media (max-width: 700px) {
+  .mc-stack-phone { flex-direction: column; }
+  .mc-compact-tabs .tab-container button { padding: 0 7px; font-size: 13px; }
   .mc-timing-table thead { display: none; }
   .mc-timing-table tr { display: grid; grid-template-columns: 1fr 1fr; padding: 6px 0; border-bottom: 1px solid #e5e7eb; }
   .mc-timing-table td { border: none; padding: 1px 4px; }
@@ -174,7 +176,7 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                                                 info="torch.compile the transformer blocks; the first run compiles "
                                                      "(warm-up, shown separately).")
             inputs["timing_repeats"] = gr.Dropdown(
-                [(f"Auto: until the speed-up is steady (at most {TIMING_BUDGET_S:g} s)", "auto"), ("1 pair (single runs)", "1"),
+                [(f"Auto: until steady, at most {TIMING_BUDGET_S:g} s", "auto"), ("1 pair (single runs)", "1"),
                  ("3 pairs", "3"), ("5 pairs", "5"), ("9 pairs", "9")], value="auto", label="Timing repeats",
                 info="Baseline and MagCache run in turn, the median speed-up is reported; the images are from the "
                      "first pair (same seed).", elem_id=f"timing-repeats-{tab.id}")
@@ -197,9 +199,9 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             gr.Markdown("**Timing** (wall clock of the pipeline call; median ± spread over the timed pairs)")
             outputs["timing"] = gr.HTML("", elem_id=f"timing-{tab.id}")
             gr.Markdown(handlers.PASSES_HELP, elem_classes="mc-help", elem_id=f"passes-help-{tab.id}")
-            with gr.Row():
+            with gr.Row(elem_classes="mc-stack-phone"):
                 outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
-                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220,
+                outputs["heatmap"] = gr.Image(label="Difference map", type="pil", height=220,
                                               format="png", interactive=False, buttons=[], visible=False,
                                               elem_id=f"heatmap-{tab.id}")
             with gr.Accordion("Details: model, preset, ratio curve", open=False, elem_id=f"details-{tab.id}"):

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
@@ -222,9 +223,10 @@ _RADII = (5, 12, 20, 30, 42)
 def place_labels(fig: Figure, ax, labels: Sequence[tuple[str, tuple[float, float]]],
                  markers: Sequence[tuple[float, float]], fontsize: float = 8, marker_px: float = 4.0) -> int:
     """Annotate ``ax`` with each ``(text, (x, y))`` label at the first offset around its point (close ones
-    first) where the text's box overlaps no label placed before, no marker (a ``marker_px`` half-width square
-    around each of ``markers``) and lies inside the axes. A label with no such place is left off: returns how
-    many. The figure's layout is done first and then frozen, so the boxes measured here are the ones drawn."""
+    first, further ones with a leader line) where the text's box overlaps no label or leader line placed
+    before, no marker (a ``marker_px`` half-width square around each of ``markers``) and lies inside the axes,
+    and where its leader line crosses no label placed before. A label with no such place is left off: returns
+    how many. The figure's layout is done first and then frozen, so the boxes measured here are the ones drawn."""
     if not labels:
         return 0
     if not hasattr(fig.canvas, "get_renderer"):
@@ -233,32 +235,43 @@ def place_labels(fig: Figure, ax, labels: Sequence[tuple[str, tuple[float, float
     fig.set_layout_engine("none")  # the boxes below must stay where they were measured
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
-    scale = fig.dpi / 72  # points -> pixels
-    blocked = [Bbox.from_extents(px - marker_px * scale, py - marker_px * scale, px + marker_px * scale,
-                                 py + marker_px * scale)
-               for px, py in ax.transData.transform(list(markers))]
+    half = marker_px * fig.dpi / 72  # points -> pixels
+    marks = [Bbox.from_extents(x - half, y - half, x + half, y + half)
+             for x, y in ax.transData.transform(list(markers))]
+    texts: list[Bbox] = []  # placed labels
+    lines: list[Bbox] = []  # placed leader lines, as small boxes along them
     left = 0
     for text, xy in labels:
-        for radius in _RADII:
-            placed = None
-            for dx, dy in _DIRECTIONS:
-                note = ax.annotate(text, xy, xytext=(dx * radius, dy * radius), textcoords="offset points",
-                                   fontsize=fontsize, ha={1: "left", -1: "right", 0: "center"}[dx],
-                                   va={1: "bottom", -1: "top", 0: "center"}[dy], zorder=4,
-                                   arrowprops=dict(arrowstyle="-", lw=0.6, color="0.4", shrinkA=0, shrinkB=3)
-                                   if radius >= 12 else None)
-                box = note.get_window_extent(renderer).expanded(1.0, 1.0).padded(1.0)
-                if (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
-                        and not any(box.overlaps(b) for b in blocked)):
-                    placed = box
-                    break
-                note.remove()
-            if placed is not None:
-                blocked.append(placed)
+        px, py = ax.transData.transform(xy)
+        for radius, (dx, dy) in ((r, d) for r in _RADII for d in _DIRECTIONS):
+            leader = radius >= 12
+            note = ax.annotate(text, xy, xytext=(dx * radius, dy * radius), textcoords="offset points",
+                               fontsize=fontsize, ha={1: "left", -1: "right", 0: "center"}[dx],
+                               va={1: "bottom", -1: "top", 0: "center"}[dy], zorder=4,
+                               arrowprops=dict(arrowstyle="-", lw=0.6, color="0.4", shrinkA=0, shrinkB=3)
+                               if leader else None)
+            box = label_box(note, renderer).padded(1.0)
+            # the leader runs from the text's centre to the point: what lies between the box and the marker
+            cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+            along = [(px + t * (cx - px), py + t * (cy - py)) for t in [i / 20 for i in range(21)]] if leader else []
+            along = [(x, y) for x, y in along if not box.contains(x, y) and abs(x - px) + abs(y - py) > half]
+            if (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+                    and not any(box.overlaps(b) for b in marks + texts + lines)
+                    and not any(b.contains(x, y) for b in texts for x, y in along)):
+                texts.append(box)
+                lines += [Bbox.from_extents(x - 1, y - 1, x + 1, y + 1) for x, y in along]
                 break
+            note.remove()
         else:
             left += 1
     return left
+
+
+def label_box(note, renderer) -> Bbox:
+    """The box of an annotation's text in pixels (its own extent also covers the leader line, which ends at a
+    marker)."""
+    note.get_window_extent(renderer)  # places the text for this renderer
+    return Text.get_window_extent(note, renderer)
 
 
 def figure_html(fig: Figure | None, css_class: str = "mc-figure") -> str:

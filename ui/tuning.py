@@ -217,8 +217,9 @@ def build_tuning(ctx: Any) -> None:
                             info="Which magnitude-ratio curve decides the skips. The preview under the schedule "
                                  "says which one is in use and where it came from.", elem_id=f"curve-{tid}")
         curve_file = gr.State(None)
-        with gr.Tabs():
-            with gr.Tab("Speed-up target", elem_id=f"tune-target-{tid}"):
+        with gr.Tabs(elem_classes="mc-compact-tabs"):
+            # short names: all four fit a phone's tab strip (a longer one sends the rest to an overflow menu)
+            with gr.Tab("Target", elem_id=f"tune-target-{tid}"):
                 target = gr.Slider(1.1, 5.0, value=2.0, step=0.05, label="Target speed-up (transformer blocks, ×)",
                                    elem_id=f"target-{tid}")
                 solve = gr.Button("Solve for thresh and K", size="sm", elem_id=f"solve-{tid}")
@@ -258,11 +259,11 @@ def build_tuning(ctx: Any) -> None:
                     point = gr.Dropdown([], label="Point", elem_id=f"sweep-point-{tid}")
                     apply_btn = gr.Button("Apply to the sliders", size="sm", elem_id=f"sweep-apply-{tid}")
                 sweep_state = gr.State(None)
-            with gr.Tab("Export / load", elem_id=f"tune-export-{tid}"):
+            with gr.Tab("Export", elem_id=f"tune-export-{tid}"):
                 fmt = gr.Radio([(label, key) for key, label in EXPORT_FORMATS.items()], value="comfyui",
                                label="Export as", elem_id=f"export-format-{tid}")
                 export_btn = gr.Button("Export the current settings", size="sm", elem_id=f"export-{tid}")
-                code = gr.Code("", language=None, label="Export (copy button at the top right)", interactive=False,
+                code = gr.Code("", language=None, label="Export (copy button →)", interactive=False,
                                wrap_lines=True, lines=6, elem_id=f"export-code-{tid}")
                 download = gr.File(label="Settings JSON (download)", interactive=False, elem_id=f"export-file-{tid}")
                 load = gr.File(label="Load a settings JSON (restores the sliders, steps and curve)",
