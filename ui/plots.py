@@ -62,7 +62,7 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
         # a phone shows the image about 330 px wide: a narrow figure with few, larger labels, rows and legend stacked
         fig = Figure(figsize=(3.4, 2.9 + 0.32 * len(rows)), dpi=100, layout="constrained")
         top, bottom = fig.subplots(2, 1, height_ratios=[0.32 * len(rows) + 0.4, 1.6])
-        heading = title or (f"{computed}/{total} passes computed, {predicted.predicted_speedup():.2f}x (blocks)"
+        heading = title or (f"{computed}/{total} passes computed, {predicted.predicted_speedup():.2f}x (blocks only)"
                             + (f"\nactual: {done}/{total}{sections}" if done is not None else ""))
     else:
         fig = Figure(figsize=(8.0, 1.9 + 0.34 * len(rows)), dpi=100, layout="constrained")
@@ -79,7 +79,10 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
     top.tick_params(axis="x", labelsize=font)
     top.xaxis.set_major_locator(MaxNLocator(nbins=5 if compact else 14, integer=True))
     top.set_frame_on(False)
-    top.set_title(heading, fontsize=font + 1 if not compact else font, loc="left")
+    if compact:  # the whole width for the heading, not only the axes' (the row labels take a third)
+        fig.suptitle(heading, x=0.02, ha="left", fontsize=font)
+    else:
+        top.set_title(heading, fontsize=font + 1, loc="left")
 
     for b in branches:
         errs = [d.acc_err for d in predicted.decisions[b]]
@@ -91,8 +94,10 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
     if expert_switch is not None and 0 < expert_switch < n:
         for ax in (top, bottom):
             ax.axvline(expert_switch - 0.5, color=EXPERT_SWITCH, linestyle=":", linewidth=1.5)
+        late = expert_switch > n / 2  # the label on the side of the line with room for it
         bottom.annotate("expert switch", (expert_switch - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -3), textcoords="offset points", fontsize=small, color=EXPERT_SWITCH, va="top")
+                        xytext=(-3 if late else 3, -3), textcoords="offset points", fontsize=small,
+                        color=EXPERT_SWITCH, va="top", ha="right" if late else "left")
     bottom.set_xlim(-0.6, n - 0.4)
     bottom.xaxis.set_major_locator(MaxNLocator(nbins=5 if compact else 10, integer=True))
     bottom.set_ylabel("accumulated\nerror", fontsize=font)
@@ -101,8 +106,11 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
     handles = [Patch(facecolor=COMPUTED, edgecolor=EDGE, label="computed"),
                Patch(facecolor=SKIPPED, edgecolor=EDGE, label="skipped (reused)" if compact
                      else "skipped (cached residual reused)")] + handles
-    bottom.legend(handles=handles, fontsize=small, ncol=2 if compact else min(len(handles), 4), frameon=False,
-                  loc="upper center", bbox_to_anchor=(0.5, -0.2 if compact else -0.18))
+    if compact:  # centred on the figure and part of its layout: centred on the axes it would run off the right
+        fig.legend(handles=handles, fontsize=small, ncols=2, frameon=False, loc="outside lower center")
+    else:
+        bottom.legend(handles=handles, fontsize=small, ncol=min(len(handles), 4), frameon=False, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.18))
     bottom.grid(alpha=0.3)
     fig.set_label(_schedule_summary(predicted, first, computed, total))
     if not compact:

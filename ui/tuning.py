@@ -253,7 +253,7 @@ def build_tuning(ctx: Any) -> None:
                     sweep_stop = gr.Button("Stop", variant="stop", elem_id=f"sweep-stop-{tid}")
                 sweep_status = gr.Markdown("", elem_id=f"sweep-status-{tid}")
                 sweep_table = gr.Dataframe(label="Sweep (click a row to apply it; # is the label in the plot)",
-                                           interactive=False, wrap=True, elem_id=f"sweep-table-{tid}")
+                                           interactive=False, wrap=False, elem_id=f"sweep-table-{tid}")
                 pareto_plot = FigureView(label="Pareto", elem_id=f"sweep-plot-{tid}")
                 with gr.Row():
                     point = gr.Dropdown([], label="Point", elem_id=f"sweep-point-{tid}")
