@@ -42,14 +42,16 @@ CSS = """
 .mc-headline h3 { font-size: 1.5em; margin: 0.1em 0 0.2em; }
 .mc-help p { font-size: 0.85em; opacity: 0.8; margin: 0; }
 .mc-timing-table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
-.mc-timing-table th, .mc-timing-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
+table.mc-timing-table, table.mc-timing-table tr, table.mc-timing-table th, table.mc-timing-table td {
+  border: none; border-bottom: 1px solid #e5e7eb; }
+.mc-timing-table th, .mc-timing-table td { text-align: left; padding: 4px 8px; }
 .mc-timing-table th { font-weight: 600; }
 @media (max-width: 700px) {
   .mc-stack-phone { flex-direction: column; }
   .mc-compact-tabs .tab-container button { padding: 0 7px; font-size: 13px; }
   .mc-timing-table thead { display: none; }
   .mc-timing-table tr { display: grid; grid-template-columns: 1fr 1fr; padding: 6px 0; border-bottom: 1px solid #e5e7eb; }
-  .mc-timing-table td { border: none; padding: 1px 4px; }
+  table.mc-timing-table td { border: none; padding: 1px 4px; }
   .mc-timing-table td:first-child { grid-column: 1 / -1; font-weight: 600; }
   .mc-timing-table td:not(:first-child)::before { content: attr(data-label) ": "; opacity: 0.7; }
 }
