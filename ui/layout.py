@@ -72,14 +72,6 @@ JS = """
     .forEach((label) => label.click());
 }
 """
-class FigureView(gr.HTML):
-    """A matplotlib figure shown as an image that fits the screen: the figure's phone layout on a narrow screen,
-    the wide one otherwise (:func:`ui.plots.figure_html`). Handlers return the ``Figure`` itself (or None)."""
-
-    def postprocess(self, value: Any) -> str | None:
-        return value if value is None or isinstance(value, str) else figure_html(value)
-
-
 DEVICE_EVENTS = 8  # device runs admitted at once: one runs, the others wait in the manager's queue and say for what
 THEME = gr.themes.Soft(primary_hue="blue", secondary_hue="amber")
 
@@ -90,8 +82,9 @@ class TabContext:
 
     ``inputs``: variant (only with several variants), prompt, negative_prompt, image, control_video, mask_video,
     reference_images, width, height, num_frames, steps, guidance, seed (those the task has), thresh,
-    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, headline, details, schedule, schedule_text,
-    timing (HTML), metrics, heatmap, and baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
+    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, headline, details, schedule (HTML:
+    write ``ui.plots.figure_html(figure)`` into it), schedule_text, timing (HTML), metrics, heatmap, and
+    baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
     Extensions are called in a full-width section below the tab's inputs and results, before the tab's events
     are wired: components an extension adds to ``inputs`` reach Generate's values. An extension may also set
     ``preview(values) -> (figure, text)`` (replaces the live preview, which then also runs on page load and reads
@@ -211,7 +204,8 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             figure, text = handlers.live_preview(manager, tab.id, {
                 "steps": d["num_inference_steps"], "thresh": d["thresh"], "retention_ratio": d["retention_ratio"],
                 "K": d["K"], "guidance": d.get("guidance_scale"), "num_frames": d.get("num_frames")})
-            outputs["schedule"] = FigureView(figure, label="Schedule", elem_id=f"schedule-{tab.id}")
+            # HTML, not gr.Plot: figure_html sends the wide and the phone layout, the browser shows the one that fits
+            outputs["schedule"] = gr.HTML(figure_html(figure), label="Schedule", elem_id=f"schedule-{tab.id}")
             outputs["schedule_text"] = gr.Markdown(text)
 
     ctx = TabContext(tab, manager, inputs, outputs)
@@ -338,9 +332,8 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, stop_note: gr.Markdo
         v = dict(zip(preview_names, values))
         if any(handlers.out_of_range(n, v[n], *ranges[n]) for n in ranges if n in v):
             return gr.update(), gr.update()  # the box is being restored; its change redraws the preview
-        if ctx.preview is not None:
-            return ctx.preview(v)
-        return handlers.live_preview(manager, tab.id, v)
+        figure, text = ctx.preview(v) if ctx.preview is not None else handlers.live_preview(manager, tab.id, v)
+        return figure_html(figure), text
 
     preview_inputs = [inputs[n] for n in preview_names]
     # An extension's preview also runs on page load (triggers=None: load + every input's change), so what it
@@ -414,9 +407,12 @@ def _has_media(payload: Any) -> bool:
 
 
 def _shown(name: str, value: Any) -> Any:
-    """The timing table as HTML (a table on a wide screen, stacked rows on a phone); other values as they are."""
+    """The timing table as HTML (a table on a wide screen, stacked rows on a phone), the schedule figure as HTML
+    (its wide and phone layouts, :func:`ui.plots.figure_html`); other values as they are."""
     if name == "timing":
         return _timing_html(value)
+    if name == "schedule":
+        return figure_html(value)
     return value
 
 

@@ -25,7 +25,7 @@ from magcache.studio.sweep import DEFAULT_MAX_POINTS, OptimalSolution, SweepResu
 from magcache.studio.tuning import CURVE_AUTO, CURVE_FILE, CURVE_PRESET, curve_options, message
 
 from . import handlers
-from .plots import calibration_figure, pareto_figure
+from .plots import calibration_figure, figure_html, pareto_figure
 
 EXPORT_FORMATS = {"comfyui": "ComfyUI-MagCache node values", "python": "magcache Python snippet",
                   "diffusers": "diffusers MagCacheConfig snippet (with caveats)", "json": "Settings JSON (with the curve)"}
@@ -203,7 +203,7 @@ def _default_grid(d: Mapping[str, Any]) -> tuple[str, str]:
 
 def build_tuning(ctx: Any) -> None:
     """Add the "Tuning" accordion to one tab (``ui/layout.py`` calls this once per tab)."""
-    from .layout import DEVICE_EVENTS, FigureView
+    from .layout import DEVICE_EVENTS
     from .zerogpu import gpu_task
 
     tab, manager, inputs, outputs = ctx.tab, ctx.manager, ctx.inputs, ctx.outputs
@@ -254,7 +254,8 @@ def build_tuning(ctx: Any) -> None:
                 sweep_status = gr.Markdown("", elem_id=f"sweep-status-{tid}")
                 sweep_table = gr.Dataframe(label="Sweep (click a row to apply it; # is the label in the plot)",
                                            interactive=False, wrap=False, elem_id=f"sweep-table-{tid}")
-                pareto_plot = FigureView(label="Pareto", elem_id=f"sweep-plot-{tid}")
+                # HTML: the wide and the phone layout of the plot (figure_html), the browser shows the one that fits
+                pareto_plot = gr.HTML(label="Pareto", elem_id=f"sweep-plot-{tid}")
                 with gr.Row():
                     point = gr.Dropdown([], label="Point", elem_id=f"sweep-point-{tid}")
                     apply_btn = gr.Button("Apply to the sliders", size="sm", elem_id=f"sweep-apply-{tid}")
@@ -331,7 +332,8 @@ def build_tuning(ctx: Any) -> None:
         if out["calibration"] is None:
             return out["status"], gr.update(), gr.update(), gr.update(), gr.update()
         figure, text = handlers.live_preview(manager, tid, values)
-        return out["status"], out["figure"], choices_update(values, values.get("curve") or CURVE_AUTO), figure, text
+        return (out["status"], out["figure"], choices_update(values, values.get("curve") or CURVE_AUTO),
+                figure_html(figure), text)
 
     # every action starts from an empty status line (no stale "Calibrated" under a new error)
     for button, status_line in ((calibrate_btn, calibrate_status), (sweep_btn, sweep_status)):
@@ -355,7 +357,7 @@ def build_tuning(ctx: Any) -> None:
             return f"❌ **Bad calibration file**: {handlers.error_html(e)}", gr.update(), gr.update(), gr.update()
         values["curve"] = out["curve"]
         figure, text = handlers.live_preview(manager, tid, values)
-        return out["status"], choices_update(values, out["curve"]), figure, text
+        return out["status"], choices_update(values, out["curve"]), figure_html(figure), text
 
     upload.upload(on_import, inputs=[upload, *light_components],
                   outputs=[calibrate_status, curve, *schedule_outputs])
@@ -377,8 +379,8 @@ def build_tuning(ctx: Any) -> None:
             raise fail(e, "Cannot sweep") from None
         except Exception as e:  # noqa: BLE001
             raise fail(f"The sweep failed ({type(e).__name__}: {e}).", "Sweep failed") from None
-        return (out["status"], out["table"], out["figure"], gr.update(choices=out["choices"], value=None),
-                out["result"])
+        return (out["status"], out["table"], figure_html(out["figure"]),
+                gr.update(choices=out["choices"], value=None), out["result"])
 
     sweep_btn.click(
         on_sweep, inputs=everything | {sweep_thresh, sweep_K, sweep_retention, axis, quality},
@@ -391,7 +393,7 @@ def build_tuning(ctx: Any) -> None:
         if result is None:
             return gr.update(), gr.update(), gr.update()
         view = sweep_view(result, axis_value, quality_value)
-        return view["table"], view["figure"], gr.update(choices=view["choices"], value=None)
+        return view["table"], figure_html(view["figure"]), gr.update(choices=view["choices"], value=None)
 
     for control in (axis, quality):
         control.change(on_view, inputs=[sweep_state, axis, quality], outputs=[sweep_table, pareto_plot, point],
