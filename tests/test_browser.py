@@ -1,6 +1,7 @@
 """A real browser against the real app: start ``app.py`` (MAGCACHE_TINY=1, the Demo tab on its own model) once on
 a free loopback port, drive Debian's chromium with Playwright at a desktop (1400×1000) and a phone (390×844)
-viewport: the Demo tab's comparison and its headline, inline validation, Compare off, the tuning section, Stop.
+viewport: the Demo tab's comparison and its headline, inline validation, Compare off, the tuning section, Stop,
+the figures' phone layouts.
 Screenshots go to ``MAGCACHE_SCREENSHOT_DIR`` (default: the test's temp dir). Fails (never skips) when chromium
 is missing: CI installs it."""
 
@@ -58,6 +59,11 @@ def _no_horizontal_overflow(locator) -> bool:
                             "getComputedStyle(e).overflowX === 'visible')")
 
 
+def _figure_width(img) -> int:
+    """The width in CSS pixels of the layout the browser chose for a figure (wide: 800; phone: 340, at 2x)."""
+    return img.evaluate("el => el.complete && el.naturalWidth")
+
+
 def _open(browser, url, viewport):
     from playwright.sync_api import expect
 
@@ -108,6 +114,7 @@ def test_demo_tab_on_a_desktop(app, browser, shots):
         details = page.locator("#details-demo")
         expect(details).to_contain_text("Details")
         expect(details.get_by_text("Model:")).to_be_hidden()  # provenance is folded away
+        assert _figure_width(page.locator("#schedule-demo img")) == 800  # the wide layout of the schedule
         page.screenshot(path=str(shots / "demo_tab.png"), full_page=True)
         assert (shots / "demo_tab.png").stat().st_size > 10_000
 
@@ -229,7 +236,7 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
         expect(tuning.get_by_text("Error", exact=True)).to_have_count(0)
 
         # export: readable code with a copy button
-        tuning.get_by_role("tab", name="Export / load").click()
+        tuning.get_by_role("tab", name="Export").click()
         page.locator("#export-format-demo").get_by_text("magcache Python snippet").click()
         code = page.locator("#export-code-demo")
         expect(code).to_contain_text("magcache", timeout=20_000)
@@ -278,6 +285,73 @@ def test_demo_tab_on_a_phone(app, browser, shots):
         expect(status).to_contain_text("Stopped", timeout=60_000)
         expect(status).to_contain_text(" after step ")
         page.screenshot(path=str(shots / "phone_stopped.png"))
+    finally:
+        page.close()
+
+
+def test_validation_schedule_and_tuning_on_a_phone(app, browser, shots):
+    """390×844: a typed out-of-range value is refused next to its slider with the range and the box restored;
+    the schedule figure is its phone layout; the tuning section's four sub-tabs are on screen, a 2x2 sweep's
+    table scrolls sideways to every column, the Pareto plot is the phone layout, the export is wrapped code
+    with a copy button."""
+    from playwright.sync_api import expect
+
+    url, _ = app
+    page = _open(browser, url, PHONE)
+    try:
+        tab = page.locator("#tab-demo")
+        schedule = page.locator("#schedule-demo img")
+        expect(schedule).to_be_visible(timeout=20_000)
+        assert _figure_width(schedule) == 340  # drawn for a phone, not the 800-px figure shrunk
+        assert schedule.bounding_box()["width"] <= PHONE["width"]
+        schedule.screenshot(path=str(shots / "phone_schedule.png"))
+
+        steps = tab.get_by_label("number input for Steps")
+        kept = steps.input_value()
+        steps.fill("1000")
+        steps.press("Enter")
+        refused = tab.get_by_text("Steps takes 2 to 100; 1000 was not taken.")
+        expect(refused).to_be_visible(timeout=10_000)
+        expect(steps).to_have_value(kept, timeout=10_000)
+        box, said = steps.bounding_box(), refused.bounding_box()
+        assert abs(said["y"] - box["y"]) < 120 and said["x"] + said["width"] <= PHONE["width"]  # next to the box
+        page.screenshot(path=str(shots / "phone_inline_validation.png"))
+        steps.fill("4")  # short runs for the sweep below
+        steps.press("Enter")
+        expect(steps).to_have_value("4")
+
+        tuning = page.locator("#tuning-demo")
+        tuning.get_by_text("Tuning: ratio curve").click()
+        for name in ("Target", "Calibrate", "Sweep", "Export"):  # all on the strip, none in an overflow menu
+            expect(tuning.get_by_role("tab", name=name, exact=True)).to_be_visible()
+        tuning.get_by_role("tab", name="Sweep", exact=True).click()
+        page.locator("#sweep-thresh-demo textarea").fill("0.1, 0.5")
+        page.locator("#sweep-K-demo textarea").fill("2, 4")
+        page.locator("#sweep-demo").click()
+        expect(page.locator("#sweep-status-demo")).to_contain_text("Sweep done: 4 points", timeout=180_000)
+        table = page.locator("#sweep-table-demo")
+        headers = table.locator('[role="columnheader"]')
+        expect(headers).to_have_count(11)
+        viewport = table.locator(".virtual-table-viewport")
+        for end in ("0", "el.scrollWidth"):  # scrolled to either end, the column there is wholly on screen
+            viewport.evaluate(f"el => {{ el.scrollLeft = {end}; }}")
+            edge = headers.nth(0 if end == "0" else 10)
+            seen, cell = viewport.bounding_box(), edge.bounding_box()
+            assert seen["x"] - 1 <= cell["x"] and cell["x"] + cell["width"] <= seen["x"] + seen["width"] + 1, end
+        expect(headers.nth(10)).to_have_attribute("title", "Pareto")
+        table.screenshot(path=str(shots / "phone_sweep_table.png"))
+        plot = page.locator("#sweep-plot-demo img")
+        expect(plot).to_be_visible()
+        assert _figure_width(plot) == 340
+        plot.screenshot(path=str(shots / "phone_pareto.png"))
+
+        tuning.get_by_role("tab", name="Export", exact=True).click()
+        page.locator("#export-format-demo").get_by_text("magcache Python snippet").click()
+        code = page.locator("#export-code-demo")
+        expect(code).to_contain_text("magcache.apply", timeout=20_000)
+        assert _no_horizontal_overflow(code)  # wrapped: every line readable without scrolling
+        expect(code.get_by_role("button", name="Copy")).to_be_visible()
+        tuning.screenshot(path=str(shots / "phone_tuning_export.png"))
     finally:
         page.close()
 

@@ -24,6 +24,7 @@ from magcache.studio.public import client_id, generate_slots, public_mode, read_
 from magcache.studio.request import InvalidRequest
 
 from . import handlers
+from .plots import figure_html
 from .zerogpu import gpu_task
 
 logger = logging.getLogger("magcache.studio.ui")
@@ -41,12 +42,16 @@ CSS = """
 .mc-headline h3 { font-size: 1.5em; margin: 0.1em 0 0.2em; }
 .mc-help p { font-size: 0.85em; opacity: 0.8; margin: 0; }
 .mc-timing-table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
-.mc-timing-table th, .mc-timing-table td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
+table.mc-timing-table, table.mc-timing-table tr, table.mc-timing-table th, table.mc-timing-table td {
+  border: none; border-bottom: 1px solid #e5e7eb; }
+.mc-timing-table th, .mc-timing-table td { text-align: left; padding: 4px 8px; }
 .mc-timing-table th { font-weight: 600; }
 @media (max-width: 700px) {
+  .mc-stack-phone { flex-direction: column; }
+  .mc-compact-tabs .tab-container button { padding: 0 7px; font-size: 13px; }
   .mc-timing-table thead { display: none; }
   .mc-timing-table tr { display: grid; grid-template-columns: 1fr 1fr; padding: 6px 0; border-bottom: 1px solid #e5e7eb; }
-  .mc-timing-table td { border: none; padding: 1px 4px; }
+  table.mc-timing-table td { border: none; padding: 1px 4px; }
   .mc-timing-table td:first-child { grid-column: 1 / -1; font-weight: 600; }
   .mc-timing-table td:not(:first-child)::before { content: attr(data-label) ": "; opacity: 0.7; }
 }
@@ -77,8 +82,9 @@ class TabContext:
 
     ``inputs``: variant (only with several variants), prompt, negative_prompt, image, control_video, mask_video,
     reference_images, width, height, num_frames, steps, guidance, seed (those the task has), thresh,
-    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, headline, details, schedule, schedule_text,
-    timing (HTML), metrics, heatmap, and baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
+    retention_ratio, K, compare, compile, weights, base. ``outputs``: status, headline, details, schedule (HTML:
+    write ``ui.plots.figure_html(figure)`` into it), schedule_text, timing (HTML), metrics, heatmap, and
+    baseline_image / magcache_image / slider or baseline_video / magcache_video / split_video.
     Extensions are called in a full-width section below the tab's inputs and results, before the tab's events
     are wired: components an extension adds to ``inputs`` reach Generate's values. An extension may also set
     ``preview(values) -> (figure, text)`` (replaces the live preview, which then also runs on page load and reads
@@ -165,7 +171,7 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
                                                 info="torch.compile the transformer blocks; the first run compiles "
                                                      "(warm-up, shown separately).")
             inputs["timing_repeats"] = gr.Dropdown(
-                [(f"Auto: until the speed-up is steady (at most {TIMING_BUDGET_S:g} s)", "auto"), ("1 pair (single runs)", "1"),
+                [(f"Auto: until steady, at most {TIMING_BUDGET_S:g} s", "auto"), ("1 pair (single runs)", "1"),
                  ("3 pairs", "3"), ("5 pairs", "5"), ("9 pairs", "9")], value="auto", label="Timing repeats",
                 info="Baseline and MagCache run in turn, the median speed-up is reported; the images are from the "
                      "first pair (same seed).", elem_id=f"timing-repeats-{tab.id}")
@@ -188,9 +194,9 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             gr.Markdown("**Timing** (wall clock of the pipeline call; median ± spread over the timed pairs)")
             outputs["timing"] = gr.HTML("", elem_id=f"timing-{tab.id}")
             gr.Markdown(handlers.PASSES_HELP, elem_classes="mc-help", elem_id=f"passes-help-{tab.id}")
-            with gr.Row():
+            with gr.Row(elem_classes="mc-stack-phone"):
                 outputs["metrics"] = gr.Markdown("", elem_id=f"metrics-{tab.id}")
-                outputs["heatmap"] = gr.Image(label="Difference map |baseline − MagCache|", type="pil", height=220,
+                outputs["heatmap"] = gr.Image(label="Difference map", type="pil", height=220,
                                               format="png", interactive=False, buttons=[], visible=False,
                                               elem_id=f"heatmap-{tab.id}")
             with gr.Accordion("Details: model, preset, ratio curve", open=False, elem_id=f"details-{tab.id}"):
@@ -198,7 +204,8 @@ def build_tab(tab: Tab, manager: ModelManager) -> TabContext:
             figure, text = handlers.live_preview(manager, tab.id, {
                 "steps": d["num_inference_steps"], "thresh": d["thresh"], "retention_ratio": d["retention_ratio"],
                 "K": d["K"], "guidance": d.get("guidance_scale"), "num_frames": d.get("num_frames")})
-            outputs["schedule"] = gr.Plot(figure, label="Schedule", show_label=False, elem_id=f"schedule-{tab.id}")
+            # HTML, not gr.Plot: figure_html sends the wide and the phone layout, the browser shows the one that fits
+            outputs["schedule"] = gr.HTML(figure_html(figure), label="Schedule", elem_id=f"schedule-{tab.id}")
             outputs["schedule_text"] = gr.Markdown(text)
 
     ctx = TabContext(tab, manager, inputs, outputs)
@@ -325,9 +332,8 @@ def _wire(ctx: TabContext, run: gr.Button, stop: gr.Button, stop_note: gr.Markdo
         v = dict(zip(preview_names, values))
         if any(handlers.out_of_range(n, v[n], *ranges[n]) for n in ranges if n in v):
             return gr.update(), gr.update()  # the box is being restored; its change redraws the preview
-        if ctx.preview is not None:
-            return ctx.preview(v)
-        return handlers.live_preview(manager, tab.id, v)
+        figure, text = ctx.preview(v) if ctx.preview is not None else handlers.live_preview(manager, tab.id, v)
+        return figure_html(figure), text
 
     preview_inputs = [inputs[n] for n in preview_names]
     # An extension's preview also runs on page load (triggers=None: load + every input's change), so what it
@@ -401,9 +407,12 @@ def _has_media(payload: Any) -> bool:
 
 
 def _shown(name: str, value: Any) -> Any:
-    """The timing table as HTML (a table on a wide screen, stacked rows on a phone); other values as they are."""
+    """The timing table as HTML (a table on a wide screen, stacked rows on a phone), the schedule figure as HTML
+    (its wide and phone layouts, :func:`ui.plots.figure_html`); other values as they are."""
     if name == "timing":
         return _timing_html(value)
+    if name == "schedule":
+        return figure_html(value)
     return value
 
 

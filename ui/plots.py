@@ -1,13 +1,27 @@
 """Every matplotlib figure of the app: the step timeline (computed vs skipped per branch, predicted and actual)
 with the accumulated error against the threshold, a calibration's curves over the preset's, a sweep's Pareto
-plot and the strategies' quality against speed-up. Built on ``matplotlib.figure.Figure`` (no pyplot global state, safe in server threads)."""
+plot and the strategies' quality against speed-up. Built on ``matplotlib.figure.Figure`` (no pyplot global state,
+safe in server threads).
+
+The schedule and the Pareto plot have a phone layout too: the wide figure carries it as ``phone_layout`` (a
+function drawing the same data about 330 px wide), and :func:`figure_html` puts both into one ``<picture>`` so the
+browser shows the one that fits."""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+from functools import partial
 from typing import Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
 
 from magcache import policy as P
 from magcache.calibration import Calibration
@@ -21,59 +35,98 @@ COMPUTED, SKIPPED, EDGE, EXPERT_SWITCH = "#2563eb", "#fde68a", "#1e293b", "#7c3a
 
 
 def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStats] | None = None,
-                    title: str | None = None, expert_switch: int | None = None) -> Figure:
+                    title: str | None = None, expert_switch: int | None = None, compact: bool = False) -> Figure:
     """Top: one row per branch (predicted, and actual when given; the first section for FramePack), a square
     per step, blue = computed, yellow = skipped (cached residual reused). Bottom: accumulated error per step and
     the threshold it is compared with. ``expert_switch`` (two-expert models: the steps the high-noise expert
-    runs) draws a vertical line labelled "expert switch" before the first low-noise step, in both panels."""
+    runs) draws a vertical line labelled "expert switch" before the first low-noise step, in both panels.
+
+    ``compact``: the phone layout (read at about 330 px wide): shorter labels, about five step ticks, larger
+    type, the legend in two columns. The wide figure carries it as its ``phone_layout`` (see
+    :func:`figure_html`); its label (``get_label``) is a one-line summary, the image's alt text."""
     branches = list(predicted.decisions)
     rows: list[tuple[str, list[bool]]] = []
     first = actual[0] if actual else None
+    said = ("pred.", "actual") if compact else ("predicted", "actual")
     for b in branches:
-        rows.append((f"{b} predicted", [d.skip for d in predicted.decisions[b]]))
+        rows.append((f"{b} {said[0]}", [d.skip for d in predicted.decisions[b]]))
         if first is not None and b in first.branches:
-            rows.append((f"{b} actual", [d.skip for d in first.branches[b].decisions]))
+            rows.append((f"{b} {said[1]}", [d.skip for d in first.branches[b].decisions]))
     n = predicted.num_steps
-    fig = Figure(figsize=(8.0, 1.9 + 0.34 * len(rows)), dpi=100, layout="constrained")
-    top, bottom = fig.subplots(2, 1, height_ratios=[0.45 * len(rows) + 0.3, 1.6])
+    computed = predicted.computed_count()
+    total = n * len(branches)
+    done = sum(len(v) for v in first.computed.values()) if first is not None else None
+    sections = f" (section 1 of {len(actual)})" if actual and len(actual) > 1 else ""
+    font, small = (10, 9) if compact else (8, 7)
+    if compact:
+        # a phone shows the image about 330 px wide: a narrow figure with few, larger labels, rows and legend stacked
+        fig = Figure(figsize=(3.4, 2.9 + 0.32 * len(rows)), dpi=100, layout="constrained")
+        top, bottom = fig.subplots(2, 1, height_ratios=[0.32 * len(rows) + 0.4, 1.6])
+        heading = title or (f"{computed}/{total} passes computed, {predicted.predicted_speedup():.2f}x (blocks only)"
+                            + (f"\nactual: {done}/{total}{sections}" if done is not None else ""))
+    else:
+        fig = Figure(figsize=(8.0, 1.9 + 0.34 * len(rows)), dpi=100, layout="constrained")
+        top, bottom = fig.subplots(2, 1, height_ratios=[0.45 * len(rows) + 0.3, 1.6])
+        heading = title or (f"Predicted: {computed}/{total} transformer passes computed, "
+                            f"{predicted.predicted_speedup():.2f}x (blocks only)"
+                            + (f" · actual: {done}/{total}{sections}" if done is not None else ""))
     for y, (label, skips) in enumerate(reversed(rows)):
         for step, skip in enumerate(skips):
             top.add_patch(_square(step, y, SKIPPED if skip else COMPUTED))
     top.set_xlim(-0.6, n - 0.4)
     top.set_ylim(-0.6, len(rows) - 0.4)
-    top.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize=8)
-    top.tick_params(axis="x", labelsize=8)
-    top.set_xticks(range(0, n, max(1, n // 14)))
+    top.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize=font)
+    top.tick_params(axis="x", labelsize=font)
+    top.xaxis.set_major_locator(MaxNLocator(nbins=5 if compact else 14, integer=True))
     top.set_frame_on(False)
-    computed = predicted.computed_count()
-    total = n * len(branches)
-    heading = title or f"Predicted: {computed}/{total} transformer passes computed, {predicted.predicted_speedup():.2f}x (blocks only)"
-    if actual:
-        done = sum(len(v) for v in actual[0].computed.values())
-        heading += f" · actual: {done}/{total}" + (f" (section 1 of {len(actual)})" if len(actual) > 1 else "")
-    top.set_title(heading, fontsize=9, loc="left")
+    if compact:  # the whole width for the heading, not only the axes' (the row labels take a third)
+        fig.suptitle(heading, x=0.02, ha="left", fontsize=font)
+    else:
+        top.set_title(heading, fontsize=font + 1, loc="left")
 
     for b in branches:
         errs = [d.acc_err for d in predicted.decisions[b]]
-        bottom.plot(range(n), errs, marker="o", markersize=3, linewidth=1, label=f"{b} predicted")
+        bottom.plot(range(n), errs, marker="o", markersize=3, linewidth=1, label=f"{b} {said[0]}")
         if first is not None and b in first.branches:
-            bottom.plot(range(n), first.branches[b].acc_err, linestyle="none", marker="x", markersize=5, label=f"{b} actual")
+            bottom.plot(range(n), first.branches[b].acc_err, linestyle="none", marker="x", markersize=5,
+                        label=f"{b} {said[1]}")
     bottom.axhline(thresh, color="#dc2626", linestyle="--", linewidth=1, label=f"thresh {thresh:g}")
     if expert_switch is not None and 0 < expert_switch < n:
         for ax in (top, bottom):
             ax.axvline(expert_switch - 0.5, color=EXPERT_SWITCH, linestyle=":", linewidth=1.5)
+        late = expert_switch > n / 2  # the label on the side of the line with room for it
         bottom.annotate("expert switch", (expert_switch - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -3), textcoords="offset points", fontsize=7, color=EXPERT_SWITCH, va="top")
+                        xytext=(-3 if late else 3, -3), textcoords="offset points", fontsize=small,
+                        color=EXPERT_SWITCH, va="top", ha="right" if late else "left")
     bottom.set_xlim(-0.6, n - 0.4)
-    bottom.set_ylabel("accumulated\nerror", fontsize=8)
-    bottom.tick_params(labelsize=8)
+    bottom.xaxis.set_major_locator(MaxNLocator(nbins=5 if compact else 10, integer=True))
+    bottom.set_ylabel("accumulated\nerror", fontsize=font)
+    bottom.tick_params(labelsize=font)
     handles, _ = bottom.get_legend_handles_labels()
     handles = [Patch(facecolor=COMPUTED, edgecolor=EDGE, label="computed"),
-               Patch(facecolor=SKIPPED, edgecolor=EDGE, label="skipped (cached residual reused)")] + handles
-    bottom.legend(handles=handles, fontsize=7, ncol=min(len(handles), 4), frameon=False, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.18))
+               Patch(facecolor=SKIPPED, edgecolor=EDGE, label="skipped (reused)" if compact
+                     else "skipped (cached residual reused)")] + handles
+    if compact:  # centred on the figure and part of its layout: centred on the axes it would run off the right
+        fig.legend(handles=handles, fontsize=small, ncols=2, frameon=False, loc="outside lower center")
+    else:
+        bottom.legend(handles=handles, fontsize=small, ncol=min(len(handles), 4), frameon=False, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.18))
     bottom.grid(alpha=0.3)
+    fig.set_label(_schedule_summary(predicted, first, computed, total))
+    if not compact:
+        fig.phone_layout = partial(schedule_figure, predicted, thresh, actual, title, expert_switch, compact=True)
     return fig
+
+
+def _schedule_summary(predicted: Schedule, first: RunStats | None, computed: int, total: int) -> str:
+    """The schedule in one line of words (the figure's alt text): the steps each branch computes."""
+    steps = "; ".join(f"{b} computes steps {', '.join(str(s) for s in v)}" for b, v in predicted.computed.items())
+    ran = ""
+    if first is not None:
+        same = all(list(first.computed.get(b, [])) == list(v) for b, v in predicted.computed.items())
+        ran = " The run computed " + ("the same steps." if same else "other steps: " + "; ".join(
+            f"{b} {', '.join(str(s) for s in v)}" for b, v in first.computed.items()) + ".")
+    return f"Schedule: {computed} of {total} transformer passes computed ({steps}).{ran}"
 
 
 def _square(x: int, y: int, color: str):
@@ -110,37 +163,146 @@ def calibration_figure(cal: Calibration, reference: Preset | str | None = None):
     return fig
 
 
-def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None):
-    """Speed-up vs quality to the baseline, every point labelled with its row number in the sweep table, the
-    Pareto front joined by a
-    line. Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
+def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None, compact: bool = False):
+    """Speed-up vs quality to the baseline, the Pareto front joined by a line. Only the front's points carry a
+    label (their row numbers in the sweep table; points drawn on the same spot share one), placed where it covers
+    no other label, no marker and stays inside the axes (:func:`place_labels`); every other point is an unlabelled
+    marker, the table is its key. ``compact``: the phone layout, carried by the wide figure as ``phone_layout``
+    (:func:`figure_html`). Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
     if quality not in ("psnr", "ssim"):
         raise ValueError("quality is 'psnr' or 'ssim'")
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    font = 10 if compact else 8
+    fig = Figure(figsize=(3.4, 3.6) if compact else (8, 4.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     axis = result.speedup_axis
     rows = result.rows
     if rows:
         xs = [r.speedup(axis) for r in rows]
         ys = [getattr(r, quality) for r in rows]
-        colors = ["tab:orange" if r.pareto else "tab:blue" for r in rows]
-        ax.scatter(xs, ys, c=colors, zorder=3)
-        # the table's row numbers, not the settings: short labels, alternately above and below, stay apart
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            ax.annotate(f"#{i + 1}", (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -11),
-                        fontsize=8)
-        front = sorted((r for r in rows if r.pareto), key=lambda r: r.speedup(axis))
-        ax.plot([r.speedup(axis) for r in front], [getattr(r, quality) for r in front], color="tab:orange",
-                lw=1.2, zorder=2, label="Pareto front")
-        ax.legend(loc="best", fontsize=8)
+        ax.scatter(xs, ys, c=["tab:orange" if r.pareto else "tab:blue" for r in rows],
+                   s=[36 if r.pareto else 20 for r in rows], zorder=3)
+        front = sorted((i for i, r in enumerate(rows) if r.pareto), key=lambda i: xs[i])
+        line, = ax.plot([xs[i] for i in front], [ys[i] for i in front], color="tab:orange", lw=1.2, zorder=2,
+                        label="Pareto front (# = table row)")
+        others = Line2D([], [], color="tab:blue", marker="o", markersize=4.5, linestyle="none",
+                        label="other points (see the table)")
+        # below the axes: inside, it would cover points and labels
+        fig.legend(handles=[line, others], loc="outside lower center", ncols=1 if compact else 2, fontsize=font - 1,
+                   frameon=False)
     else:
         ax.text(0.5, 0.5, "no finished points", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"speed-up ({axis}, x)")
-    ax.set_ylabel("PSNR to baseline (dB)" if quality == "psnr" else "SSIM to baseline")
+    ax.set_xlabel(f"speed-up ({axis}, x)", fontsize=font + 1)
+    ax.set_ylabel("PSNR to baseline (dB)" if quality == "psnr" else "SSIM to baseline", fontsize=font + 1)
+    ax.tick_params(labelsize=font)
     ax.grid(alpha=0.3)
     cancelled = " (cancelled)" if result.cancelled else ""
-    ax.set_title(title or f"Sweep: {len(rows)} of {result.total_points} points{cancelled}", fontsize=10)
+    heading = title or f"Sweep: {len(rows)} of {result.total_points} points{cancelled}"
+    ax.set_title(heading, fontsize=font + 2)
+    if rows:
+        # points on the same spot (the same schedule on the predicted axis) share one label
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i in front:
+            groups.setdefault((xs[i], ys[i]), []).append(i)
+        labels = [("#" + ", #".join(str(i + 1) for i in members), xy) for xy, members in groups.items()]
+        left = place_labels(fig, ax, labels, list(zip(xs, ys)), fontsize=font)
+        if left:  # say so in the title, then lay out again (a taller title moves the axes) and place them anew
+            for note in list(ax.texts):
+                note.remove()
+            ax.set_title(f"{heading}\n({_left_off(left)})", fontsize=font + 2)
+            fig.set_layout_engine("constrained")
+            left = place_labels(fig, ax, labels, list(zip(xs, ys)), fontsize=font)
+            ax.set_title(f"{heading}\n({_left_off(left)})" if left else heading, fontsize=font + 2)
+    fig.set_label(f"Pareto plot: {len(rows)} sweep points, front rows "
+                  + (", ".join(f"#{i + 1}" for i in front) if rows else "none") + ".")
+    if not compact:
+        fig.phone_layout = partial(pareto_figure, result, quality, title, compact=True)
     return fig
+
+
+def _left_off(n: int) -> str:
+    return f"{n} label{'s' if n > 1 else ''} left off: see the table"
+
+
+# label offsets tried in turn (points): close first, then further out with a leader line
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0)]
+_RADII = (5, 12, 20, 30, 42)
+
+
+def place_labels(fig: Figure, ax, labels: Sequence[tuple[str, tuple[float, float]]],
+                 markers: Sequence[tuple[float, float]], fontsize: float = 8, marker_px: float = 4.0) -> int:
+    """Annotate ``ax`` with each ``(text, (x, y))`` label at the first offset around its point (close ones
+    first, further ones with a leader line) where the text's box overlaps no label or leader line placed
+    before, no marker (a ``marker_px`` half-width square around each of ``markers``) and lies inside the axes,
+    and where its leader line crosses no label placed before. A label with no such place is left off: returns
+    how many. The figure's layout is done first and then frozen, so the boxes measured here are the ones drawn."""
+    if not labels:
+        return 0
+    if not hasattr(fig.canvas, "get_renderer"):
+        FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")  # the boxes below must stay where they were measured
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    half = marker_px * fig.dpi / 72  # points -> pixels
+    marks = [Bbox.from_extents(x - half, y - half, x + half, y + half)
+             for x, y in ax.transData.transform(list(markers))]
+    texts: list[Bbox] = []  # placed labels
+    lines: list[Bbox] = []  # placed leader lines, as small boxes along them
+    left = 0
+    for text, xy in labels:
+        px, py = ax.transData.transform(xy)
+        for radius, (dx, dy) in ((r, d) for r in _RADII for d in _DIRECTIONS):
+            leader = radius >= 12
+            note = ax.annotate(text, xy, xytext=(dx * radius, dy * radius), textcoords="offset points",
+                               fontsize=fontsize, ha={1: "left", -1: "right", 0: "center"}[dx],
+                               va={1: "bottom", -1: "top", 0: "center"}[dy], zorder=4,
+                               arrowprops=dict(arrowstyle="-", lw=0.6, color="0.4", shrinkA=0, shrinkB=3)
+                               if leader else None)
+            box = label_box(note, renderer).padded(1.0)
+            # the leader runs from the text's centre to the point: what lies between the box and the marker
+            cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+            along = [(px + t * (cx - px), py + t * (cy - py)) for t in [i / 20 for i in range(21)]] if leader else []
+            along = [(x, y) for x, y in along if not box.contains(x, y) and abs(x - px) + abs(y - py) > half]
+            if (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+                    and not any(box.overlaps(b) for b in marks + texts + lines)
+                    and not any(b.contains(x, y) for b in texts for x, y in along)):
+                texts.append(box)
+                lines += [Bbox.from_extents(x - 1, y - 1, x + 1, y + 1) for x, y in along]
+                break
+            note.remove()
+        else:
+            left += 1
+    return left
+
+
+def label_box(note, renderer) -> Bbox:
+    """The box of an annotation's text in pixels (its own extent also covers the leader line, which ends at a
+    marker)."""
+    note.get_window_extent(renderer)  # places the text for this renderer
+    return Text.get_window_extent(note, renderer)
+
+
+def figure_html(fig: Figure | None, css_class: str = "mc-figure") -> str:
+    """A figure as an HTML ``<picture>``: the wide layout, and where the figure has a ``phone_layout`` that
+    one for screens up to 700 px (drawn at twice the resolution, the way a phone shows it). The browser picks
+    (one image cannot be read at 330 px and at 800 px). Alt text: the figure's label."""
+    if fig is None:
+        return ""
+    alt = html.escape(fig.get_label() or "figure", quote=True)
+    wide = _png(fig, fig.dpi)
+    phone = getattr(fig, "phone_layout", None)
+    source = ""
+    if phone is not None:
+        small = phone()
+        source = f'<source media="(max-width: 700px)" srcset="{_png(small, 2 * small.dpi)} 2x">'
+    return (f'<picture class="{css_class}">{source}<img src="{wide}" alt="{alt}" '
+            'style="max-width: 100%; height: auto; display: block; margin: 0 auto;"></picture>')
+
+
+def _png(fig: Figure, dpi: float) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def strategies_figure(results: StrategyResults, quality: str = "psnr", title: str | None = None):

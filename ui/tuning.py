@@ -25,7 +25,7 @@ from magcache.studio.sweep import DEFAULT_MAX_POINTS, OptimalSolution, SweepResu
 from magcache.studio.tuning import CURVE_AUTO, CURVE_FILE, CURVE_PRESET, curve_options, message
 
 from . import handlers
-from .plots import calibration_figure, pareto_figure
+from .plots import calibration_figure, figure_html, pareto_figure
 
 EXPORT_FORMATS = {"comfyui": "ComfyUI-MagCache node values", "python": "magcache Python snippet",
                   "diffusers": "diffusers MagCacheConfig snippet (with caveats)", "json": "Settings JSON (with the curve)"}
@@ -217,8 +217,9 @@ def build_tuning(ctx: Any) -> None:
                             info="Which magnitude-ratio curve decides the skips. The preview under the schedule "
                                  "says which one is in use and where it came from.", elem_id=f"curve-{tid}")
         curve_file = gr.State(None)
-        with gr.Tabs():
-            with gr.Tab("Speed-up target", elem_id=f"tune-target-{tid}"):
+        with gr.Tabs(elem_classes="mc-compact-tabs"):
+            # short names: all four fit a phone's tab strip (a longer one sends the rest to an overflow menu)
+            with gr.Tab("Target", elem_id=f"tune-target-{tid}"):
                 target = gr.Slider(1.1, 5.0, value=2.0, step=0.05, label="Target speed-up (transformer blocks, ×)",
                                    elem_id=f"target-{tid}")
                 solve = gr.Button("Solve for thresh and K", size="sm", elem_id=f"solve-{tid}")
@@ -252,17 +253,18 @@ def build_tuning(ctx: Any) -> None:
                     sweep_stop = gr.Button("Stop", variant="stop", elem_id=f"sweep-stop-{tid}")
                 sweep_status = gr.Markdown("", elem_id=f"sweep-status-{tid}")
                 sweep_table = gr.Dataframe(label="Sweep (click a row to apply it; # is the label in the plot)",
-                                           interactive=False, wrap=True, elem_id=f"sweep-table-{tid}")
-                pareto_plot = gr.Plot(label="Pareto", show_label=False, elem_id=f"sweep-plot-{tid}")
+                                           interactive=False, wrap=False, elem_id=f"sweep-table-{tid}")
+                # HTML: the wide and the phone layout of the plot (figure_html), the browser shows the one that fits
+                pareto_plot = gr.HTML(label="Pareto", elem_id=f"sweep-plot-{tid}")
                 with gr.Row():
                     point = gr.Dropdown([], label="Point", elem_id=f"sweep-point-{tid}")
                     apply_btn = gr.Button("Apply to the sliders", size="sm", elem_id=f"sweep-apply-{tid}")
                 sweep_state = gr.State(None)
-            with gr.Tab("Export / load", elem_id=f"tune-export-{tid}"):
+            with gr.Tab("Export", elem_id=f"tune-export-{tid}"):
                 fmt = gr.Radio([(label, key) for key, label in EXPORT_FORMATS.items()], value="comfyui",
                                label="Export as", elem_id=f"export-format-{tid}")
                 export_btn = gr.Button("Export the current settings", size="sm", elem_id=f"export-{tid}")
-                code = gr.Code("", language=None, label="Export (copy button at the top right)", interactive=False,
+                code = gr.Code("", language=None, label="Export (copy button →)", interactive=False,
                                wrap_lines=True, lines=6, elem_id=f"export-code-{tid}")
                 download = gr.File(label="Settings JSON (download)", interactive=False, elem_id=f"export-file-{tid}")
                 load = gr.File(label="Load a settings JSON (restores the sliders, steps and curve)",
@@ -330,7 +332,8 @@ def build_tuning(ctx: Any) -> None:
         if out["calibration"] is None:
             return out["status"], gr.update(), gr.update(), gr.update(), gr.update()
         figure, text = handlers.live_preview(manager, tid, values)
-        return out["status"], out["figure"], choices_update(values, values.get("curve") or CURVE_AUTO), figure, text
+        return (out["status"], out["figure"], choices_update(values, values.get("curve") or CURVE_AUTO),
+                figure_html(figure), text)
 
     # every action starts from an empty status line (no stale "Calibrated" under a new error)
     for button, status_line in ((calibrate_btn, calibrate_status), (sweep_btn, sweep_status)):
@@ -354,7 +357,7 @@ def build_tuning(ctx: Any) -> None:
             return f"❌ **Bad calibration file**: {handlers.error_html(e)}", gr.update(), gr.update(), gr.update()
         values["curve"] = out["curve"]
         figure, text = handlers.live_preview(manager, tid, values)
-        return out["status"], choices_update(values, out["curve"]), figure, text
+        return out["status"], choices_update(values, out["curve"]), figure_html(figure), text
 
     upload.upload(on_import, inputs=[upload, *light_components],
                   outputs=[calibrate_status, curve, *schedule_outputs])
@@ -376,8 +379,8 @@ def build_tuning(ctx: Any) -> None:
             raise fail(e, "Cannot sweep") from None
         except Exception as e:  # noqa: BLE001
             raise fail(f"The sweep failed ({type(e).__name__}: {e}).", "Sweep failed") from None
-        return (out["status"], out["table"], out["figure"], gr.update(choices=out["choices"], value=None),
-                out["result"])
+        return (out["status"], out["table"], figure_html(out["figure"]),
+                gr.update(choices=out["choices"], value=None), out["result"])
 
     sweep_btn.click(
         on_sweep, inputs=everything | {sweep_thresh, sweep_K, sweep_retention, axis, quality},
@@ -390,7 +393,7 @@ def build_tuning(ctx: Any) -> None:
         if result is None:
             return gr.update(), gr.update(), gr.update()
         view = sweep_view(result, axis_value, quality_value)
-        return view["table"], view["figure"], gr.update(choices=view["choices"], value=None)
+        return view["table"], figure_html(view["figure"]), gr.update(choices=view["choices"], value=None)
 
     for control in (axis, quality):
         control.change(on_view, inputs=[sweep_state, axis, quality], outputs=[sweep_table, pareto_plot, point],
