@@ -3,17 +3,18 @@ with the accumulated error against the threshold, a calibration's curves over th
 plot and the strategies' quality against speed-up. Built on ``matplotlib.figure.Figure`` (no pyplot global state,
 safe in server threads).
 
-The schedule and the Pareto plot have a phone layout too: the wide figure carries it as ``phone_layout`` (a
-function drawing the same data about 330 px wide), and :func:`figure_html` puts both into one ``<picture>`` so the
-browser shows the one that fits."""
+Every figure has a phone layout too: a figure function decorated with :func:`with_phone_layout` draws the wide
+figure (800 px), which carries the phone one as ``phone_layout`` (a function drawing the same data 340 px wide),
+and :func:`figure_html` puts both into one ``<picture>`` so the browser shows the one that fits."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
-from functools import partial
-from typing import Sequence
+import textwrap
+from functools import partial, wraps
+from typing import Callable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,18 +33,41 @@ from magcache.studio.strategies import StrategyResults
 from magcache.studio.sweep import SweepResult
 
 COMPUTED, SKIPPED, EDGE, EXPERT_SWITCH = "#2563eb", "#fde68a", "#1e293b", "#7c3aed"
+# the phone layout: 340 px at 100 dpi (a 390-px screen less the page's margins), 10-pt ticks (about 11 px of text)
+PHONE_WIDTH, PHONE_FONT = 3.4, 10
 
 
+def with_phone_layout(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Give a figure function ``draw(..., compact=False)`` its phone layout: the wide figure it returns carries
+    ``phone_layout``, which draws the same arguments with ``compact=True`` when called (:func:`figure_html` does,
+    once per page it writes)."""
+
+    @wraps(draw)
+    def wide_or_phone(*args, compact: bool = False, **kwargs) -> Figure:
+        fig = draw(*args, compact=compact, **kwargs)
+        if not compact:
+            fig.phone_layout = partial(draw, *args, compact=True, **kwargs)
+        return fig
+
+    return wide_or_phone
+
+
+def _wrap(text: str, width: int = 40) -> str:
+    """A heading in lines that fit the phone layout (a long model path is broken inside the word)."""
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
+@with_phone_layout
 def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStats] | None = None,
-                    title: str | None = None, expert_switch: int | None = None, compact: bool = False) -> Figure:
+                    title: str | None = None, expert_switch: int | None = None, *, compact: bool = False) -> Figure:
     """Top: one row per branch (predicted, and actual when given; the first section for FramePack), a square
     per step, blue = computed, yellow = skipped (cached residual reused). Bottom: accumulated error per step and
     the threshold it is compared with. ``expert_switch`` (two-expert models: the steps the high-noise expert
     runs) draws a vertical line labelled "expert switch" before the first low-noise step, in both panels.
 
     ``compact``: the phone layout (read at about 330 px wide): shorter labels, about five step ticks, larger
-    type, the legend in two columns. The wide figure carries it as its ``phone_layout`` (see
-    :func:`figure_html`); its label (``get_label``) is a one-line summary, the image's alt text."""
+    type, the legend in two columns (:func:`with_phone_layout`). Its label (``get_label``) is a one-line
+    summary, the image's alt text."""
     branches = list(predicted.decisions)
     rows: list[tuple[str, list[bool]]] = []
     first = actual[0] if actual else None
@@ -57,10 +81,10 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
     total = n * len(branches)
     done = sum(len(v) for v in first.computed.values()) if first is not None else None
     sections = f" (section 1 of {len(actual)})" if actual and len(actual) > 1 else ""
-    font, small = (10, 9) if compact else (8, 7)
+    font, small = (PHONE_FONT, PHONE_FONT - 1) if compact else (8, 7)
     if compact:
         # a phone shows the image about 330 px wide: a narrow figure with few, larger labels, rows and legend stacked
-        fig = Figure(figsize=(3.4, 2.9 + 0.32 * len(rows)), dpi=100, layout="constrained")
+        fig = Figure(figsize=(PHONE_WIDTH, 2.9 + 0.32 * len(rows)), dpi=100, layout="constrained")
         top, bottom = fig.subplots(2, 1, height_ratios=[0.32 * len(rows) + 0.4, 1.6])
         heading = title or (f"{computed}/{total} passes computed, {predicted.predicted_speedup():.2f}x (blocks only)"
                             + (f"\nactual: {done}/{total}{sections}" if done is not None else ""))
@@ -113,8 +137,6 @@ def schedule_figure(predicted: Schedule, thresh: float, actual: Sequence[RunStat
                       bbox_to_anchor=(0.5, -0.18))
     bottom.grid(alpha=0.3)
     fig.set_label(_schedule_summary(predicted, first, computed, total))
-    if not compact:
-        fig.phone_layout = partial(schedule_figure, predicted, thresh, actual, title, expert_switch, compact=True)
     return fig
 
 
@@ -135,44 +157,62 @@ def _square(x: int, y: int, color: str):
     return Rectangle((x - 0.42, y - 0.36), 0.84, 0.72, facecolor=color, edgecolor=EDGE, linewidth=0.4)
 
 
-def calibration_figure(cal: Calibration, reference: Preset | str | None = None):
+@with_phone_layout
+def calibration_figure(cal: Calibration, reference: Preset | str | None = None, *, compact: bool = False) -> Figure:
     """The measured ratio curve per branch (band: +-1 std over tokens) over the reference curve resampled to the
-    same steps, and the cosine distance below. Returns a matplotlib ``Figure`` (no pyplot state)."""
+    same steps, and the cosine distance below. ``compact``: the phone layout (:func:`with_phone_layout`): the
+    heading in lines across the whole width, integer step ticks, 10-pt type, the legend below the axes. Returns a
+    matplotlib ``Figure`` (no pyplot state)."""
     ref = get_preset(reference) if isinstance(reference, str) else reference
-    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    font = PHONE_FONT if compact else 10
+    said = ("calibrated", "preset") if compact else ("(calibrated)", f"(preset {ref.id})" if ref else "")
+    fig = Figure(figsize=(PHONE_WIDTH, 4.9) if compact else (8.0, 5.0), dpi=100, layout="constrained")
     ratio_ax, cos_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     steps = list(range(cal.num_steps))
     for name, curves in cal.branches.items():
         r, sd = curves["mag_ratios"], curves["mag_std"]
-        line, = ratio_ax.plot(steps, r, marker=".", label=f"{name} (calibrated)")
+        line, = ratio_ax.plot(steps, r, marker=".", label=f"{name} {said[0]}")
         ratio_ax.fill_between(steps, [a - b for a, b in zip(r, sd)], [a + b for a, b in zip(r, sd)],
                               color=line.get_color(), alpha=0.2, lw=0)
         cos_ax.plot(steps, curves["cos_dis"], marker=".", color=line.get_color(), label=name)
     if ref is not None:
         for i, curve in enumerate(ref.curves):
             ratio_ax.plot(steps, P.resample(curve, cal.num_steps, ref.rules.step_mapping), ls="--", color="gray",
-                          alpha=0.9 if i == 0 else 0.5, label=f"{P.branch_name(i)} (preset {ref.id})")
+                          alpha=0.9 if i == 0 else 0.5, label=f"{P.branch_name(i)} {said[1]}")
     ratio_ax.axhline(1.0, color="black", lw=0.6, alpha=0.4)
-    ratio_ax.set_ylabel("magnitude ratio")
-    ratio_ax.legend(fontsize=7, loc="best")
-    ratio_ax.set_title(f"{cal.model}: {cal.num_steps} steps, {cal.resolution.label()}", fontsize=10)
-    cos_ax.set_ylabel("cosine distance")
-    cos_ax.set_xlabel("step")
+    ratio_ax.set_ylabel("magnitude ratio", fontsize=font)
+    cos_ax.set_ylabel("cosine dist." if compact else "cosine distance", fontsize=font)
+    cos_ax.set_xlabel("step", fontsize=font)
+    cos_ax.xaxis.set_major_locator(MaxNLocator(nbins=5 if compact else 12, integer=True))
+    heading = f"{cal.model}: {cal.num_steps} steps, {cal.resolution.label()}"
+    if compact:  # the whole width for the heading and the legend (beside the axes they would squeeze them)
+        fig.suptitle(_wrap(f"{cal.model}:\n{cal.num_steps} steps, {cal.resolution.label()}"), x=0.02, ha="left",
+                     fontsize=font)
+        fig.legend(handles=ratio_ax.get_legend_handles_labels()[0], fontsize=font - 1, ncols=2, frameon=False,
+                   loc="outside lower center")
+    else:
+        ratio_ax.legend(fontsize=7, loc="best")
+        ratio_ax.set_title(heading, fontsize=font)
     for ax in (ratio_ax, cos_ax):
         ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=font)
+    fig.set_label(f"Calibration of {heading}: the measured magnitude ratio per branch"
+                  + (f" over preset {ref.id}'s curve" if ref else "") + ", and the cosine distance per step.")
     return fig
 
 
-def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None, compact: bool = False):
+@with_phone_layout
+def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None = None, *,
+                  compact: bool = False) -> Figure:
     """Speed-up vs quality to the baseline, the Pareto front joined by a line. Only the front's points carry a
     label (their row numbers in the sweep table; points drawn on the same spot share one), placed where it covers
     no other label, no marker and stays inside the axes (:func:`place_labels`); every other point is an unlabelled
-    marker, the table is its key. ``compact``: the phone layout, carried by the wide figure as ``phone_layout``
-    (:func:`figure_html`). Returns a matplotlib ``Figure`` (no pyplot state, safe in server threads)."""
+    marker, the table is its key. ``compact``: the phone layout (:func:`with_phone_layout`). Returns a matplotlib
+    ``Figure`` (no pyplot state, safe in server threads)."""
     if quality not in ("psnr", "ssim"):
         raise ValueError("quality is 'psnr' or 'ssim'")
-    font = 10 if compact else 8
-    fig = Figure(figsize=(3.4, 3.6) if compact else (8, 4.5), dpi=100, layout="constrained")
+    font = PHONE_FONT if compact else 8
+    fig = Figure(figsize=(PHONE_WIDTH, 3.6) if compact else (8, 4.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     axis = result.speedup_axis
     rows = result.rows
@@ -214,8 +254,6 @@ def pareto_figure(result: SweepResult, quality: str = "psnr", title: str | None 
             ax.set_title(f"{heading}\n({_left_off(left)})" if left else heading, fontsize=font + 2)
     fig.set_label(f"Pareto plot: {len(rows)} sweep points, front rows "
                   + (", ".join(f"#{i + 1}" for i in front) if rows else "none") + ".")
-    if not compact:
-        fig.phone_layout = partial(pareto_figure, result, quality, title, compact=True)
     return fig
 
 
@@ -305,26 +343,40 @@ def _png(fig: Figure, dpi: float) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def strategies_figure(results: StrategyResults, quality: str = "psnr", title: str | None = None):
-    """Quality vs speed-up in block work, one line per strategy (each over its own knob). Returns a matplotlib
-    ``Figure`` (no pyplot state)."""
+@with_phone_layout
+def strategies_figure(results: StrategyResults, quality: str = "psnr", title: str | None = None, *,
+                      compact: bool = False) -> Figure:
+    """Quality vs speed-up in block work, one line per strategy (each over its own knob). ``compact``: the phone
+    layout (:func:`with_phone_layout`): shorter axis labels, 10-pt type, the legend in one column below the axes.
+    Returns a matplotlib ``Figure`` (no pyplot state)."""
     if quality not in ("psnr", "ssim"):
         raise ValueError("quality is 'psnr' or 'ssim'")
-    fig = Figure(figsize=(7.2, 4.6), layout="constrained")
+    by_strategy = results.by_strategy()
+    font = PHONE_FONT if compact else 10
+    fig = Figure(figsize=(PHONE_WIDTH, 3.3 + 0.2 * len(by_strategy)) if compact else (8.0, 4.8), dpi=100,
+                 layout="constrained")
     ax = fig.add_subplot()
     markers = "osD^v<>xP*"
-    for i, (name, rows) in enumerate(results.by_strategy().items()):
+    for i, (name, rows) in enumerate(by_strategy.items()):
         # a setting that skipped nothing reproduces the uncached output (100 dB): left out, it would only stretch the axis
         rows = sorted((r for r in rows if r.compute_fraction < 1), key=lambda r: r.compute_speedup)
         ax.plot([r.compute_speedup for r in rows], [getattr(r, quality) for r in rows], marker=markers[i % len(markers)],
                 lw=2.2 if name.startswith("magcache") else 1.2, label=name)
     if not results.rows:
         ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("speed-up in block work (uncached / executed, counted)")
-    ax.set_ylabel("PSNR to the uncached output (dB)" if quality == "psnr" else "SSIM to the uncached output")
+    against = "uncached" if compact else "the uncached output"
+    ax.set_xlabel("speed-up in block work (x)" if compact else "speed-up in block work (uncached / executed, counted)",
+                  fontsize=font)
+    ax.set_ylabel(f"PSNR to {against} (dB)" if quality == "psnr" else f"SSIM to {against}", fontsize=font)
+    ax.tick_params(labelsize=font)
     ax.grid(alpha=0.3)
-    if results.rows:
+    if results.rows and compact:  # below the axes: nine names beside or inside them would cover the lines
+        fig.legend(fontsize=font - 1, ncols=1, frameon=False, loc="outside lower center",
+                   handles=ax.get_legend_handles_labels()[0])
+    elif results.rows:
         ax.legend(fontsize=7)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_wrap(title) if compact else title, fontsize=font)
+    fig.set_label(f"Strategies plot: {'PSNR' if quality == 'psnr' else 'SSIM'} against speed-up in block work, "
+                  f"{len(results.rows)} points of {', '.join(by_strategy) or 'no strategy'}; the table lists them.")
     return fig

@@ -20,7 +20,7 @@ from magcache.studio.request import InvalidRequest
 from magcache.studio.tuning import parse_list
 
 from . import handlers
-from .plots import strategies_figure
+from .plots import figure_html, strategies_figure
 
 TABLE_HEADERS = ["strategy", "knob", "block work", "speed-up", "wall s", "PSNR", "SSIM"]
 Progress = Callable[[str, int, int], None]  # (text, done, total)
@@ -85,7 +85,8 @@ def build_strategies(ctx: Any) -> None:
             run_btn = gr.Button("Compare strategies", variant="primary", elem_id=f"strategies-run-{tid}")
             stop_btn = gr.Button("Stop", variant="stop", elem_id=f"strategies-stop-{tid}")
         status = gr.Markdown("", elem_id=f"strategies-status-{tid}")
-        plot = gr.Plot(label="Quality vs speed-up", show_label=False, elem_id=f"strategies-plot-{tid}")
+        # HTML: the wide and the phone layout of the plot (figure_html), the browser shows the one that fits
+        plot = gr.HTML(label="Quality vs speed-up", elem_id=f"strategies-plot-{tid}")
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Strategies", interactive=False,
                              elem_id=f"strategies-table-{tid}")
 
@@ -116,7 +117,7 @@ def build_strategies(ctx: Any) -> None:
                            duration=None, title="Strategies failed") from None
         if out["results"] is None:
             return out["status"], gr.update(), gr.update()
-        return out["status"], out["figure"], out["table"]
+        return out["status"], figure_html(out["figure"]), out["table"]
 
     event = run_btn.click(on_run, inputs=set(inputs.values()) | {levels, chosen}, outputs=[status, plot, table],
                           show_progress_on=[status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)

@@ -214,8 +214,10 @@ def build_tuning(ctx: Any) -> None:
     with gr.Accordion("Tuning: ratio curve, speed-up target, calibration, sweep, export", open=False,
                       elem_id=f"tuning-{tid}"):
         curve = gr.Dropdown(curve_options(manager, tid), value=CURVE_AUTO, label="Ratio curve",
-                            info="Which magnitude-ratio curve decides the skips. The preview under the schedule "
-                                 "says which one is in use and where it came from.", elem_id=f"curve-{tid}")
+                            info="Which magnitude-ratio curve decides the skips. Auto: the best-matching calibration "
+                                 "in your store, else the preset's published curve. The preview under the schedule "
+                                 "says which one is in use and where it came from.",
+                            elem_id=f"curve-{tid}", elem_classes="mc-curve")
         curve_file = gr.State(None)
         with gr.Tabs(elem_classes="mc-compact-tabs"):
             # short names: all four fit a phone's tab strip (a longer one sends the rest to an overflow menu)
@@ -233,7 +235,8 @@ def build_tuning(ctx: Any) -> None:
                     calibrate_btn = gr.Button("Calibrate", variant="primary", elem_id=f"calibrate-{tid}")
                     calibrate_stop = gr.Button("Stop", variant="stop", elem_id=f"calibrate-stop-{tid}")
                 calibrate_status = gr.Markdown("", elem_id=f"calibrate-status-{tid}")
-                calibrate_plot = gr.Plot(label="Calibration", show_label=False, elem_id=f"calibrate-plot-{tid}")
+                # HTML: the wide and the phone layout of the plot (figure_html), the browser shows the one that fits
+                calibrate_plot = gr.HTML(label="Calibration", elem_id=f"calibrate-plot-{tid}")
                 upload = gr.File(label="Import a calibration JSON", file_types=[".json"], type="filepath",
                                  elem_id=f"calibration-import-{tid}")
             with gr.Tab("Sweep", elem_id=f"tune-sweep-{tid}"):
@@ -332,7 +335,7 @@ def build_tuning(ctx: Any) -> None:
         if out["calibration"] is None:
             return out["status"], gr.update(), gr.update(), gr.update(), gr.update()
         figure, text = handlers.live_preview(manager, tid, values)
-        return (out["status"], out["figure"], choices_update(values, values.get("curve") or CURVE_AUTO),
+        return (out["status"], figure_html(out["figure"]), choices_update(values, values.get("curve") or CURVE_AUTO),
                 figure_html(figure), text)
 
     # every action starts from an empty status line (no stale "Calibrated" under a new error)

@@ -227,18 +227,21 @@ def current_curve(manager: ModelManager, tab_id: str, values: Mapping[str, Any],
 def curve_options(manager: ModelManager, tab_id: str, variant: str | None = None,
                   with_file: bool = False) -> list[tuple[str, str]]:
     """Choices of the "Ratio curve" dropdown: auto, preset, a loaded settings file, and every stored calibration
-    of the tab's model family (newest first)."""
+    of the tab's model family (newest first). Short names first: a phone shows about 33 characters of the chosen
+    one (the list itself wraps; the preview text names the curve in use in full)."""
     preset = get_preset(_plan_and_defaults(manager, tab_id, variant, None, None)[1]["preset"])
-    out = [("Auto: the best-matching calibration, else the preset curve", CURVE_AUTO),
-           (f"Preset curve ({preset.id}, published)", CURVE_PRESET)]
+    out = [("Auto (best match)", CURVE_AUTO), (f"Preset ({preset.id})", CURVE_PRESET)]
     if with_file:
-        out.append(("Curve of the loaded settings file", CURVE_FILE))
+        out.append(("Settings file's curve", CURVE_FILE))
     for cal in calibration_store().list():
         try:
             _same_family(cal.preset, preset, "")
         except ValueError:
             continue
-        out.append((f"Calibration: {cal.label()}", CALIBRATION_PREFIX + cal.id))
+        # what tells one calibration from another first: steps and size, then the model; the time last
+        when = cal.created_at[:16].replace("T", " ")
+        out.append((f"Calibrated: {cal.num_steps} steps · {cal.resolution.label()} · {'CFG' if cal.cfg else 'no CFG'}"
+                    f" · {cal.model} · {cal.scheduler} · {when}", CALIBRATION_PREFIX + cal.id))
     return out
 
 
