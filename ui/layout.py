@@ -41,7 +41,8 @@ CSS = """
 #mc-intro p { max-width: 70em; }
 .mc-headline h3 { font-size: 1.5em; margin: 0.1em 0 0.2em; }
 .mc-help p { font-size: 0.85em; opacity: 0.8; margin: 0; }
-.mc-curve input { text-overflow: ellipsis; }  /* a calibration's name is longer than a phone's box: "…" says so */
+/* a calibration's name is longer than a phone's box: "…" says so, clear of the arrow drawn over the box's end */
+.mc-curve .secondary-wrap input { text-overflow: ellipsis; padding-right: 22px; }
 .mc-timing-table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
 table.mc-timing-table, table.mc-timing-table tr, table.mc-timing-table th, table.mc-timing-table td {
   border: none; border-bottom: 1px solid #e5e7eb; }
