@@ -291,9 +291,9 @@ def test_demo_tab_on_a_phone(app, browser, shots):
 
 def test_validation_schedule_and_tuning_on_a_phone(app, browser, shots):
     """390×844: a typed out-of-range value is refused next to its slider with the range and the box restored;
-    the schedule figure is its phone layout; the tuning section's four sub-tabs are on screen, a 2x2 sweep's
-    table scrolls sideways to every column, the Pareto plot is the phone layout, the export is wrapped code
-    with a copy button."""
+    the schedule figure is its phone layout; the tuning section's four sub-tabs are on screen, the Ratio curve's
+    name whole in its box, a 2x2 sweep's table scrolls sideways to every column, the Pareto plot and a
+    calibration's plot are their phone layouts, the export is wrapped code with a copy button."""
     from playwright.sync_api import expect
 
     url, _ = app
@@ -324,6 +324,8 @@ def test_validation_schedule_and_tuning_on_a_phone(app, browser, shots):
         tuning.get_by_text("Tuning: ratio curve").click()
         for name in ("Target", "Calibrate", "Sweep", "Export"):  # all on the strip, none in an overflow menu
             expect(tuning.get_by_role("tab", name=name, exact=True)).to_be_visible()
+        # the chosen curve's name is whole in its box (Auto's; a calibration's ends in "…", the list shows it all)
+        assert page.locator("#curve-demo input").evaluate("el => el.scrollWidth <= el.clientWidth")
         tuning.get_by_role("tab", name="Sweep", exact=True).click()
         page.locator("#sweep-thresh-demo textarea").fill("0.1, 0.5")
         page.locator("#sweep-K-demo textarea").fill("2, 4")
@@ -344,6 +346,14 @@ def test_validation_schedule_and_tuning_on_a_phone(app, browser, shots):
         expect(plot).to_be_visible()
         assert _figure_width(plot) == 340
         plot.screenshot(path=str(shots / "phone_pareto.png"))
+
+        tuning.get_by_role("tab", name="Calibrate", exact=True).click()
+        page.locator("#calibrate-demo").click()
+        expect(page.locator("#calibrate-status-demo")).to_contain_text("Calibrated", timeout=120_000)
+        calibration = page.locator("#calibrate-plot-demo img")
+        expect(calibration).to_be_visible()
+        assert _figure_width(calibration) == 340  # the calibration plot's phone layout
+        calibration.screenshot(path=str(shots / "phone_calibration.png"))
 
         tuning.get_by_role("tab", name="Export", exact=True).click()
         page.locator("#export-format-demo").get_by_text("magcache Python snippet").click()
@@ -386,7 +396,9 @@ def test_strategies_view_on_a_desktop(app, browser, shots):
                                                                          timeout=180_000)
         table = page.locator("#strategies-table-demo")
         expect(table.locator('[role="row"]')).to_have_count(3)  # header + magcache + uniform
-        expect(page.locator("#strategies-plot-demo")).to_be_visible()
+        plot = page.locator("#strategies-plot-demo img")
+        expect(plot).to_be_visible()
+        assert _figure_width(plot) == 800  # the wide layout on a desktop
         view.screenshot(path=str(shots / "strategies.png"))
     finally:
         page.close()
