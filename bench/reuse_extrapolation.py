@@ -32,7 +32,7 @@ from magcache.studio.demo import data as D
 from magcache.studio.demo import evaluate as E
 from magcache.studio.strategies import uniform_steps
 
-from .schedule_search import as_branches, best_rows
+from .schedule_search import as_branches, best_rows, row_schedule
 from .strategies import machine
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for budget in [int(b) for b in args.budgets.split(",")]:
         schedules = [("uniform", as_branches(uniform_steps(n, budget)))]
-        schedules += [(name, as_branches(row.get("computed", row.get("steps")))) for name, row in searched.get(budget, [])]
+        schedules += [(name, row_schedule(row)) for name, row in searched.get(budget, [])]
         for name, computed in schedules:
             handle.configure(computed_steps=computed)
             for alpha in [float(a) for a in args.alphas.split(",")]:

@@ -3,18 +3,23 @@ a prompt set, then evaluated on the other set.
 
     python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 8 --json bench/results/demo_schedule_search_tuning.json
     python -m bench.schedule_search --search --resume bench/results/demo_schedule_search_tuning.json ... # go on
+    python -m bench.schedule_search --search --set tuning --prompts 16 --moves 1,2 --per-branch --start OTHER.json ...
+    python -m bench.schedule_search --search --oracle --set heldout ...   # an upper bound, never a result
     python -m bench.schedule_search --rank-models bench/results/demo_schedule_search_tuning.json
-    python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
+    python -m bench.schedule_search --evaluate A.json,B.json --set heldout --json bench/results/demo_schedule_search_heldout.json
+    python -m bench.schedule_search --summarize EVALUATION.json --prompts 8 --seeds 2
 
-Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``; with ``--resume``, where
-an earlier search stopped) and moves one computed
-step (never step 0) one step earlier or later, taking the first move that raises the mean PSNR to the uncached
-images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6) skips in a row.
+Search: it starts from uniform skipping (``uniform_steps``), from the best schedule of each ``--start`` search, or
+(``--resume``) where an earlier search of the same items stopped, and moves one computed step (never step 0) by one
+of ``--moves`` steps earlier or later, in both branches (``--per-branch``: also in one branch alone), taking the first
+move that raises the mean PSNR to the uncached images, until no move helps or the per-budget time runs out. At most
+``K`` (the demo preset's, 6) skips in a row. Searching the held-out set needs ``--oracle``, and its JSON says it is one.
 Rank models (``--rank-models SEARCH_JSON``, no model runs): how often each error model orders the search's measured
 schedules as their PSNR does.
-Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
-each also with the last step computed (``protect_last_steps=1``), and the flow-gain model's schedule, at the same
-budgets.
+Evaluate: the best searched schedule of each file per budget, uniform, MagCache's threshold rule at the same budget,
+the ``residual`` and ``run_squared`` optimal schedules (retention 0), each also with the last step computed
+(``protect_last_steps=1``), and the flow-gain model's schedule. Summarize (no model runs): the first
+``--prompts x --seeds`` items, the rest and all, each against uniform (paired mean difference, standard error, wins).
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: d
         computed = as_branches(uniform_steps(scorer.num_steps, budget))
         trace = None
     else:
-        computed = as_branches(start.get("computed", start.get("steps")))
+        computed = row_schedule(start)
         trace = list(start.get("trace", []))
     best = scorer.score(computed)
     trace = trace or [{"computed": computed, "psnr": round(best, 3)}]
@@ -193,6 +198,11 @@ def rank_models(path: str) -> dict:
     return out
 
 
+def row_schedule(row: dict) -> dict[str, list[int]]:
+    """A search row's schedule per branch (rows of the first searches hold one list for both branches)."""
+    return as_branches(row.get("computed", row.get("steps")))
+
+
 def best_rows(rows: list[dict]) -> dict[int, dict]:
     """The best row per budget (a search may have several starts)."""
     out: dict[int, dict] = {}
@@ -213,12 +223,41 @@ def threshold_rule(num_steps: int, budget: int) -> dict[str, list[int]] | None:
     return None
 
 
+def summarize(path: str, first: int = 16) -> dict:
+    """Per budget and schedule of an evaluation: mean PSNR over the first ``first`` items (the protocol's images), over
+    the rest and over all, and the paired difference to uniform skipping (mean +- its standard error, images won)."""
+    data = json.loads(Path(path).read_text())
+    out = {}
+    for budget in sorted({r["budget"] for r in data["rows"]}, reverse=True):
+        rows = [r for r in data["rows"] if r["budget"] == budget]
+        uniform = next(r["psnr_per_item"] for r in rows if r["name"] == "uniform")
+        for r in rows:
+            x = r["psnr_per_item"]
+            entry = {}
+            for part, sl in (("first", slice(0, first)), ("rest", slice(first, None)), ("all", slice(None))):
+                a, u = np.array(x[sl]), np.array(uniform[sl])
+                if not len(a) or (part == "all" and len(x) <= first):
+                    continue
+                d = a - u
+                entry[part] = {"images": len(a), "psnr": round(float(a.mean()), 2),
+                               "vs_uniform": round(float(d.mean()), 2),
+                               "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 2) if len(d) > 1 else None,
+                               "wins": int((d > 0).sum())}
+            out[f"{budget}: {r['name']}"] = entry
+            print(f"{budget:>2} {r['name'][:58]:<58} " + "  ".join(
+                f"{k} {v['psnr']:.2f} ({v['vs_uniform']:+.2f} +- {v['se']}, {v['wins']}/{v['images']})"
+                for k, v in entry.items()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--search", action="store_true")
     mode.add_argument("--evaluate", metavar="SEARCH_JSON[,SEARCH_JSON...]")
     mode.add_argument("--rank-models", metavar="SEARCH_JSON", help="score error models on a search's measured schedules")
+    mode.add_argument("--summarize", metavar="EVALUATE_JSON", help="means over the first --prompts x --seeds images, "
+                      "the rest and all, and the paired difference to uniform (no model runs)")
     ap.add_argument("--set", choices=("tuning", "heldout"), default="tuning")
     ap.add_argument("--oracle", action="store_true", help="allow --search on the held-out set: an upper bound for "
                     "placement, never a result (the report says so)")
@@ -238,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.rank_models:
         rank_models(args.rank_models)
+        return
+    if args.summarize:
+        summarize(args.summarize, args.prompts * args.seeds)
         return
     if args.search and args.set == "heldout" and not args.oracle:
         raise SystemExit("searching on the held-out set is an oracle: pass --oracle (never report it as a result)")
@@ -273,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             elif not args.no_uniform_start:
                 starts.append(("uniform", None))
             # another search's schedule starts a fresh trace
-            starts += [(f"best of {path}", {"computed": as_branches(found[budget].get("computed", found[budget].get("steps")))})
+            starts += [(f"best of {path}", {"computed": row_schedule(found[budget])})
                        for path, found in others if budget in found]
             for name, row in starts:
                 rows.append(search(scorer, budget, args.minutes * 60, preset.K, row, deltas, args.per_branch, name))
@@ -290,8 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"searched on {data['prompt_set']} ({len(data['items'])} images)"
             searched += [(f"{label}, {Path(path).name}", row) for row in best_rows(data["rows"]).values()]
         for budget in sorted({row["budget"] for _, row in searched}, reverse=True):
-            candidates = {name: as_branches(row.get("computed", row.get("steps")))
-                          for name, row in searched if row["budget"] == budget}
+            candidates = {name: row_schedule(row) for name, row in searched if row["budget"] == budget}
             candidates["uniform"] = as_branches(uniform_steps(scorer.num_steps, budget))
             rule = threshold_rule(scorer.num_steps, budget)
             if rule is not None:
