@@ -3,18 +3,23 @@ a prompt set, then evaluated on the other set.
 
     python -m bench.schedule_search --search --set tuning --budgets 9,7 --minutes 8 --json bench/results/demo_schedule_search_tuning.json
     python -m bench.schedule_search --search --resume bench/results/demo_schedule_search_tuning.json ... # go on
+    python -m bench.schedule_search --search --set tuning --prompts 16 --moves 1,2 --per-branch --start OTHER.json ...
+    python -m bench.schedule_search --search --oracle --set heldout ...   # an upper bound, never a result
     python -m bench.schedule_search --rank-models bench/results/demo_schedule_search_tuning.json
-    python -m bench.schedule_search --evaluate bench/results/demo_schedule_search_tuning.json --set heldout --json bench/results/demo_schedule_search_heldout.json
+    python -m bench.schedule_search --evaluate A.json,B.json --set heldout --json bench/results/demo_schedule_search_heldout.json
+    python -m bench.schedule_search --summarize EVALUATION.json --prompts 8 --seeds 2
 
-Search: both branches share one schedule; it starts from uniform skipping (``uniform_steps``; with ``--resume``, where
-an earlier search stopped) and moves one computed
-step (never step 0) one step earlier or later, taking the first move that raises the mean PSNR to the uncached
-images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6) skips in a row.
+Search: it starts from uniform skipping (``uniform_steps``), from the best schedule of each ``--start`` search, or
+(``--resume``) where an earlier search of the same items stopped, and moves one computed step (never step 0) by one
+of ``--moves`` steps earlier or later, in both branches (``--per-branch``: also in one branch alone), taking the first
+move that raises the mean PSNR to the uncached images, until no move helps or the per-budget time runs out. At most
+``K`` (the demo preset's, 6) skips in a row. Searching the held-out set needs ``--oracle``, and its JSON says it is one.
 Rank models (``--rank-models SEARCH_JSON``, no model runs): how often each error model orders the search's measured
 schedules as their PSNR does.
-Evaluate: the searched schedules, uniform, and the ``residual`` and ``run_squared`` optimal schedules (retention 0),
-each also with the last step computed (``protect_last_steps=1``), and the flow-gain model's schedule, at the same
-budgets.
+Evaluate: the best searched schedule of each file per budget, uniform, MagCache's threshold rule at the same budget,
+the ``residual`` and ``run_squared`` optimal schedules (retention 0), each also with the last step computed
+(``protect_last_steps=1``), and the flow-gain model's schedule. Summarize (no model runs): the first
+``--prompts x --seeds`` items, the rest and all, each against uniform (paired mean difference, standard error, wins).
 """
 
 from __future__ import annotations
@@ -66,44 +71,80 @@ class Scorer:
                                   for (p, s), ref in zip(self.items, self.references)]
         return self.measured[key]
 
-    def score(self, steps: list[int]) -> float:
-        return float(np.mean(self.per_item(steps)))
+    def score(self, computed: list[int] | dict[str, list[int]]) -> float:
+        return float(np.mean(self.per_item(computed)))
 
 
-def neighbours(steps: list[int], num_steps: int, max_skips: int) -> list[list[int]]:
-    out = []
-    for i in range(1, len(steps)):
-        for delta in (-1, 1):
-            moved = steps[i] + delta
-            if not 1 <= moved < num_steps or moved in steps:
-                continue
-            cand = sorted(steps[:i] + [moved] + steps[i + 1:])
-            if max(b - a - 1 for a, b in zip(cand, cand[1:] + [num_steps])) <= max_skips:
-                out.append(cand)
+BRANCHES = ("cond", "uncond")
+
+
+def as_branches(computed: list[int] | dict[str, list[int]]) -> dict[str, list[int]]:
+    return dict(computed) if isinstance(computed, dict) else {b: list(computed) for b in BRANCHES}
+
+
+def _valid(steps: list[int], num_steps: int, max_skips: int) -> bool:
+    return max(b - a - 1 for a, b in zip(steps, steps[1:] + [num_steps])) <= max_skips
+
+
+def neighbours(computed: list[int] | dict[str, list[int]], num_steps: int, max_skips: int,
+               deltas: tuple[int, ...] = (-1, 1), per_branch: bool = False) -> list:
+    """Schedules one move away: a computed step (never step 0) moved by one of ``deltas``, in both branches where
+    they share it, and with ``per_branch`` also in one branch alone. Moves in both branches come first. A list (one
+    schedule for both branches) gives lists."""
+    if not isinstance(computed, dict):
+        return [c["cond"] for c in neighbours(as_branches(computed), num_steps, max_skips, deltas)]
+    out, seen = [], set()
+    scopes = [BRANCHES] + ([(b,) for b in BRANCHES] if per_branch else [])
+    for scope in scopes:
+        shared = set.intersection(*(set(computed[b]) for b in scope))
+        for step in sorted(shared - {0}):
+            for delta in deltas:
+                moved = step + delta
+                if not 1 <= moved < num_steps or any(moved in computed[b] for b in scope):
+                    continue
+                cand = dict(computed)
+                for b in scope:
+                    cand[b] = sorted([x for x in computed[b] if x != step] + [moved])
+                key = json.dumps(cand, sort_keys=True)
+                if key not in seen and all(_valid(cand[b], num_steps, max_skips) for b in scope):
+                    seen.add(key)
+                    out.append(cand)
     return out
 
 
-def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: dict | None = None) -> dict:
-    """Hill climbing from uniform skipping, or from ``start`` (a row of an earlier search: its schedule and trace)."""
-    steps = start["steps"] if start else uniform_steps(scorer.num_steps, budget)
-    best = scorer.score(steps)
-    trace = start["trace"] if start else [{"steps": steps, "psnr": round(best, 3)}]
+def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: dict | None = None,
+           deltas: tuple[int, ...] = (-1, 1), per_branch: bool = False, start_name: str = "uniform") -> dict:
+    """Hill climbing from ``start`` (a row of an earlier search: its schedule and trace; uniform skipping if None):
+    take the first neighbour (:func:`neighbours`) that raises the mean PSNR, until none does or time runs out."""
+    if start is None:
+        computed = as_branches(uniform_steps(scorer.num_steps, budget))
+        trace = None
+    else:
+        computed = row_schedule(start)
+        trace = list(start.get("trace", []))
+    best = scorer.score(computed)
+    trace = trace or [{"computed": computed, "psnr": round(best, 3)}]
     deadline = time.time() + seconds
     improved, out_of_time = True, False
     while improved and not out_of_time:
         improved = False
-        for cand in neighbours(steps, scorer.num_steps, max_skips):
+        for cand in neighbours(computed, scorer.num_steps, max_skips, deltas, per_branch):
             out_of_time = time.time() >= deadline
             if out_of_time:
                 break
             value = scorer.score(cand)
-            print(f"  {budget} steps {cand} PSNR {value:.3f} (best {best:.3f})", flush=True)
+            print(f"  {budget} steps {cand['cond']} {cand['uncond']} PSNR {value:.3f} (best {best:.3f})", flush=True)
             if value > best:
-                steps, best, improved = cand, value, True
-                trace.append({"steps": steps, "psnr": round(best, 3)})
+                computed, best, improved = cand, value, True
+                trace.append({"computed": computed, "psnr": round(best, 3)})
                 break
-    return {"budget": budget, "start": "uniform", "steps": steps, "psnr": round(best, 3),
-            "stopped": "time limit" if out_of_time else "no better neighbour", "evaluated": len(scorer.measured), "trace": trace}
+    row = {"budget": budget, "start": start_name, "computed": computed, "psnr": round(best, 3),
+           "moves": list(deltas), "per_branch": per_branch,
+           "stopped": "time limit" if out_of_time else "no better neighbour", "evaluated": len(scorer.measured),
+           "trace": trace}
+    if computed["cond"] == computed["uncond"]:
+        row["steps"] = computed["cond"]
+    return row
 
 
 def flow_gain_schedule(scorer: Scorer, preset, budget: int) -> dict[str, list[int]]:
@@ -157,44 +198,145 @@ def rank_models(path: str) -> dict:
     return out
 
 
+def row_schedule(row: dict) -> dict[str, list[int]]:
+    """A search row's schedule per branch (rows of the first searches hold one list for both branches)."""
+    return as_branches(row.get("computed", row.get("steps")))
+
+
+def best_rows(rows: list[dict]) -> dict[int, dict]:
+    """The best row per budget (a search may have several starts)."""
+    out: dict[int, dict] = {}
+    for row in rows:
+        if row["budget"] not in out or row["psnr"] > out[row["budget"]]["psnr"]:
+            out[row["budget"]] = row
+    return out
+
+
+def threshold_rule(num_steps: int, budget: int) -> dict[str, list[int]] | None:
+    """MagCache's threshold rule (demo preset) at the smallest threshold whose mean computed steps per branch round up
+    to ``budget`` (3x: 9 of 28, 4x: 7), as ``bench.optimal_budget`` runs it; None if no target gives that budget."""
+    p = get_preset("demo")
+    for target in (3.0, 4.0, 2.0, 2.5, 3.5, 5.0):
+        _, schedule, _ = P.solve_thresh_for_speedup(p.curves, num_steps, target, p.settings(), p.rules, 2)
+        if -(-schedule.computed_count() // 2) == budget:
+            return schedule.computed
+    return None
+
+
+def summarize(path: str, first: int = 16) -> dict:
+    """Per budget and schedule of an evaluation: mean PSNR over the first ``first`` items (the protocol's images), over
+    the rest and over all, and the paired difference to uniform skipping (mean +- its standard error, images won)."""
+    data = json.loads(Path(path).read_text())
+    out = {}
+    for budget in sorted({r["budget"] for r in data["rows"]}, reverse=True):
+        rows = [r for r in data["rows"] if r["budget"] == budget]
+        uniform = next(r["psnr_per_item"] for r in rows if r["name"] == "uniform")
+        for r in rows:
+            x = r["psnr_per_item"]
+            entry = {}
+            for part, sl in (("first", slice(0, first)), ("rest", slice(first, None)), ("all", slice(None))):
+                a, u = np.array(x[sl]), np.array(uniform[sl])
+                if not len(a) or (part == "all" and len(x) <= first):
+                    continue
+                d = a - u
+                entry[part] = {"images": len(a), "psnr": round(float(a.mean()), 2),
+                               "vs_uniform": round(float(d.mean()), 2),
+                               "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 2) if len(d) > 1 else None,
+                               "wins": int((d > 0).sum())}
+            out[f"{budget}: {r['name']}"] = entry
+            print(f"{budget:>2} {r['name'][:58]:<58} " + "  ".join(
+                f"{k} {v['psnr']:.2f} ({v['vs_uniform']:+.2f} +- {v['se']}, {v['wins']}/{v['images']})"
+                for k, v in entry.items()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--search", action="store_true")
-    mode.add_argument("--evaluate", metavar="SEARCH_JSON")
+    mode.add_argument("--evaluate", metavar="SEARCH_JSON[,SEARCH_JSON...]")
     mode.add_argument("--rank-models", metavar="SEARCH_JSON", help="score error models on a search's measured schedules")
+    mode.add_argument("--summarize", metavar="EVALUATE_JSON", help="means over the first --prompts x --seeds images, "
+                      "the rest and all, and the paired difference to uniform (no model runs)")
     ap.add_argument("--set", choices=("tuning", "heldout"), default="tuning")
+    ap.add_argument("--oracle", action="store_true", help="allow --search on the held-out set: an upper bound for "
+                    "placement, never a result (the report says so)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--budgets", default="9,7", help="computed steps per branch (3x: 9 of 28, 4x: 7)")
-    ap.add_argument("--minutes", type=float, default=9.0, help="search time per budget")
+    ap.add_argument("--minutes", type=float, default=9.0, help="search time per budget (and start)")
     ap.add_argument("--resume", metavar="SEARCH_JSON", help="go on from an earlier search of the same set and items "
-                    "(its measured schedules are not measured again)")
+                    "(its measured schedules are not measured again; the climb goes on from its best schedule)")
+    ap.add_argument("--start", metavar="SEARCH_JSON[,SEARCH_JSON...]", help="also climb from the best schedule of "
+                    "each of these searches (any set), besides uniform skipping")
+    ap.add_argument("--no-uniform-start", action="store_true")
+    ap.add_argument("--moves", default="1", help="step moves tried, e.g. 1,2 (= -2, -1, +1, +2)")
+    ap.add_argument("--per-branch", action="store_true", help="also move a step in one branch alone")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.rank_models:
         rank_models(args.rank_models)
         return
+    if args.summarize:
+        summarize(args.summarize, args.prompts * args.seeds)
+        return
+    if args.search and args.set == "heldout" and not args.oracle:
+        raise SystemExit("searching on the held-out set is an oracle: pass --oracle (never report it as a result)")
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()
     scorer = Scorer(args.set, args.prompts, args.seeds)
     preset = get_preset("demo")
     rows = []
+
+    def report() -> dict:
+        out = {"command": "python -m bench.schedule_search " + " ".join(sys.argv[1:] if argv is None else argv),
+               "prompt_set": args.set, "items": [list(i) for i in scorer.items],
+               "machine": {**machine(), "load_average_at_start": load},
+               "minutes": round((time.time() - start) / 60, 2), "rows": rows,
+               "measured": [{"computed": json.loads(k), "psnr_per_item": v} for k, v in scorer.measured.items()]}
+        if args.search and args.set == "heldout":
+            out["oracle"] = "searched on the held-out set itself: an upper bound for step placement, not a result"
+        return out
+
     if args.search:
         earlier = json.loads(Path(args.resume).read_text()) if args.resume else {"items": [], "rows": [], "measured": []}
         if args.resume and [tuple(i) for i in earlier["items"]] != scorer.items:
             raise SystemExit(f"{args.resume} was measured on other items")
         scorer.measured.update({json.dumps(m["computed"], sort_keys=True): m["psnr_per_item"] for m in earlier["measured"]})
-        starts = {row["budget"]: row for row in earlier["rows"]}
+        resumed = best_rows(earlier["rows"])
+        others = [(path, best_rows(json.loads(Path(path).read_text())["rows"]))
+                  for path in (args.start.split(",") if args.start else [])]
+        deltas = tuple(sorted({d * sign for d in (int(m) for m in args.moves.split(",")) for sign in (-1, 1)}))
         for budget in [int(b) for b in args.budgets.split(",")]:
-            rows.append(search(scorer, budget, args.minutes * 60, preset.K, starts.get(budget)))
-            print(f"{budget} steps: {rows[-1]['steps']} PSNR {rows[-1]['psnr']:.3f}", flush=True)
+            starts = []
+            if budget in resumed:
+                starts.append((resumed[budget].get("start", "uniform") + " (resumed)", resumed[budget]))
+            elif not args.no_uniform_start:
+                starts.append(("uniform", None))
+            # another search's schedule starts a fresh trace
+            starts += [(f"best of {path}", {"computed": row_schedule(found[budget])})
+                       for path, found in others if budget in found]
+            for name, row in starts:
+                rows.append(search(scorer, budget, args.minutes * 60, preset.K, row, deltas, args.per_branch, name))
+                print(f"{budget} steps from {name}: {rows[-1]['computed']} PSNR {rows[-1]['psnr']:.3f}", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(report(), indent=1) + "\n")
     else:
-        for found in json.loads(Path(args.evaluate).read_text())["rows"]:
-            budget = found["budget"]
-            candidates = {"searched on tuning": {"cond": found["steps"], "uncond": found["steps"]},
-                          "uniform": {b: uniform_steps(scorer.num_steps, budget) for b in ("cond", "uncond")}}
+        searched = []
+        for path in args.evaluate.split(","):
+            data = json.loads(Path(path).read_text())
+            if data.get("oracle"):
+                label = "oracle (searched on held-out)"
+            else:
+                label = f"searched on {data['prompt_set']} ({len(data['items'])} images)"
+            searched += [(f"{label}, {Path(path).name}", row) for row in best_rows(data["rows"]).values()]
+        for budget in sorted({row["budget"] for _, row in searched}, reverse=True):
+            candidates = {name: row_schedule(row) for name, row in searched if row["budget"] == budget}
+            candidates["uniform"] = as_branches(uniform_steps(scorer.num_steps, budget))
+            rule = threshold_rule(scorer.num_steps, budget)
+            if rule is not None:
+                candidates["magcache (threshold)"] = rule
             for model in ("residual", "run_squared"):
                 for last in (0, 1):
                     plan = O.Plan(budget=budget, error_model=model)
@@ -208,12 +350,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"budget": budget, "name": name, "computed": computed, "psnr": round(float(np.mean(ps)), 3),
                              "psnr_min": round(float(np.min(ps)), 3), "psnr_per_item": ps})
                 print(f"  {budget} steps {name:<52} {computed} PSNR {rows[-1]['psnr']:.3f}", flush=True)
-    report = {"command": "python -m bench.schedule_search " + " ".join(sys.argv[1:] if argv is None else argv),
-              "prompt_set": args.set, "items": [list(i) for i in scorer.items],
-              "machine": {**machine(), "load_average_at_start": load}, "minutes": round((time.time() - start) / 60, 2),
-              "rows": rows, "measured": [{"computed": json.loads(k), "psnr_per_item": v} for k, v in scorer.measured.items()]}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(report(), indent=1) + "\n")
 
 
 if __name__ == "__main__":
