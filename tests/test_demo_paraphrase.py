@@ -60,16 +60,8 @@ def test_held_out_phrasings_never_come_out_of_training():
     held = {c for _, c in _captions("heldout", seed=1, n=2000)}
     assert not train & held
     # no held-out caption has a training frame (nor the other way round): its phrasing is new, not just its words
-    colours = "|".join(D.COLOURS)
-
-    def frame_pattern(frame: str) -> re.Pattern:
-        return re.compile(re.escape(frame).replace(re.escape("{L}"), ".+").replace(re.escape("{A}"), "an?")
-                          .replace(re.escape("{B}"), f"(?:{colours})"))
-
-    train_frames = [frame_pattern(f) for _, f in D.FRAME_TEMPLATES["train"]]
-    held_frames = [frame_pattern(f) for _, f in D.FRAME_TEMPLATES["heldout"]]
-    assert not [c for c in held if any(p.fullmatch(c) for p in train_frames)]
-    assert not [c for c in train if any(p.fullmatch(c) for p in held_frames)]
+    assert {D.frame_split(c) for c in held} == {"heldout"}
+    assert {D.frame_split(c) for c in train} == {"train"}
     # ... yet they use only words the training split uses (a model cannot read a word it never saw)
     vocabulary = set(D.paraphrase_vocabulary("train"))
     assert {w for c in held for w in re.findall(r"[a-z]+", c)} <= vocabulary
@@ -85,3 +77,35 @@ def test_training_captions_keep_the_grammar():
     assert 60 < grammar < 140
     with pytest.raises(ValueError, match="split"):
         D.paraphrase(scenes[0], rng, "test")
+
+
+def test_paraphrase_evaluation_runs_on_held_out_phrasings_only(monkeypatch, tmp_path):
+    # `evaluate --paraphrases` on the shipped model, 2 prompts at 2 steps: the prompts are paraphrases with held-out
+    # frames of held-out scenes, each paired with that scene's grammar caption and seed, and the report counts both
+    import json
+
+    from magcache.studio.demo import evaluate as E
+
+    items = E.held_out_paraphrases(60)
+    paraphrases = [it for it in items if it["kind"] == "paraphrase"]
+    assert len(paraphrases) == 60 and items == E.held_out_paraphrases(60)  # fixed prompts, judged the same every time
+    assert {D.frame_split(it["prompt"]) for it in paraphrases} == {"heldout"}
+    scenes = [E.scene_from_annotation(it) for it in paraphrases]
+    assert scenes[:D.NUM_HELD_OUT] == list(D.held_out_scenes()) and scenes[D.NUM_HELD_OUT:] == scenes[:10]
+    assert [(it["kind"], it["prompt"], it["seed"]) for it in items[1:4:2]] == [
+        ("grammar", scenes[0].caption, 0), ("grammar", scenes[1].caption, 1)]
+
+    load = E.load_pipeline
+
+    def few_steps(path):
+        pipe, settings = load(path)
+        return pipe, dict(settings, num_inference_steps=2)
+
+    monkeypatch.setattr(E, "load_pipeline", few_steps)
+    E.main(["--paraphrases", "--count", "2", "--threads", "1", "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "demo_paraphrases_heldout.json").read_text())
+    assert [(r["prompt"], r["seed"]) for r in report["rows"]] == [(it["prompt"], it["seed"])
+                                                                  for it in E.held_out_paraphrases(2)]
+    assert set(report["summary"]) == {"paraphrase", "grammar"}
+    assert report["summary"]["paraphrase"]["read_right"] == "2/2"
+    assert report["paraphrases"]["split"] == "heldout" and report["num_inference_steps"] == 2

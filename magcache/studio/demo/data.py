@@ -419,6 +419,23 @@ def paraphrase(scene: Scene, rng: random.Random, split: str = "train") -> str:
     return frame.format(L=listed, B=scene.background, A=_article(scene.background))
 
 
+def frame_split(caption: str) -> str | None:
+    """The split ("train" or "heldout") whose sentence frames ``caption`` fits, None when it fits neither or both: how
+    an evaluation shows that its prompts are phrased as training never was. (The grammar's own captions fit the
+    training frame ``{B} background, {L}``.)"""
+    import re
+
+    colours = "|".join(COLOURS)
+
+    def fits(frame: str) -> bool:
+        pattern = (re.escape(frame).replace(re.escape("{L}"), ".+").replace(re.escape("{A}"), "an?")
+                   .replace(re.escape("{B}"), f"(?:{colours})"))
+        return re.fullmatch(pattern, caption) is not None
+
+    splits = [split for split in SPLITS if any(fits(frame) for _, frame in FRAME_TEMPLATES[split])]
+    return splits[0] if len(splits) == 1 else None
+
+
 def training_caption(scene: Scene, rng: random.Random, grammar_share: float = 0.25) -> str:
     """A caption for training a model that reads plain English: the grammar's caption with probability
     ``grammar_share`` (the grammar keeps working), else a training paraphrase."""

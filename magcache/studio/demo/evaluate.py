@@ -2,6 +2,7 @@
 
     python -m magcache.studio.demo.evaluate                  # everything; writes docs/img/* and magcache/data/demo.json
     python -m magcache.studio.demo.evaluate --quick          # a fast smoke pass (few prompts), writes nothing shipped
+    python -m magcache.studio.demo.evaluate --paraphrases    # plain-English paraphrases of the held-out scenes only
 
 1. Prompt adherence on the 50 held-out prompts (never in training), without cache, at several true-CFG scales; the
    best scale becomes the demo default (``demo_settings.json``).
@@ -42,6 +43,9 @@ IMG_DIR = ROOT / "docs" / "img"
 # reader (prompts.py): the reader's rules were refined on the tuning set; the held-out set was used only to measure.
 PLAIN_ENGLISH_TUNING = Path(__file__).with_name("prompts_plain_english_tuning.json")
 PLAIN_ENGLISH_HELD_OUT = Path(__file__).with_name("prompts_plain_english_heldout.json")
+# The paraphrases ``--paraphrases`` scores: fixed, so that every model (today's and a retrained one) is judged on
+# the same prompts.
+PARAPHRASE_SEED = 19
 
 # Choice rule for the preset defaults: the fastest setting (fewest computed transformer calls) whose mean
 # PSNR to the uncached image is >= MIN_PSNR and mean SSIM >= MIN_SSIM; ties -> higher PSNR. On the CPU recipe's
@@ -124,25 +128,56 @@ def scene_from_annotation(item: dict) -> D.Scene:
     return D.Scene(item["background"], objects)
 
 
+def scene_annotation(scene: D.Scene) -> dict:
+    """The inverse of :func:`scene_from_annotation`."""
+    return {"background": scene.background,
+            "objects": [{"size": o.size, "colour": o.colour, "shape": o.shape, "cell": list(o.cell)}
+                        for o in scene.objects]}
+
+
+def held_out_paraphrases(count: int = D.NUM_HELD_OUT, seed: int = PARAPHRASE_SEED) -> list[dict]:
+    """Annotated prompts for :func:`plain_english`: held-out scene ``i`` (cycling past the 50) described by one
+    paraphrase with a held-out sentence frame (kind ``paraphrase``), then by its grammar caption (kind ``grammar``),
+    both with seed ``i``: the same scene and noise, phrased two ways."""
+    rng = random.Random(seed)
+    scenes = D.held_out_scenes()
+    items = []
+    for i in range(count):
+        scene = scenes[i % len(scenes)]
+        annotation = scene_annotation(scene)
+        items.append({"prompt": D.paraphrase(scene, rng, "heldout"), "kind": "paraphrase", "seed": i, **annotation})
+        items.append({"prompt": scene.caption, "kind": "grammar", "seed": i, **annotation})
+    return items
+
+
 def same_scene(a: D.Scene | None, b: D.Scene) -> bool:
     """Same background and the same objects, in any order."""
     return a is not None and a.background == b.background and set(a.objects) == set(b.objects)
 
 
 def plain_english(pipe, settings: dict, items: list[dict]) -> dict:
-    """Each annotated prompt twice, same seed (its index): the model on the prompt as typed, and on the caption the
-    Demo tab rewrites it to (:func:`.prompts.understand`); both images are checked against the annotated scene."""
+    """Each annotated prompt twice, same seed (its ``seed``, else its index): the model on the prompt as typed, and on
+    the caption the Demo tab rewrites it to (:func:`.prompts.understand`); both images are checked against the
+    annotated scene."""
     from .prompts import understand
+
+    images: dict[tuple[str, int], np.ndarray] = {}
+
+    def image(prompt: str, seed: int) -> np.ndarray:
+        # one prompt and seed give one image: a caption the reader leaves as it was, or one that recurs, runs once
+        if (prompt, seed) not in images:
+            images[prompt, seed] = generate(pipe, prompt, seed, settings)
+        return images[prompt, seed]
 
     rows = []
     for i, item in enumerate(items):
-        scene = scene_from_annotation(item)
+        scene, seed = scene_from_annotation(item), item.get("seed", i)
         reading = understand(item["prompt"])
-        as_typed = D.check_adherence(generate(pipe, item["prompt"], i, settings), scene)["correct"]
-        rewritten = (D.check_adherence(generate(pipe, reading.caption, i, settings), scene)["correct"]
+        as_typed = D.check_adherence(image(item["prompt"], seed), scene)["correct"]
+        rewritten = (D.check_adherence(image(reading.caption, seed), scene)["correct"]
                      if reading.scene else False)
-        rows.append({"prompt": item["prompt"], "kind": item.get("kind", "plain"), "expected": scene.caption,
-                     "read_as": reading.caption, "read_right": same_scene(reading.scene, scene),
+        rows.append({"prompt": item["prompt"], "kind": item.get("kind", "plain"), "seed": seed,
+                     "expected": scene.caption, "read_as": reading.caption, "read_right": same_scene(reading.scene, scene),
                      "ignored_words": reading.ignored_words, "correct_as_typed": as_typed,
                      "correct_rewritten": rewritten})
 
@@ -155,6 +190,7 @@ def plain_english(pipe, settings: dict, items: list[dict]) -> dict:
                            "correct_rewritten": count(kind, "correct_rewritten")}
                     for kind in sorted({r["kind"] for r in rows})},
         "rows": rows,
+        "images_generated": len(images),
     }
 
 
@@ -436,7 +472,7 @@ def markdown_tables(report: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--model", "--weights", default=str(DEFAULT_MODEL), help="the saved demo pipeline's folder")
     ap.add_argument("--out-dir", default=str(IMG_DIR), help="JSON + PNGs go here")
     ap.add_argument("--cfg-scales", default="1,2,3,4,6", help="true-CFG scales for the adherence table")
     ap.add_argument("--random-draws", type=int, default=3)
@@ -450,17 +486,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plain-english", metavar="JSON", nargs="?", const=str(PLAIN_ENGLISH_HELD_OUT),
                     help="only the plain-English table: annotated prompts (default: the held-out set), as typed "
                          "and as rewritten by the Demo tab; writes demo_plain_english_<file stem>.json")
+    ap.add_argument("--paraphrases", action="store_true",
+                    help="only the plain-English table on --count held-out scenes, each as a paraphrase with a "
+                         "held-out sentence frame and as its grammar caption; writes demo_paraphrases_heldout.json")
+    ap.add_argument("--count", type=int, default=D.NUM_HELD_OUT,
+                    help="--paraphrases: how many paraphrases (scene i %% %d)" % D.NUM_HELD_OUT)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.plain_english:
+    if args.plain_english or args.paraphrases:
+        t0 = time.time()
         pipe, settings = load_pipeline(args.model)
-        items = json.loads(Path(args.plain_english).read_text())
+        if args.paraphrases:
+            items, name = held_out_paraphrases(args.count), "paraphrases_heldout"
+            source = {"paraphrases": {"count": args.count, "seed": PARAPHRASE_SEED, "split": "heldout",
+                                      "scenes": f"data.held_out_scenes(), scene i % {D.NUM_HELD_OUT}"}}
+        else:
+            items, name = json.loads(Path(args.plain_english).read_text()), Path(args.plain_english).stem
+            source = {"prompts_file": Path(args.plain_english).name}
         report = plain_english(pipe, settings, items)
-        report.update(model=str(args.model), prompts_file=Path(args.plain_english).name,
-                      true_cfg_scale=settings["true_cfg_scale"])
+        report.update(model=str(args.model), **source, true_cfg_scale=settings["true_cfg_scale"],
+                      num_inference_steps=settings["num_inference_steps"], threads=args.threads,
+                      minutes=round((time.time() - t0) / 60, 2), load_average=[round(x, 2) for x in os.getloadavg()])
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"demo_{Path(args.plain_english).stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out_dir / f"demo_{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report["summary"], indent=1))
         return
     if args.device != "cpu" and not args.adherence_only:
