@@ -36,112 +36,53 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-import magcache
 import magcache.optimal as O
 import magcache.policy as P
-from magcache.metrics import PSNR_IDENTICAL, psnr
 from magcache.presets import get_preset
 from magcache.studio.demo import data as D
 from magcache.studio.demo import evaluate as E
+from magcache.studio.schedule_search import ScheduleScorer, schedule_key, search_schedule
 from magcache.studio.strategies import uniform_steps
 
 from .error_model_fit import ordered_pairs
 from .strategies import machine
 
 
-class Scorer:
-    """Mean PSNR of a schedule (both branches alike) over fixed items, each schedule measured once."""
+class Scorer(ScheduleScorer):
+    """Mean PSNR of a schedule (one list: both branches alike) over the demo model's items of a prompt set, each
+    schedule measured once (:class:`magcache.studio.schedule_search.ScheduleScorer`)."""
 
     def __init__(self, set_name: str, prompts: int, seeds: int):
-        self.items = D.prompt_set(set_name, prompts, seeds)
-        self.pipe, self.settings = E.load_pipeline()
-        self.num_steps = self.settings["num_inference_steps"]
-        self.references = [E.generate(self.pipe, p, s, self.settings) for p, s in self.items]
-        self.handle = magcache.apply(self.pipe, preset="demo")
-        self.measured: dict[str, list[float]] = {}
-
-    def per_item(self, computed: list[int] | dict[str, list[int]]) -> list[float]:
-        """Per-item PSNR of ``computed``: one schedule for both branches, or one per branch."""
-        if not isinstance(computed, dict):
-            computed = {"cond": computed, "uncond": computed}
-        key = json.dumps(computed, sort_keys=True)
-        if key not in self.measured:
-            self.handle.configure(computed_steps=computed)
-            self.measured[key] = [round(min(psnr(E.generate(self.pipe, p, s, self.settings), ref), PSNR_IDENTICAL), 3)
-                                  for (p, s), ref in zip(self.items, self.references)]
-        return self.measured[key]
-
-    def score(self, computed: list[int] | dict[str, list[int]]) -> float:
-        return float(np.mean(self.per_item(computed)))
+        pipe, self.settings = E.load_pipeline()
+        super().__init__(pipe, E.call_kwargs(self.settings), D.prompt_set(set_name, prompts, seeds), preset="demo")
 
 
 BRANCHES = ("cond", "uncond")
 
 
 def as_branches(computed: list[int] | dict[str, list[int]]) -> dict[str, list[int]]:
+    """The demo model's two branches (true CFG)."""
     return dict(computed) if isinstance(computed, dict) else {b: list(computed) for b in BRANCHES}
-
-
-def _valid(steps: list[int], num_steps: int, max_skips: int) -> bool:
-    return max(b - a - 1 for a, b in zip(steps, steps[1:] + [num_steps])) <= max_skips
-
-
-def neighbours(computed: list[int] | dict[str, list[int]], num_steps: int, max_skips: int,
-               deltas: tuple[int, ...] = (-1, 1), per_branch: bool = False) -> list:
-    """Schedules one move away: a computed step (never step 0) moved by one of ``deltas``, in both branches where
-    they share it, and with ``per_branch`` also in one branch alone. Moves in both branches come first. A list (one
-    schedule for both branches) gives lists."""
-    if not isinstance(computed, dict):
-        return [c["cond"] for c in neighbours(as_branches(computed), num_steps, max_skips, deltas)]
-    out, seen = [], set()
-    scopes = [BRANCHES] + ([(b,) for b in BRANCHES] if per_branch else [])
-    for scope in scopes:
-        shared = set.intersection(*(set(computed[b]) for b in scope))
-        for step in sorted(shared - {0}):
-            for delta in deltas:
-                moved = step + delta
-                if not 1 <= moved < num_steps or any(moved in computed[b] for b in scope):
-                    continue
-                cand = dict(computed)
-                for b in scope:
-                    cand[b] = sorted([x for x in computed[b] if x != step] + [moved])
-                key = json.dumps(cand, sort_keys=True)
-                if key not in seen and all(_valid(cand[b], num_steps, max_skips) for b in scope):
-                    seen.add(key)
-                    out.append(cand)
-    return out
 
 
 def search(scorer: Scorer, budget: int, seconds: float, max_skips: int, start: dict | None = None,
            deltas: tuple[int, ...] = (-1, 1), per_branch: bool = False, start_name: str = "uniform") -> dict:
-    """Hill climbing from ``start`` (a row of an earlier search: its schedule and trace; uniform skipping if None):
-    take the first neighbour (:func:`neighbours`) that raises the mean PSNR, until none does or time runs out."""
-    if start is None:
-        computed = as_branches(uniform_steps(scorer.num_steps, budget))
-        trace = None
-    else:
-        computed = row_schedule(start)
-        trace = list(start.get("trace", []))
-    best = scorer.score(computed)
-    trace = trace or [{"computed": computed, "psnr": round(best, 3)}]
-    deadline = time.time() + seconds
-    improved, out_of_time = True, False
-    while improved and not out_of_time:
-        improved = False
-        for cand in neighbours(computed, scorer.num_steps, max_skips, deltas, per_branch):
-            out_of_time = time.time() >= deadline
-            if out_of_time:
-                break
-            value = scorer.score(cand)
-            print(f"  {budget} steps {cand['cond']} {cand['uncond']} PSNR {value:.3f} (best {best:.3f})", flush=True)
-            if value > best:
-                computed, best, improved = cand, value, True
-                trace.append({"computed": computed, "psnr": round(best, 3)})
-                break
-    row = {"budget": budget, "start": start_name, "computed": computed, "psnr": round(best, 3),
+    """Hill climbing (:func:`magcache.studio.schedule_search.search_schedule`) from ``start`` (a row of an earlier
+    search: its schedule and trace, which goes on; uniform skipping if None)."""
+
+    def show(cand: dict, value: float, best: float) -> None:
+        print(f"  {budget} steps {cand['cond']} {cand['uncond']} PSNR {value:.3f} (best {best:.3f})", flush=True)
+
+    result = search_schedule(scorer.pipe, scorer.call_kwargs, scorer.items, budget,
+                             start=None if start is None else row_schedule(start),
+                             moves=tuple(sorted({abs(d) for d in deltas})), per_branch=per_branch, K=max_skips,
+                             max_minutes=seconds / 60, progress=show, scorer=scorer)
+    earlier = list(start.get("trace", [])) if start is not None else []
+    computed = result.computed
+    row = {"budget": budget, "start": start_name, "computed": computed, "psnr": round(result.psnr, 3),
            "moves": list(deltas), "per_branch": per_branch,
-           "stopped": "time limit" if out_of_time else "no better neighbour", "evaluated": len(scorer.measured),
-           "trace": trace}
+           "stopped": "time limit" if result.stopped_by == "time" else "no better neighbour",
+           "evaluated": len(scorer.measured), "trace": earlier + result.trace[1:] if earlier else result.trace}
     if computed["cond"] == computed["uncond"]:
         row["steps"] = computed["cond"]
     return row
@@ -294,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                "prompt_set": args.set, "items": [list(i) for i in scorer.items],
                "machine": {**machine(), "load_average_at_start": load},
                "minutes": round((time.time() - start) / 60, 2), "rows": rows,
-               "measured": [{"computed": json.loads(k), "psnr_per_item": v} for k, v in scorer.measured.items()]}
+               "measured": scorer.measured_rows()}
         if args.search and args.set == "heldout":
             out["oracle"] = "searched on the held-out set itself: an upper bound for step placement, not a result"
         return out
@@ -303,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(Path(args.resume).read_text()) if args.resume else {"items": [], "rows": [], "measured": []}
         if args.resume and [tuple(i) for i in earlier["items"]] != scorer.items:
             raise SystemExit(f"{args.resume} was measured on other items")
-        scorer.measured.update({json.dumps(m["computed"], sort_keys=True): m["psnr_per_item"] for m in earlier["measured"]})
+        scorer.measured.update({schedule_key(m["computed"]): m["psnr_per_item"] for m in earlier["measured"]})
         resumed = best_rows(earlier["rows"])
         others = [(path, best_rows(json.loads(Path(path).read_text())["rows"]))
                   for path in (args.start.split(",") if args.start else [])]

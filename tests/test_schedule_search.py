@@ -1,6 +1,6 @@
 """The measured schedule search's moves: step 0 stays, no step repeats, at most K skips in a row."""
 
-from bench.schedule_search import neighbours
+from magcache.studio.schedule_search import neighbours
 
 
 def test_neighbours_move_one_step_by_one_and_keep_the_constraints():
