@@ -9,11 +9,12 @@ a prompt set, then evaluated on the other set.
     python -m bench.schedule_search --evaluate A.json,B.json --set heldout --json bench/results/demo_schedule_search_heldout.json
     python -m bench.schedule_search --summarize EVALUATION.json --prompts 8 --seeds 2
 
-Search: it starts from uniform skipping (``uniform_steps``), from the best schedule of each ``--start`` search, or
-(``--resume``) where an earlier search of the same items stopped, and moves one computed step (never step 0) by one
-of ``--moves`` steps earlier or later, in both branches (``--per-branch``: also in one branch alone), taking the first
-move that raises the mean PSNR to the uncached images, until no move helps or the per-budget time runs out. At most
-``K`` (the demo preset's, 6) skips in a row. Searching the held-out set needs ``--oracle``, and its JSON says it is one.
+Search (:func:`magcache.studio.schedule_search.search_schedule` on the demo model's items): it starts from uniform
+skipping (``uniform_steps``), from the best schedule of each ``--start`` search, or (``--resume``) where an earlier
+search of the same items stopped, and moves one computed step (never step 0) by one of ``--moves`` steps earlier or
+later, in both branches (``--per-branch``: also in one branch alone), taking the first move that raises the mean PSNR
+to the uncached images, until no move helps or the per-budget time runs out. At most ``K`` (the demo preset's, 6)
+skips in a row. Uniform skipping is measured too (once per search file), to report against. Searching the held-out set needs ``--oracle``, and its JSON says it is one.
 Rank models (``--rank-models SEARCH_JSON``, no model runs): how often each error model orders the search's measured
 schedules as their PSNR does.
 Evaluate: the best searched schedule of each file per budget, uniform, MagCache's threshold rule at the same budget,
