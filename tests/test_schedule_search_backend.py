@@ -111,7 +111,7 @@ def test_search_keeps_k_and_an_existing_handle(pipe):
 def test_command_line(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("# tuning prompts\na red circle\n\na green square\n")
     S.main(["--tiny", "flux", "--prompts-file", str(tmp_path / "prompts.txt"), "--budget", "4", "--steps", "8",
-            "--height", "32", "--width", "32", "--K", "2", "--preset", "flux", "--json", str(tmp_path / "out.json")])
+            "--height", "32", "--width", "32", "--K", "2", "--call-json", '{"max_sequence_length": 16}', "--preset", "flux", "--json", str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["items"] == [["a red circle", 0], ["a green square", 0]] and out["stopped_by"] == "local optimum"
     assert json.dumps(out["computed_steps"]) in capsys.readouterr().out

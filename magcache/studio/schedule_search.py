@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int)
     ap.add_argument("--true-cfg-scale", type=float, help="two branches (with --negative-prompt)")
     ap.add_argument("--negative-prompt")
+    ap.add_argument("--call-json", help='more pipeline call arguments as JSON, e.g. \'{"max_sequence_length": 32}\'')
     ap.add_argument("--preset", help="MagCache preset (default: by model)")
     ap.add_argument("--K", type=int, help="most skips in a row (default: the preset's)")
     ap.add_argument("--start", help="a JSON file with computed_steps to start from (default: uniform skipping)")
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     call = {"num_inference_steps": args.steps}
     call.update({k: v for k, v in dict(height=args.height, width=args.width, true_cfg_scale=args.true_cfg_scale,
                                        negative_prompt=args.negative_prompt).items() if v is not None})
+    call.update(json.loads(args.call_json) if args.call_json else {})
     items = [(p, int(s)) for p in read_prompts(args.prompts_file) for s in args.seeds.split(",")]
     start = json.loads(Path(args.start).read_text()).get("computed_steps") if args.start else None
     apply_kwargs = {"preset": args.preset} if args.preset else {}
