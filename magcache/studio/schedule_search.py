@@ -84,7 +84,8 @@ class SearchResult:
     budget: int
     stopped_by: str  # one of STOPPED_BY
     trace: list[dict] = field(default_factory=list)  # each improvement: {"computed", "psnr"}, the start first
-    measured: list[dict] = field(default_factory=list)  # every schedule measured: {"computed", "psnr_per_item"}
+    # every schedule its scorer has measured (a reused scorer: earlier searches too): {"computed", "psnr_per_item"}
+    measured: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"computed_steps": self.computed, "psnr": round(self.psnr, 3), "budget": self.budget,
