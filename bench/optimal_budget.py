@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from magcache.studio.demo import data as D
 from magcache.studio.demo import evaluate as E
 from magcache.studio.strategies import uniform_steps
 
-from .strategies import machine
+from .strategies import run_header
 
 
 def schedules_at(target: float, num_steps: int, models: list[str]) -> dict[str, dict[str, list[int]]]:
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {target:g}x {name:<34} {rows[-1]['computed_calls']}/{2 * n} calls  PSNR {rows[-1]['psnr']:.2f} "
                   f"(min {rows[-1]['psnr_min']:.2f})  SSIM {rows[-1]['ssim']:.4f}", flush=True)
     handle.remove()
-    report = {"command": "python -m bench.optimal_budget " + " ".join(sys.argv[1:] if argv is None else argv),
-              "prompt_set": args.set, "items": [list(i) for i in items],
-              "machine": {**machine(), "load_average_at_start": load}, "minutes": round((time.time() - start) / 60, 2),
+    report = {**run_header("bench.optimal_budget", argv, args.set, start, load), "items": [list(i) for i in items],
               "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

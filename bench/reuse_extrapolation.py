@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from magcache.studio.demo import evaluate as E
 from magcache.studio.strategies import uniform_steps
 
 from .schedule_search import as_branches, best_rows, row_schedule
-from .strategies import machine
+from .strategies import run_header
 
 
 class Extrapolation:
@@ -108,11 +107,9 @@ def main(argv: list[str] | None = None) -> None:
                              "psnr": round(float(np.mean(ps)), 3), "psnr_min": round(float(np.min(ps)), 3),
                              "psnr_per_item": ps})
                 print(f"  {budget} steps {name:<50} alpha {alpha:<5g} PSNR {rows[-1]['psnr']:.3f}", flush=True)
-    report = {"command": "python -m bench.reuse_extrapolation " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {**run_header("bench.reuse_extrapolation", argv, args.set, start, load),
               "experiment": "bench only: skipped steps reuse an extrapolated residual (not the library's cache)",
-              "prompt_set": args.set, "items": [list(i) for i in items],
-              "machine": {**machine(), "load_average_at_start": load}, "minutes": round((time.time() - start) / 60, 2),
-              "rows": rows}
+              "items": [list(i) for i in items], "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from magcache.studio.schedule_search import ScheduleScorer, schedule_key, search
 from magcache.studio.strategies import uniform_steps
 
 from .error_model_fit import ordered_pairs
-from .strategies import machine
+from .strategies import run_header
 
 
 class Scorer(ScheduleScorer):
@@ -232,11 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
 
     def report() -> dict:
-        out = {"command": "python -m bench.schedule_search " + " ".join(sys.argv[1:] if argv is None else argv),
-               "prompt_set": args.set, "items": [list(i) for i in scorer.items],
-               "machine": {**machine(), "load_average_at_start": load},
-               "minutes": round((time.time() - start) / 60, 2), "rows": rows,
-               "measured": scorer.measured_rows()}
+        out = {**run_header("bench.schedule_search", argv, args.set, start, load),
+               "items": [list(i) for i in scorer.items], "rows": rows, "measured": scorer.measured_rows()}
         if args.search and args.set == "heldout":
             out["oracle"] = "searched on the held-out set itself: an upper bound for step placement, not a result"
         return out

@@ -37,6 +37,14 @@ def machine() -> dict:
             "load_average": os.getloadavg()}
 
 
+def run_header(module: str, argv: list[str] | None, prompt_set: str, start: float, load: tuple) -> dict:
+    """What every demo bench JSON opens with: the command that wrote it, its prompt set, the machine with its load
+    average when the measuring started (``load``, taken with ``start = time.time()``), and the minutes since."""
+    return {"command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
+            "prompt_set": prompt_set, "machine": {**machine(), "load_average_at_start": load},
+            "minutes": round((time.time() - start) / 60, 2)}
+
+
 def markdown(results: S.StrategyResults) -> str:
     lines = ["| strategy | knob | value | block work | speed-up (work) | speed-up (time) | PSNR (min) | SSIM (min) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -74,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe, E.call_kwargs(settings), items, levels=[float(x) for x in args.levels.split(",")],
         strategies=args.strategies.split(","), error_models=args.error_models.split(","), preset="demo",
         progress=lambda done, total, label: print(f"  [{done + 1}/{total}] {label}", flush=True))
-    report = {"command": "python -m bench.strategies " + " ".join(sys.argv[1:] if argv is None else argv),
-              "prompt_set": args.set, "machine": {**machine(), "load_average_at_start": load},
-              "minutes": round((time.time() - start) / 60, 2), "settings": E.call_kwargs(settings),
+    report = {**run_header("bench.strategies", argv, args.set, start, load), "settings": E.call_kwargs(settings),
               **results.to_json()}
     print(markdown(results))
     if args.json:
