@@ -27,6 +27,7 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py: spinning OpenMP threads on a shared CPU
 
@@ -395,7 +396,9 @@ def plot_calibration(cal: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sweep(rows: list[dict], baseline_rows: list[dict], chosen: dict, path: Path) -> None:
+def sweep_figure(rows: list[dict], sweep_label: str, path: Path, mark: Callable[[Any], None]) -> None:
+    """The sweep's mean PSNR against its call speed-up, one colour per retention ratio; ``mark(ax)`` draws what
+    the caller points out on top (baselines, the chosen setting)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,12 +407,8 @@ def plot_sweep(rows: list[dict], baseline_rows: list[dict], chosen: dict, path: 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r_ in sorted({r["retention_ratio"] for r in rows}):
         sel = [r for r in rows if r["retention_ratio"] == r_]
-        ax.scatter([r["call_speedup"] for r in sel], [r["psnr"] for r in sel], s=14, label=f"MagCache sweep, R={r_}")
-    for name, marker in (("uniform", "s"), ("random", "x")):
-        ax.plot([b["call_speedup"] for b in baseline_rows], [b[name]["psnr"] for b in baseline_rows], marker=marker,
-                color="k" if name == "uniform" else "tab:red", label=f"{name} skipping (same count)")
-    c = chosen["row"]
-    ax.scatter([c["call_speedup"]], [c["psnr"]], s=120, facecolors="none", edgecolors="k", label="chosen default")
+        ax.scatter([r["call_speedup"] for r in sel], [r["psnr"] for r in sel], s=14, label=f"{sweep_label}, R={r_}")
+    mark(ax)
     ax.set_xlabel("speed-up (transformer calls, uncached / cached)")
     ax.set_ylabel("PSNR to uncached image (dB)")
     ax.grid(alpha=0.3)
@@ -417,6 +416,17 @@ def plot_sweep(rows: list[dict], baseline_rows: list[dict], chosen: dict, path: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], baseline_rows: list[dict], chosen: dict, path: Path) -> None:
+    def mark(ax) -> None:
+        for name, marker in (("uniform", "s"), ("random", "x")):
+            ax.plot([b["call_speedup"] for b in baseline_rows], [b[name]["psnr"] for b in baseline_rows],
+                    marker=marker, color="k" if name == "uniform" else "tab:red", label=f"{name} skipping (same count)")
+        c = chosen["row"]
+        ax.scatter([c["call_speedup"]], [c["psnr"]], s=120, facecolors="none", edgecolors="k", label="chosen default")
+
+    sweep_figure(rows, "MagCache sweep", path, mark)
 
 
 def sample_grid(pipe, settings: dict, handle, path: Path, n: int = 6) -> None:

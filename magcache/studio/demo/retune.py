@@ -76,32 +76,19 @@ def measure(bench: E.Bench, handle, thresh: float, K: int, retention: float, cur
 
 def plot(rows: list[dict], chosen: dict, old_tuning: dict, chosen_heldout: dict, old_heldout: dict,
          path: Path) -> None:
-    import matplotlib
+    def mark(ax) -> None:
+        c = chosen["row"]
+        ax.scatter([c["call_speedup"]], [c["psnr"]], s=140, facecolors="none", edgecolors="k", label="chosen (tuning)")
+        ax.scatter([chosen_heldout["call_speedup"]], [chosen_heldout["psnr"]], s=90, marker="*", color="k",
+                   label="chosen, held-out")
+        ax.scatter([old_tuning["call_speedup"]], [old_tuning["psnr"]], s=60, marker="x", color="tab:red",
+                   label="previous preset, tuning")
+        ax.scatter([old_heldout["call_speedup"]], [old_heldout["psnr"]], s=60, marker="+", color="tab:red",
+                   label="previous preset, held-out")
+        ax.axhline(E.MIN_PSNR, color="gray", lw=0.8, ls="--")
+        ax.set_ylim(top=max(r["psnr"] for r in rows if r["call_speedup"] > 1) + 3)  # leave out the uncached 100 dB
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r_ in sorted({r["retention_ratio"] for r in rows}):
-        sel = [r for r in rows if r["retention_ratio"] == r_]
-        ax.scatter([r["call_speedup"] for r in sel], [r["psnr"] for r in sel], s=14, label=f"sweep on tuning, R={r_}")
-    c = chosen["row"]
-    ax.scatter([c["call_speedup"]], [c["psnr"]], s=140, facecolors="none", edgecolors="k", label="chosen (tuning)")
-    ax.scatter([chosen_heldout["call_speedup"]], [chosen_heldout["psnr"]], s=90, marker="*", color="k",
-               label="chosen, held-out")
-    ax.scatter([old_tuning["call_speedup"]], [old_tuning["psnr"]], s=60, marker="x", color="tab:red",
-               label="previous preset, tuning")
-    ax.scatter([old_heldout["call_speedup"]], [old_heldout["psnr"]], s=60, marker="+", color="tab:red",
-               label="previous preset, held-out")
-    ax.axhline(E.MIN_PSNR, color="gray", lw=0.8, ls="--")
-    ax.set_ylim(top=max(r["psnr"] for r in rows if r["call_speedup"] > 1) + 3)  # leave out the uncached 100 dB
-    ax.set_xlabel("speed-up (transformer calls, uncached / cached)")
-    ax.set_ylabel("PSNR to uncached image (dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    E.sweep_figure(rows, "sweep on tuning", path, mark)
 
 
 def main(argv: list[str] | None = None) -> None:
