@@ -13,6 +13,7 @@ background colour dominates the empty cells.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -423,8 +424,6 @@ def frame_split(caption: str) -> str | None:
     """The split ("train" or "heldout") whose sentence frames ``caption`` fits, None when it fits neither or both: how
     an evaluation shows that its prompts are phrased as training never was. (The grammar's own captions fit the
     training frame ``{B} background, {L}``.)"""
-    import re
-
     colours = "|".join(COLOURS)
 
     def fits(frame: str) -> bool:
@@ -457,8 +456,6 @@ def scene_with_copies(rng: random.Random, num_objects: int | None = None, copy_s
 def paraphrase_vocabulary(split: str = "train") -> tuple[str, ...]:
     """Every word a paraphrase of ``split`` can contain (a tokenizer for a plain-English model is built from the
     training split's)."""
-    import re
-
     texts = [t for *_, t in _templates(POSITION_TEMPLATES, split)]
     texts += [t for _, t in _templates(OBJECT_TEMPLATES, split) + _templates(GROUP_TEMPLATES, split)]
     texts += [t for _, t in FRAME_TEMPLATES["train"] + (FRAME_TEMPLATES["heldout"] if split == "heldout" else ())]
