@@ -83,6 +83,19 @@ def _select_tab(page, label: str) -> None:
     page.locator(".overflow-dropdown").get_by_role("button", name=label, exact=True).click()
 
 
+def _fill(page, selector: str, text: str) -> None:
+    """Type into a text box and wait until the value has stuck: a box in a tuning sub-tab opened a moment ago
+    can be re-mounted with its initial value just after a fill (seen on a busy machine: the sweep then ran the
+    default grid), which no person typing could hit but a script can. Refill until the value survives a pause."""
+    box = page.locator(selector)
+    for _ in range(5):
+        box.fill(text)
+        page.wait_for_timeout(400)
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"{selector} does not keep {text!r}: it shows {box.input_value()!r}")
+
+
 def test_demo_tab_on_a_desktop(app, browser, shots):
     """Generate with Compare: the headline card (speed-up with spread, PSNR, SSIM, passes), a timing table that
     fits, provenance folded away; a typed out-of-range value refused next to its slider; Compare off leaves no
@@ -202,8 +215,8 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
 
         # a 3x2 sweep: every column on screen, Pareto plot; a clicked row sets the sliders
         tuning.get_by_role("tab", name="Sweep").click()
-        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.2")
-        page.locator("#sweep-K-demo textarea").fill("2, 4")
+        _fill(page, "#sweep-thresh-demo textarea", "0.05, 0.1, 0.2")
+        _fill(page, "#sweep-K-demo textarea", "2, 4")
         page.locator("#sweep-demo").click()
         sweep_status = page.locator("#sweep-status-demo")
         expect(sweep_status).to_contain_text("Sweep done: 6 points", timeout=180_000)
@@ -225,8 +238,8 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
         tuning.screenshot(path=str(shots / "tuning_sweep.png"))
 
         # Stop during a sweep: "stopped after N of M points", no error
-        page.locator("#sweep-thresh-demo textarea").fill("0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7")
-        page.locator("#sweep-retention-demo textarea").fill("0.1, 0.2")
+        _fill(page, "#sweep-thresh-demo textarea", "0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7")
+        _fill(page, "#sweep-retention-demo textarea", "0.1, 0.2")
         page.locator("#sweep-demo").click()
         expect(sweep_status).not_to_contain_text("Sweep done", timeout=10_000)  # the last status is cleared
         expect(sweep_status).to_contain_text(re.compile(r"Sweep (warm-up|baseline|\d)"), timeout=60_000)  # it runs
@@ -327,8 +340,8 @@ def test_validation_schedule_and_tuning_on_a_phone(app, browser, shots):
         # the chosen curve's name is whole in its box (Auto's; a calibration's ends in "…", the list shows it all)
         assert page.locator("#curve-demo input").evaluate("el => el.scrollWidth <= el.clientWidth")
         tuning.get_by_role("tab", name="Sweep", exact=True).click()
-        page.locator("#sweep-thresh-demo textarea").fill("0.1, 0.5")
-        page.locator("#sweep-K-demo textarea").fill("2, 4")
+        _fill(page, "#sweep-thresh-demo textarea", "0.1, 0.5")
+        _fill(page, "#sweep-K-demo textarea", "2, 4")
         page.locator("#sweep-demo").click()
         expect(page.locator("#sweep-status-demo")).to_contain_text("Sweep done: 4 points", timeout=180_000)
         table = page.locator("#sweep-table-demo")
