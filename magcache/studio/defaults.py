@@ -56,7 +56,8 @@ def tab_defaults(manager: ModelManager, tab_id: str, variant: str | None = None,
 
 def demo_settings(folder: str) -> dict[str, Any]:
     """Settings stored next to the demo model (``demo_settings.json``, written by its training): UI defaults
-    (size, steps, guidance, seed, example prompts) and, under ``"call"``, fixed pipeline arguments."""
+    (size, steps, guidance, seed, example prompts), under ``"call"`` fixed pipeline arguments, and for a model
+    trained to read plain English ``prompt_words``, the words it learned."""
     path = Path(folder) / "demo_settings.json"
     if not path.is_file():
         return {}
@@ -66,6 +67,8 @@ def demo_settings(folder: str) -> dict[str, Any]:
     if guidance is not None:
         out["guidance_scale"] = guidance  # the Guidance input; the tab's guidance_arg says which argument it sets
     out["call"] = {k: raw[k] for k in ("negative_prompt", "max_sequence_length") if k in raw}
+    if isinstance(raw.get("prompt_words"), list):  # a model that reads plain English: the words it learned
+        out["prompt_words"] = frozenset(raw["prompt_words"])
     examples = raw.get("example_prompts") or raw.get("prompts") or raw.get("examples")
     if isinstance(examples, list) and examples:
         out["examples"] = [str(p) for p in examples]

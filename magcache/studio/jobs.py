@@ -38,9 +38,9 @@ import magcache
 
 from . import public
 from .catalog import Tab, Variant
-from .defaults import tab_defaults
+from .defaults import framepack_sections, tab_defaults
 from .manager import Cancelled, LoadedModel, LoadPlan, ModelManager, OutOfMemory, is_out_of_memory, out_of_memory_message
-from .request import GenerationRequest, InvalidRequest, build_call_kwargs, framepack_sections, read_prompt, validate
+from .request import GenerationRequest, InvalidRequest, build_call_kwargs, read_prompt, validate
 
 # (phase, done, total): "queue" (done = requests ahead), "load", then the phases each kind of run names
 ProgressFn = Callable[[str, int, int], None]
@@ -204,7 +204,7 @@ def device_job(manager: ModelManager, req: GenerationRequest, stop: threading.Ev
         raise InvalidRequest(str(e).strip("'\"")) from None
     plan = manager.plan(tab.id, variant.id, req.weights, req.base)
     defaults = tab_defaults(manager, tab.id, variant.id, plan=plan)
-    request, prompt_note = read_prompt(variant, validate(tab, req, defaults))
+    request, prompt_note = read_prompt(variant, validate(tab, req, defaults), defaults.get("prompt_words"))
     job = DeviceJob(manager, tab, variant, request, plan, stop, progress, notes=[prompt_note] if prompt_note else [])
     with public.admission(tab, request, defaults, manager.device, client, runs), \
             manager.device_slot(stop, on_wait=lambda ahead: progress("queue", ahead, ahead), who=tab.label), \

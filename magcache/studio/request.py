@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -75,14 +75,18 @@ class GenerationRequest:
     curve_file: str | None = None
 
 
-def read_prompt(variant: Variant, req: GenerationRequest) -> tuple[GenerationRequest, str | None]:
+def read_prompt(variant: Variant, req: GenerationRequest,
+                known_words: Collection[str] | None = None) -> tuple[GenerationRequest, str | None]:
     """The request with its prompt in the words the variant's model knows, and a note saying how it was read (None
-    when the prompt was used as typed). Only variants that declare a ``prompt_reader`` are touched: the demo model
-    knows one caption grammar, so "a red circle on a blue background" runs as "blue background, large red circle at
-    center". A prompt with nothing the model can draw is refused, never turned into a meaningless image."""
+    when the prompt was used as typed). Only variants that declare a ``prompt_reader`` are touched: a demo model
+    that knows one caption grammar runs "a red circle on a blue background" as "blue background, large red circle
+    at center". ``known_words``: the words of a demo model trained on plain English (its ``demo_settings.json``'s
+    ``prompt_words``): a prompt made of them runs as typed, one with other words runs as the reader's caption, with
+    a note naming the words the model never learned. A prompt with nothing the model can draw is refused, never
+    turned into a meaningless image."""
     if variant.prompt_reader != "demo_shapes":
         return req, None
-    from .demo.prompts import understand
+    from .demo.prompts import prompt_words, understand
 
     reading = understand(req.prompt)
     ignored = f" It does not know: {', '.join(dict.fromkeys(reading.ignored_words))}." if reading.ignored_words else ""
@@ -93,15 +97,16 @@ def read_prompt(variant: Variant, req: GenerationRequest) -> tuple[GenerationReq
     if reading.in_grammar:
         return req, None
     assumed = f" Assumed: {'; '.join(reading.notes)}." if reading.notes else ""
-    note = (f"The demo model knows only its training grammar; your prompt ran as \"{reading.caption}\"."
-            f"{ignored}{assumed}")
+    if known_words is None:
+        note = (f"The demo model knows only its training grammar; your prompt ran as \"{reading.caption}\"."
+                f"{ignored}{assumed}")
+        return replace(req, prompt=reading.caption), note
+    unknown = [w for w in dict.fromkeys(prompt_words(req.prompt)) if w not in known_words]
+    if not unknown:
+        return req, None
+    note = (f"The demo model never learned the words {', '.join(unknown)}; your prompt ran as \"{reading.caption}\", "
+            f"in words it knows.{assumed}")
     return replace(req, prompt=reading.caption), note
-
-
-def framepack_sections(num_frames: int, latent_window_size: int = 9, temporal_factor: int = 4) -> int:
-    """How many sections (full denoising runs) FramePack makes for ``num_frames`` (its pipeline's formula)."""
-    window = (latent_window_size - 1) * temporal_factor + 1
-    return max(1, (num_frames + window - 1) // window)
 
 
 def validate(tab: Tab, req: GenerationRequest, defaults: dict[str, Any]) -> GenerationRequest:

@@ -36,7 +36,7 @@ from magcache.presets import Preset, get_preset
 
 from . import public
 from .catalog import Tab
-from .defaults import tab_defaults
+from .defaults import framepack_sections, tab_defaults
 from .jobs import DeviceJob, ProgressFn, device_job
 from .manager import LoadedModel, LoadPlan, ModelManager, WeightsNotFound
 from .request import GenerationRequest, InvalidRequest
@@ -264,8 +264,6 @@ class SchedulePreview:
 def preview_schedule(manager: ModelManager, tab_id: str, values: Mapping[str, Any]) -> SchedulePreview:
     """The schedule of the tab's inputs with its chosen curve (``values["curve"]``; absent: the preset's).
     Raises ``ValueError`` / ``KeyError`` / ``TypeError`` naming what is wrong."""
-    from .request import framepack_sections
-
     run = tab_inputs(manager, tab_id, values)
     curve = None
     if values.get("curve") is not None:

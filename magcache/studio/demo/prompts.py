@@ -109,6 +109,11 @@ def _tokens(prompt: str) -> list[str]:
                     and not (k and tokens[k - 1] in ROW_WORDS))]
 
 
+def prompt_words(prompt: str) -> list[str]:
+    """The words of a prompt as a word-level tokenizer sees them: lower case, split at everything but letters
+    ("bottom-left" is two words, "2" none)."""
+    return re.findall(r"[a-z]+", prompt.lower())
+
 @dataclass
 class _Mention:
     shape: str
