@@ -109,3 +109,7 @@ def test_paraphrase_evaluation_runs_on_held_out_phrasings_only(monkeypatch, tmp_
     assert set(report["summary"]) == {"paraphrase", "grammar"}
     assert report["summary"]["paraphrase"]["read_right"] == "2/2"
     assert report["paraphrases"]["split"] == "heldout" and report["num_inference_steps"] == 2
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "demo_paraphrases_heldout.png")  # the two paraphrases: as typed over as read
+    assert grid.size == (2 * (128 + 4), 2 * (128 + 4))

@@ -156,10 +156,11 @@ def same_scene(a: D.Scene | None, b: D.Scene) -> bool:
     return a is not None and a.background == b.background and set(a.objects) == set(b.objects)
 
 
-def plain_english(pipe, settings: dict, items: list[dict]) -> dict:
+def plain_english(pipe, settings: dict, items: list[dict], grid: Path | None = None, grid_count: int = 8) -> dict:
     """Each annotated prompt twice, same seed (its ``seed``, else its index): the model on the prompt as typed, and on
-    the caption the Demo tab rewrites it to (:func:`.prompts.understand`); both images are checked against the
-    annotated scene."""
+    the caption the Demo tab's reader rewrites it to (:func:`.prompts.understand`); both images are checked against
+    the annotated scene. ``grid``: a PNG of the first ``grid_count`` prompts not in the grammar, as typed (top row) and as the reader's
+    caption (bottom row)."""
     from .prompts import understand
 
     images: dict[tuple[str, int], np.ndarray] = {}
@@ -181,6 +182,18 @@ def plain_english(pipe, settings: dict, items: list[dict]) -> dict:
                      "expected": scene.caption, "read_as": reading.caption, "read_right": same_scene(reading.scene, scene),
                      "ignored_words": reading.ignored_words, "correct_as_typed": as_typed,
                      "correct_rewritten": rewritten})
+
+    if grid is not None:
+        from PIL import Image
+
+        pad = lambda a: np.pad((a * 255).round().astype(np.uint8), ((2, 2), (2, 2), (0, 0)),  # noqa: E731
+                               constant_values=255)
+        shown = [(r["prompt"], r["read_as"] or r["prompt"], r["seed"])
+                 for r in [r for r in rows if r["kind"] != "grammar"][:grid_count]]
+        grid_rows = [[pad(images[typed, seed]) for typed, _, seed in shown],
+                     [pad(images[read, seed]) if (read, seed) in images else pad(np.ones_like(images[typed, seed]))
+                      for typed, read, seed in shown]]
+        Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in grid_rows], axis=0)).save(grid)
 
     def count(kind: str, key: str) -> str:
         sel = [r for r in rows if r["kind"] == kind]
@@ -495,10 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu (the app's device; timings) or cuda (--adherence-only)")
     ap.add_argument("--plain-english", metavar="JSON", nargs="?", const=str(PLAIN_ENGLISH_HELD_OUT),
                     help="only the plain-English table: annotated prompts (default: the held-out set), as typed "
-                         "and as rewritten by the Demo tab; writes demo_plain_english_<file stem>.json")
+                         "and as rewritten by the Demo tab; writes demo_plain_english_<file stem>.json and .png")
     ap.add_argument("--paraphrases", action="store_true",
                     help="only the plain-English table on --count held-out scenes, each as a paraphrase with a "
-                         "held-out sentence frame and as its grammar caption; writes demo_paraphrases_heldout.json")
+                         "held-out sentence frame and as its grammar caption; writes demo_paraphrases_heldout.json and .png")
     ap.add_argument("--count", type=int, default=D.NUM_HELD_OUT,
                     help="--paraphrases: how many paraphrases (scene i %% %d)" % D.NUM_HELD_OUT)
     args = ap.parse_args(argv)
@@ -513,12 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             items, name = json.loads(Path(args.plain_english).read_text()), Path(args.plain_english).stem
             source = {"prompts_file": Path(args.plain_english).name}
-        report = plain_english(pipe, settings, items)
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = plain_english(pipe, settings, items, grid=out_dir / f"demo_{name}.png")
         report.update(model=str(args.model), **source, true_cfg_scale=settings["true_cfg_scale"],
                       num_inference_steps=settings["num_inference_steps"], threads=args.threads,
                       minutes=round((time.time() - t0) / 60, 2), load_average=[round(x, 2) for x in os.getloadavg()])
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"demo_{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report["summary"], indent=1))
         return
