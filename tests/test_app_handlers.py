@@ -328,6 +328,24 @@ def test_demo_reads_plain_english_into_its_grammar_and_says_so(manager):
         handlers.generate(manager, "demo", _values("demo", prompt="a cat sitting on a sofa"))
 
 
+def test_the_trained_demo_model_runs_known_words_as_typed(tmp_path_factory):
+    # the shipped demo model reads plain English over its training words (its demo_settings.json lists them): such
+    # a prompt runs as typed; one with words it never learned runs as the reader's caption, the note names them
+    from pathlib import Path
+
+    demo_dir = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
+    trained = ModelManager(tiny=True, demo_dir=demo_dir)
+    out = handlers.generate(trained, "demo", _values("demo", prompt="a big red circle in the middle of a blue backdrop",
+                                                       steps=4, compare=False))
+    assert "trained" in out["result"].model.lower() or "demo_model" in out["result"].model
+    assert out["result"].request_notes == []  # no note: it ran as typed
+    out = handlers.generate(trained, "demo", _values("demo", prompt="a giant red circle in the middle of a blue canvas",
+                                                       steps=4, compare=False))
+    assert out["result"].request_notes[0].startswith("The demo model never learned the words giant, canvas; your "
+                                                     "prompt ran as \"blue background, large red circle at center\"")
+    assert "ran as" in out["status"]
+
+
 def test_timing_interleaves_pairs_and_keeps_the_first_pairs_outputs(manager):
     """Baseline and MagCache runs alternate (the handle is on for every second pipeline call), the speed-up is
     the median of the pairs, and the images are those of a single pair with the same seed."""

@@ -111,5 +111,8 @@ def test_the_demo_tab_runs_known_words_as_typed_and_rewrites_the_rest():
     request, note = read_prompt(variant, odd, known)
     assert request.prompt == "blue background, large red circle at northwest"
     assert note.startswith("The demo model never learned the words giant, canvas; your prompt ran as \"blue ")
+    request, note = read_prompt(variant, GenerationRequest("demo", prompt="2 big red circles at the top left and "
+                                                          "top right on a blue background"), known)
+    assert note.startswith("The demo model never learned the word 2; your prompt ran as")  # digits are not words
     with pytest.raises(InvalidRequest, match="names no such shape"):
         read_prompt(variant, GenerationRequest("demo", prompt="a cat on a sofa"), known)

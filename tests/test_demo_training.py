@@ -98,6 +98,7 @@ def test_plain_english_captions_train_and_export(tmp_path):
     pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
     settings = json.loads((out / "demo_settings.json").read_text())
     assert settings["max_sequence_length"] == M.PLAIN_TEXT_LEN == pipe.text_encoder.config.max_position_embeddings
+    assert settings["prompt_words"] == list(D.paraphrase_vocabulary("train"))  # the Demo tab runs these as typed
     rng = random.Random(0)
     caption = D.paraphrase(D.scene_with_copies(rng), rng)
     assert M.one_token_per_word(pipe.tokenizer_2, caption) and M.one_token_per_word(pipe.tokenizer, caption)

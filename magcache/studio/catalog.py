@@ -72,8 +72,9 @@ class Variant:
     components: Mapping[str, Component] = field(default_factory=dict)
     gated: bool = False
     local_only: bool = False
-    # "demo_shapes": the trained demo model knows only its caption grammar, so a plain-English prompt is read into
-    # that grammar first (magcache.studio.demo.prompts), and the result says how it was read
+    # "demo_shapes": the demo model draws only shapes; a prompt with words its model never learned (all but the
+    # grammar's for a grammar-only model) is read into its caption grammar first (magcache.studio.demo.prompts), and
+    # the result says how it was read
     prompt_reader: str | None = None
     approx_size_gb: float | None = None
     transformer_gb: float | None = None

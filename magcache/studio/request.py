@@ -104,8 +104,8 @@ def read_prompt(variant: Variant, req: GenerationRequest,
     unknown = [w for w in dict.fromkeys(prompt_words(req.prompt)) if w not in known_words]
     if not unknown:
         return req, None
-    note = (f"The demo model never learned the words {', '.join(unknown)}; your prompt ran as \"{reading.caption}\", "
-            f"in words it knows.{assumed}")
+    words = f"the word {unknown[0]}" if len(unknown) == 1 else f"the words {', '.join(unknown)}"
+    note = f"The demo model never learned {words}; your prompt ran as \"{reading.caption}\", in words it knows.{assumed}"
     return replace(req, prompt=reading.caption), note
 
 

@@ -323,6 +323,11 @@ FRAME_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
         ("background_is", "{L}. the background is {B}"),
         ("there_is", "there is {L} on {A} {B} backdrop"),
         ("picture_of", "a picture of {L} on {A} {B} background"),
+        # the background phrases above that end a caption, also opening one: word order must not decide which
+        # colour is the background
+        ("on_background_first", "on {A} {B} background, {L}"),
+        ("against_backdrop_first", "against {A} {B} backdrop, {L}"),
+        ("background_is_opening", "the background is {B}. {L}"),
     ),
     "heldout": (
         ("on_backdrop_first", "on {A} {B} backdrop, {L}"),

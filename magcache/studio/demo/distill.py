@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", "--weights", default=str(DEFAULT_MODEL), help="the trained (grammar) pipeline")
     ap.add_argument("--out", required=True, help="where the pipeline with the new text encoders is saved")
     ap.add_argument("--work", default="out/demo_distill", help="cached latents of the training scenes")
+    ap.add_argument("--init", default=None, help="start from this plain-English pipeline's text encoders instead "
+                    "of the teacher's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-latents", type=int, default=6000, help="training scenes (rendered and encoded once)")
     ap.add_argument("--steps", type=int, default=3000)
@@ -263,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     if teacher["tokenizer_2"].model_max_length != M.TEXT_LEN:
         raise SystemExit(f"{source} already reads {teacher['tokenizer_2'].model_max_length} tokens: distil from the "
                          "grammar model")
-    student = student_text_encoders(teacher)
+    if args.init:  # go on from an earlier student (its tokenizers and text encoders)
+        init = FluxPipeline.from_pretrained(str(args.init), local_files_only=True)
+        student = {name: getattr(init, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
+        T.log(f"student text encoders from {args.init}")
+    else:
+        student = student_text_encoders(teacher)
     lat = T.encode_latents(work, teacher["vae"], args.seed, args.num_latents, captions="plain")
     latents_minutes = (time.time() - t_start) / 60
     deadline = time.time() + 60 * args.minutes if args.minutes else None

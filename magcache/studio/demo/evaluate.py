@@ -159,8 +159,8 @@ def same_scene(a: D.Scene | None, b: D.Scene) -> bool:
 def plain_english(pipe, settings: dict, items: list[dict], grid: Path | None = None, grid_count: int = 8) -> dict:
     """Each annotated prompt twice, same seed (its ``seed``, else its index): the model on the prompt as typed, and on
     the caption the Demo tab's reader rewrites it to (:func:`.prompts.understand`); both images are checked against
-    the annotated scene. ``grid``: a PNG of the first ``grid_count`` prompts not in the grammar, as typed (top row) and as the reader's
-    caption (bottom row)."""
+    the annotated scene. ``grid``: a PNG of the first ``grid_count`` prompts not in the grammar, as typed (top row)
+    and as the reader's caption (bottom row)."""
     from .prompts import understand
 
     images: dict[tuple[str, int], np.ndarray] = {}

@@ -110,9 +110,10 @@ def _tokens(prompt: str) -> list[str]:
 
 
 def prompt_words(prompt: str) -> list[str]:
-    """The words of a prompt as a word-level tokenizer sees them: lower case, split at everything but letters
-    ("bottom-left" is two words, "2" none)."""
-    return re.findall(r"[a-z]+", prompt.lower())
+    """The words of a prompt as a word-level tokenizer sees them: lower case, runs of letters or of digits
+    ("bottom-left" is two words, "2" one)."""
+    return re.findall(r"[a-z]+|[0-9]+", prompt.lower())
+
 
 @dataclass
 class _Mention:

@@ -479,6 +479,8 @@ def export(work: Path, out: Path, components: dict, vae: torch.nn.Module, shift:
             if key in previous and settings is None:
                 demo[key] = previous[key]
     demo["max_sequence_length"] = components["tokenizer_2"].model_max_length  # what the text encoders were built for
+    if captions == "plain":  # the Demo tab runs prompts made of these words as typed
+        demo["prompt_words"] = list(M.caption_style("plain")[0])
     settings_path.write_text(json.dumps(demo, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"exported FluxPipeline to {out} ({size / 1e6:.1f} MB)")
