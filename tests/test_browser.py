@@ -244,7 +244,8 @@ def test_tuning_section_on_a_desktop(app, browser, shots):
         expect(sweep_status).not_to_contain_text("Sweep done", timeout=10_000)  # the last status is cleared
         expect(sweep_status).to_contain_text(re.compile(r"Sweep (warm-up|baseline|\d)"), timeout=60_000)  # it runs
         page.locator("#sweep-stop-demo").click()
-        expect(sweep_status).to_contain_text("Sweep stopped", timeout=120_000)
+        expect(page.locator("#sweep-stop-note-demo")).to_contain_text("Stop requested")  # beside the button,
+        expect(sweep_status).to_contain_text("Sweep stopped", timeout=120_000)  # never over the sweep's own word
         expect(sweep_status).to_contain_text("of 36 points")
         expect(tuning.get_by_text("Error", exact=True)).to_have_count(0)
 

@@ -191,6 +191,11 @@ def error_html(message: Any) -> str:
     return text.replace("\n", "<br>")
 
 
+def stop_requested(cancelled: bool) -> str:
+    """The Stop button's answer for a calibration, sweep or strategies run (``ModelManager.cancel``'s result)."""
+    return "⏹ Stop requested: the run says where it stopped when it ends." if cancelled else "Nothing is running."
+
+
 def stop(manager: ModelManager, session: str) -> str:
     """Ask the session's run to stop; the run itself then reports after which step it stopped."""
     if manager.cancel(session):

@@ -84,6 +84,7 @@ def build_strategies(ctx: Any) -> None:
         with gr.Row():
             run_btn = gr.Button("Compare strategies", variant="primary", elem_id=f"strategies-run-{tid}")
             stop_btn = gr.Button("Stop", variant="stop", elem_id=f"strategies-stop-{tid}")
+        stop_note = gr.Markdown("", elem_id=f"strategies-stop-note-{tid}")  # apart from the status: see on_stop
         status = gr.Markdown("", elem_id=f"strategies-status-{tid}")
         # HTML: the wide and the phone layout of the plot (figure_html), the browser shows the one that fits
         plot = gr.HTML(label="Quality vs speed-up", elem_id=f"strategies-plot-{tid}")
@@ -122,7 +123,11 @@ def build_strategies(ctx: Any) -> None:
     event = run_btn.click(on_run, inputs=set(inputs.values()) | {levels, chosen}, outputs=[status, plot, table],
                           show_progress_on=[status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
 
-    def on_stop(request: gr.Request):
-        return "⏹ Stopping…" if manager.cancel(session(request)) else "Nothing is running."
+    run_btn.click(lambda: "", outputs=stop_note, queue=False, show_progress="hidden")
 
-    stop_btn.click(on_stop, outputs=status, cancels=[event], queue=False)
+    def on_stop(request: gr.Request):
+        return handlers.stop_requested(manager.cancel(session(request)))
+
+    # The Stop answer has its own line: written into the status it could arrive after the run's own "stopped after
+    # ..." and hide it for good.
+    stop_btn.click(on_stop, outputs=stop_note, cancels=[event], queue=False)

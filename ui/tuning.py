@@ -234,6 +234,7 @@ def build_tuning(ctx: Any) -> None:
                 with gr.Row():
                     calibrate_btn = gr.Button("Calibrate", variant="primary", elem_id=f"calibrate-{tid}")
                     calibrate_stop = gr.Button("Stop", variant="stop", elem_id=f"calibrate-stop-{tid}")
+                calibrate_stop_note = gr.Markdown("", elem_id=f"calibrate-stop-note-{tid}")
                 calibrate_status = gr.Markdown("", elem_id=f"calibrate-status-{tid}")
                 # HTML: the wide and the phone layout of the plot (figure_html), the browser shows the one that fits
                 calibrate_plot = gr.HTML(label="Calibration", elem_id=f"calibrate-plot-{tid}")
@@ -254,6 +255,7 @@ def build_tuning(ctx: Any) -> None:
                 with gr.Row():
                     sweep_btn = gr.Button("Run sweep", variant="primary", elem_id=f"sweep-{tid}")
                     sweep_stop = gr.Button("Stop", variant="stop", elem_id=f"sweep-stop-{tid}")
+                sweep_stop_note = gr.Markdown("", elem_id=f"sweep-stop-note-{tid}")
                 sweep_status = gr.Markdown("", elem_id=f"sweep-status-{tid}")
                 sweep_table = gr.Dataframe(label="Sweep (click a row to apply it; # is the label in the plot)",
                                            interactive=False, wrap=False, elem_id=f"sweep-table-{tid}")
@@ -338,17 +340,20 @@ def build_tuning(ctx: Any) -> None:
         return (out["status"], figure_html(out["figure"]), choices_update(values, values.get("curve") or CURVE_AUTO),
                 figure_html(figure), text)
 
-    # every action starts from an empty status line (no stale "Calibrated" under a new error)
-    for button, status_line in ((calibrate_btn, calibrate_status), (sweep_btn, sweep_status)):
-        button.click(lambda: "", outputs=status_line, queue=False, show_progress="hidden")
+    # every action starts from an empty status line (no stale "Calibrated" under a new error) and stop note
+    for button, lines in ((calibrate_btn, [calibrate_status, calibrate_stop_note]),
+                          (sweep_btn, [sweep_status, sweep_stop_note])):
+        button.click(lambda: ("", ""), outputs=lines, queue=False, show_progress="hidden")
     calibrate_btn.click(
         on_calibrate, inputs=everything, outputs=[calibrate_status, calibrate_plot, curve, *schedule_outputs],
         show_progress_on=[calibrate_status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
 
     def on_stop(request: gr.Request):
-        return "⏹ Stopping…" if manager.cancel(session(request)) else "Nothing is running."
+        return handlers.stop_requested(manager.cancel(session(request)))
 
-    calibrate_stop.click(on_stop, outputs=calibrate_status, queue=False)  # the run says where it stopped
+    # The Stop answer has its own line: written into the status it could arrive after the run's own "stopped after
+    # ..." (the run stops at its next check) and hide it for good.
+    calibrate_stop.click(on_stop, outputs=calibrate_stop_note, queue=False)
 
     def on_import(path, *args):
         values = light_values(args)
@@ -390,7 +395,7 @@ def build_tuning(ctx: Any) -> None:
         outputs=[sweep_status, sweep_table, pareto_plot, point, sweep_state],
         show_progress_on=[sweep_status], concurrency_id="device", concurrency_limit=DEVICE_EVENTS)
     # no ``cancels``: the sweep ends after its current run and says "stopped after N of M points"
-    sweep_stop.click(on_stop, outputs=sweep_status, queue=False)
+    sweep_stop.click(on_stop, outputs=sweep_stop_note, queue=False)
 
     def on_view(result, axis_value, quality_value):
         if result is None:
