@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from magcache.studio.demo import data as D
@@ -30,23 +31,13 @@ OUT = Path(__file__).resolve().parent / "results" / "fresh_frames.json"
 def fresh_prompts() -> list[dict]:
     """One prompt per held-out scene, the frames in turn; deterministic."""
     rng = random.Random(SEED)
-    saved = D.FRAME_TEMPLATES["train"]
-    items = []
-    try:
-        for i, scene in enumerate(D.held_out_scenes()):
-            D.FRAME_TEMPLATES["train"] = (FRESH_FRAMES[i % len(FRESH_FRAMES)],)
-            prompt = D.paraphrase(scene, rng, "train")
-            items.append({"prompt": prompt, "kind": "plain", "seed": i, **scene_annotation(scene)})
-    finally:
-        D.FRAME_TEMPLATES["train"] = saved
-    return items
+    return [{"prompt": D.paraphrase(scene, rng, "train", frames=(FRESH_FRAMES[i % len(FRESH_FRAMES)],)),
+             "kind": "plain", "seed": i, **scene_annotation(scene)} for i, scene in enumerate(D.held_out_scenes())]
 
 
 def main() -> None:
     items = fresh_prompts()
     learned = set(D.paraphrase_vocabulary("train"))
-    import re
-
     assert all(D.frame_split(it["prompt"]) is None for it in items)  # no training or held-out frame fits
     assert all(set(re.findall(r"[a-z]+", it["prompt"])) <= learned for it in items)  # only words it learned
     OUT.write_text(json.dumps(items, indent=1) + "\n")

@@ -403,11 +403,13 @@ def _group_phrase(objs: list[SceneObject], rng: random.Random, split: str) -> st
         positions=", ".join(positions[:-1]) + " and " + positions[-1])
 
 
-def paraphrase(scene: Scene, rng: random.Random, split: str = "train") -> str:
+def paraphrase(scene: Scene, rng: random.Random, split: str = "train",
+               frames: tuple[tuple[str, str], ...] | None = None) -> str:
     """A plain-English caption of ``scene``: background first or last, objects in random order, synonyms for sizes
     and positions, ``backdrop``, articles and fillers; objects of the same size, colour and shape are counted
     ("two small red squares, one top left and one bottom right"). ``split="heldout"`` draws its frame from the
-    held-out frames and its other templates from all (see the comment above ``SIZE_SYNONYMS``)."""
+    held-out frames and its other templates from all (see the comment above ``SIZE_SYNONYMS``). ``frames``: other
+    sentence frames (``(id, template)`` pairs, as in ``FRAME_TEMPLATES``) instead of the split's."""
     groups: dict[tuple[str, str, str], list[SceneObject]] = {}
     for obj in scene.objects:
         groups.setdefault((obj.size, obj.colour, obj.shape), []).append(obj)
@@ -421,7 +423,7 @@ def paraphrase(scene: Scene, rng: random.Random, split: str = "train") -> str:
     joiner = rng.choice(_JOINERS)
     listed = parts[0] if len(parts) == 1 else (", ".join(parts[:-1]) + joiner + parts[-1] if joiner != ", "
                                                  else ", ".join(parts))
-    _, frame = rng.choice(FRAME_TEMPLATES["heldout" if split == "heldout" else "train"])
+    _, frame = rng.choice(frames or FRAME_TEMPLATES["heldout" if split == "heldout" else "train"])
     return frame.format(L=listed, B=scene.background, A=_article(scene.background))
 
 

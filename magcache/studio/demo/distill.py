@@ -64,15 +64,9 @@ def _embedding_rows(student_tok, teacher_tok, word_token) -> list[tuple[int, int
     """(student id, teacher id or None) for every student token: the same token string, else the token of the
     grammar word a synonym stands for, else None."""
     teacher_vocab = teacher_tok.get_vocab()
-    rows = []
-    for token, sid in student_tok.get_vocab().items():
-        tid = teacher_vocab.get(token)
-        if tid is None:
-            for word, grammar_word in SYNONYM_INIT.items():
-                if token == word_token(word):
-                    tid = teacher_vocab.get(word_token(grammar_word))
-        rows.append((sid, tid))
-    return rows
+    synonyms = {word_token(word): word_token(grammar_word) for word, grammar_word in SYNONYM_INIT.items()}
+    return [(sid, teacher_vocab.get(token, teacher_vocab.get(synonyms.get(token))))
+            for token, sid in student_tok.get_vocab().items()]
 
 
 @torch.no_grad()
@@ -121,27 +115,12 @@ def student_text_encoders(teacher: dict) -> dict:
     return dict(tokenizer=clip_tok, tokenizer_2=t5_tok, text_encoder=clip, text_encoder_2=t5)
 
 
-def _encode(components: dict, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pooled = components["text_encoder"](clip_ids, output_hidden_states=False).pooler_output
-    states = components["text_encoder_2"](t5_ids, output_hidden_states=False)[0]
-    return pooled, states
-
-
-def _velocity(transformer, x_t, t, pooled, states, img_ids) -> torch.Tensor:
-    txt_ids = torch.zeros(states.shape[1], 3, dtype=x_t.dtype)
-    return transformer(hidden_states=x_t, timestep=t, pooled_projections=pooled, encoder_hidden_states=states,
-                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-
-
 class Students(torch.nn.Module):
     """The two trained text encoders in one module (for the optimiser and the EMA copy)."""
 
     def __init__(self, text_encoder, text_encoder_2):
         super().__init__()
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-
-    def __getitem__(self, name: str):
-        return getattr(self, name)
 
 
 def distill(teacher: dict, student: dict, lat: dict, seed: int, steps: int, batch: int, lr: float,
@@ -169,6 +148,8 @@ def distill(teacher: dict, student: dict, lat: dict, seed: int, steps: int, batc
     object_tokens = lat["object_tokens"]
     side = int(math.isqrt(x0_all.shape[1]))
     img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, "cpu", torch.float32)
+    teacher_txt_ids = torch.zeros(teacher_ids[1].shape[1], 3)  # text tokens sit at RoPE position 0
+    student_txt_ids = torch.zeros(t5_all.shape[-1], 3)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
     t0, running, losses, step = time.time(), [], [], 0
     T.log(f"distilling: {sum(p.numel() for p in net_params) / 1e6:.2f}M trained parameters, {x0_all.shape[0]} "
@@ -185,14 +166,15 @@ def distill(teacher: dict, student: dict, lat: dict, seed: int, steps: int, batc
         s_clip[empty], s_t5[empty] = student_empty
         t_clip[empty], t_t5[empty] = teacher_empty
         t = torch.sigmoid(torch.randn(batch, generator=gen))
-        noise = torch.randn(x0_all[idx].shape, generator=gen)
-        x_t = (1 - t[:, None, None]) * x0_all[idx] + t[:, None, None] * noise
+        x0 = x0_all[idx]
+        x_t = T.noisy_latents(x0, torch.randn(x0.shape, generator=gen), t)
         weights = 1.0 + T.OBJECT_LOSS_WEIGHT * object_tokens[idx].float()
         with torch.no_grad():
-            pooled_target, states_target = _encode(teacher, t_clip, t_t5)
-            target = _velocity(transformer, x_t, t, pooled_target, states_target, img_ids)
-        pooled, states = _encode(net, s_clip, s_t5)
-        pred = _velocity(transformer, x_t, t, pooled, states, img_ids)
+            pooled_target, states_target = T.encode_text(teacher["text_encoder"], teacher["text_encoder_2"], t_clip,
+                                                         t_t5)
+            target = T.predict_velocity(transformer, x_t, t, pooled_target, states_target, img_ids, teacher_txt_ids)
+        pooled, states = T.encode_text(net.text_encoder, net.text_encoder_2, s_clip, s_t5)
+        pred = T.predict_velocity(transformer, x_t, t, pooled, states, img_ids, student_txt_ids)
         loss = ((pred - target).pow(2).mean(-1) * weights).sum() / weights.sum()
         loss = loss + POOLED_LOSS_WEIGHT * (pooled - pooled_target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -257,7 +239,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from diffusers import FluxPipeline
 
-    t_start = time.time()
     source, out, work = Path(args.model), Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     pipe = FluxPipeline.from_pretrained(str(source), local_files_only=True)
@@ -271,13 +252,14 @@ def main(argv: list[str] | None = None) -> None:
         T.log(f"student text encoders from {args.init}")
     else:
         student = student_text_encoders(teacher)
+    t = time.time()
     lat = T.encode_latents(work, teacher["vae"], args.seed, args.num_latents, captions="plain")
-    latents_minutes = (time.time() - t_start) / 60
+    latents_minutes = (time.time() - t) / 60
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     t = time.time()
     ema, done, losses = distill(teacher, student, lat, args.seed, args.steps, args.batch, args.lr, deadline)
     student.update(text_encoder=ema.text_encoder, text_encoder_2=ema.text_encoder_2)
-    meta = dict(args={k: v for k, v in vars(args).items()}, steps_done=done, device="cpu",
+    meta = dict(args=dict(vars(args)), steps_done=done, device="cpu",
                 torch_threads=args.threads, latents_minutes=round(latents_minutes, 2),
                 distill_minutes=round((time.time() - t) / 60, 2), first_loss=losses[0] if losses else None,
                 last_loss=losses[-1] if losses else None)

@@ -183,17 +183,11 @@ def plain_english(pipe, settings: dict, items: list[dict], grid: Path | None = N
                      "ignored_words": reading.ignored_words, "correct_as_typed": as_typed,
                      "correct_rewritten": rewritten})
 
-    if grid is not None:
-        from PIL import Image
-
-        pad = lambda a: np.pad((a * 255).round().astype(np.uint8), ((2, 2), (2, 2), (0, 0)),  # noqa: E731
-                               constant_values=255)
-        shown = [(r["prompt"], r["read_as"] or r["prompt"], r["seed"])
-                 for r in [r for r in rows if r["kind"] != "grammar"][:grid_count]]
-        grid_rows = [[pad(images[typed, seed]) for typed, _, seed in shown],
-                     [pad(images[read, seed]) if (read, seed) in images else pad(np.ones_like(images[typed, seed]))
-                      for typed, read, seed in shown]]
-        Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in grid_rows], axis=0)).save(grid)
+    if grid is not None:  # a prompt the reader could not read has a white image below it
+        shown = [r for r in rows if r["kind"] != "grammar"][:grid_count]
+        typed = [images[r["prompt"], r["seed"]] for r in shown]
+        read = [images.get((r["read_as"], r["seed"]), np.ones_like(a)) for r, a in zip(shown, typed)]
+        save_image_grid([[to_uint8(a) for a in typed], [to_uint8(a) for a in read]], grid)
 
     def count(kind: str, key: str) -> str:
         sel = [r for r in rows if r["kind"] == kind]
@@ -443,8 +437,6 @@ def plot_sweep(rows: list[dict], baseline_rows: list[dict], chosen: dict, path: 
 
 
 def sample_grid(pipe, settings: dict, handle, path: Path, n: int = 6) -> None:
-    from PIL import Image
-
     from magcache.metrics import difference_heatmap
 
     rows = [[], [], []]
@@ -453,12 +445,23 @@ def sample_grid(pipe, settings: dict, handle, path: Path, n: int = 6) -> None:
         plain = generate(pipe, scene.caption, i, settings)
         handle.configure(enabled=True)
         cached = generate(pipe, scene.caption, i, settings)
-        rows[0].append((plain * 255).round().astype(np.uint8))
-        rows[1].append((cached * 255).round().astype(np.uint8))
+        rows[0].append(to_uint8(plain))
+        rows[1].append(to_uint8(cached))
         rows[2].append(difference_heatmap(plain, cached, gain=4.0))
+    save_image_grid(rows, path)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as 8-bit pixels."""
+    return (image * 255).round().astype(np.uint8)
+
+
+def save_image_grid(rows: list[list[np.ndarray]], path: Path) -> None:
+    """8-bit images in rows, each with a 2-pixel white border, as one PNG."""
+    from PIL import Image
+
     pad = lambda a: np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255)  # noqa: E731
-    grid = np.concatenate([np.concatenate([pad(a) for a in r], axis=1) for r in rows], axis=0)
-    Image.fromarray(grid).save(path)
+    Image.fromarray(np.concatenate([np.concatenate([pad(a) for a in r], axis=1) for r in rows], axis=0)).save(path)
 
 
 def markdown_tables(report: dict) -> str:

@@ -256,6 +256,24 @@ def scene_arrays(scenes: list, tokens_per_side: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Stage 3: transformer + text encoders
 # --------------------------------------------------------------------------------------------------
+def encode_text(text_encoder, text_encoder_2, clip_ids: torch.Tensor,
+                t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``FluxPipeline`` conditions on: the CLIP pooled vector and the T5 token states."""
+    pooled = text_encoder(clip_ids, output_hidden_states=False).pooler_output
+    states = text_encoder_2(t5_ids, output_hidden_states=False)[0]
+    return pooled, states
+
+
+def predict_velocity(transformer, x_t, t, pooled, states, img_ids, txt_ids) -> torch.Tensor:
+    return transformer(hidden_states=x_t, timestep=t, pooled_projections=pooled, encoder_hidden_states=states,
+                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow point at time ``t``: x_t = (1-t) x0 + t noise (the target velocity is noise - x0)."""
+    return (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+
+
 class Denoiser(torch.nn.Module):
     """The trained parts in one module (for EMA and checkpoints)."""
 
@@ -264,10 +282,8 @@ class Denoiser(torch.nn.Module):
         self.transformer, self.text_encoder, self.text_encoder_2 = transformer, text_encoder, text_encoder_2
 
     def forward(self, x_t, t, clip_ids, t5_ids, img_ids, txt_ids):
-        pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
-        states = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-        return self.transformer(hidden_states=x_t, timestep=t, pooled_projections=pooled, encoder_hidden_states=states,
-                                txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        pooled, states = encode_text(self.text_encoder, self.text_encoder_2, clip_ids, t5_ids)
+        return predict_velocity(self.transformer, x_t, t, pooled, states, img_ids, txt_ids)
 
 
 def build_denoiser(blocks: dict, captions: str = "grammar") -> Denoiser:
@@ -303,7 +319,7 @@ def make_optimizer(net: torch.nn.Module, lr: float, device: torch.device) -> tor
 def optimise_step(net: Denoiser, opt: torch.optim.Optimizer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                   weights: torch.Tensor, inputs: tuple, bf16: bool) -> torch.Tensor:
     """One rectified-flow step: x_t = (1-t) x0 + t noise, target noise - x0, token-weighted MSE. Returns the loss."""
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    x_t = noisy_latents(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         pred = net(x_t, t, *inputs)
     loss = ((pred.float() - (noise - x0)).pow(2).mean(-1) * weights).sum() / weights.sum()
